@@ -1,0 +1,1 @@
+//! Agent protocol (filled by the agent issue).

@@ -1,0 +1,1 @@
+//! Snapshot format and templates (filled by the snapshot issue).

@@ -1,0 +1,1 @@
+//! thaw VMM library: see README
