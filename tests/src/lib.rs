@@ -1,1 +1,9 @@
-//! Helpers shared by the end-to-end tests.
+//! Helpers shared by the end-to-end tests: a private containerd, an offline
+//! busybox OCI image, commands with deadlines, and leak checks.
+
+pub mod binaries;
+pub mod cmd;
+pub mod containerd;
+pub mod image;
+
+pub use containerd::{Backend, PrivateContainerd};

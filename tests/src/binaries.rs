@@ -1,0 +1,76 @@
+//! Builds (once per test process) and locates the binaries the tests run:
+//! the shim, the guest agent (run on the host by the host backend) and,
+//! for VM tests, the VMM.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::cmd;
+
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub shim: PathBuf,
+    pub agent: PathBuf,
+    /// Only built when VM tests are enabled.
+    pub vmm: Option<PathBuf>,
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+fn build(packages: &[&str]) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut c = Command::new(cargo);
+    c.current_dir(workspace_root()).arg("build");
+    for p in packages {
+        c.arg("-p").arg(p);
+    }
+    let out = cmd::run(&mut c, Duration::from_secs(1800));
+    assert!(
+        out.success(),
+        "building {packages:?} failed:\n{}",
+        out.describe()
+    );
+}
+
+/// Whether end-to-end tests through a real VM are enabled.
+pub fn vm_tests_enabled() -> bool {
+    std::env::var("THAW_E2E_VM")
+        .map(|v| v == "1")
+        .unwrap_or(false)
+}
+
+/// Builds the shim and agent (and the VMM when VM tests are on) with the
+/// same cargo that runs the tests, once per process.
+pub fn binaries() -> &'static Binaries {
+    static BINS: OnceLock<Binaries> = OnceLock::new();
+    BINS.get_or_init(|| {
+        let vm = vm_tests_enabled();
+        let mut pkgs = vec!["containerd-shim-thaw-v2", "thaw-agent"];
+        if vm {
+            pkgs.push("thaw-vmm");
+        }
+        build(&pkgs);
+        let dir = target_dir().join("debug");
+        let bins = Binaries {
+            shim: dir.join("containerd-shim-thaw-v2"),
+            agent: dir.join("thaw-agent"),
+            vmm: vm.then(|| dir.join("thaw-vmm")),
+        };
+        assert!(bins.shim.exists(), "{} missing", bins.shim.display());
+        assert!(bins.agent.exists(), "{} missing", bins.agent.display());
+        bins
+    })
+}

@@ -1,0 +1,518 @@
+//! A private containerd: own root, state, sockets and config in a temporary
+//! directory, with the thaw shim found through PATH. Dropping it stops
+//! containerd, kills anything the test left running, unmounts, detaches loop
+//! devices and removes the directory, also when the test panicked.
+
+use std::fs;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::binaries::{binaries, Binaries};
+use crate::cmd::{self, Output};
+use crate::image;
+
+/// The runtime name users type.
+pub const RUNTIME: &str = "io.containerd.thaw.v2";
+/// containerd namespace the tests use.
+pub const NAMESPACE: &str = "thaw-test";
+/// Environment variable the shim reads its config path from (after the
+/// runtime options' ConfigPath).
+pub const CONFIG_ENV: &str = "THAW_CONFIG";
+
+/// Which sandbox backend the shim under test uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The agent runs as a host process: no VM, no isolation (tests only).
+    Host,
+    /// A real micro-VM via thaw-vmm (needs THAW_E2E_VM=1 and VM assets).
+    Vm,
+}
+
+/// Tests start one containerd each and time things; run them one at a time.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub struct PrivateContainerd {
+    dir: PathBuf,
+    pub address: PathBuf,
+    /// The shim's state dir (image cache, sandboxes).
+    pub thaw_state: PathBuf,
+    pub shim_config: PathBuf,
+    pub bins: Binaries,
+    /// Put into every test container's environment to find leaked processes.
+    pub marker: String,
+    child: Option<Child>,
+    log: PathBuf,
+    ids: Mutex<Vec<String>>,
+    counter: Mutex<u32>,
+    _serial: MutexGuard<'static, ()>,
+}
+
+fn hex(data: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(data);
+    format!("{:x}", h.finalize())
+}
+
+/// TOML for the shim with the host backend, rooted in `state`.
+pub fn host_config(state: &Path, agent: &Path) -> String {
+    format!(
+        "backend = \"host-unisolated\"\nstate_dir = \"{}\"\nlog_level = \"debug\"\n\n[host]\nagent = \"{}\"\n\n[image_cache]\nkeep_unused_mib = 64\n",
+        state.display(),
+        agent.display()
+    )
+}
+
+/// TOML for the shim with the VM backend. Assets come from THAW_E2E_KERNEL
+/// and THAW_E2E_ROOT_IMAGE, or the install locations.
+pub fn vm_config(state: &Path, vmm: &Path) -> String {
+    let kernel =
+        std::env::var("THAW_E2E_KERNEL").unwrap_or_else(|_| "/usr/local/share/thaw/vmlinux".into());
+    let root = std::env::var("THAW_E2E_ROOT_IMAGE")
+        .unwrap_or_else(|_| "/usr/local/share/thaw/root.img".into());
+    let boot = std::env::var("THAW_E2E_BOOT_TIMEOUT").unwrap_or_else(|_| "600".into());
+    format!(
+        "backend = \"vm\"\nstate_dir = \"{}\"\nlog_level = \"debug\"\n\n[vm]\nvmm = \"{}\"\nkernel = \"{kernel}\"\nroot_image = \"{root}\"\nvcpus = 1\nmemory_mib = 256\nboot_timeout_secs = {boot}\n\n[image_cache]\nkeep_unused_mib = 64\n",
+        state.display(),
+        vmm.display(),
+    )
+}
+
+impl PrivateContainerd {
+    /// Starts containerd with the shim configured for `backend`.
+    pub fn start(backend: Backend) -> Self {
+        Self::start_with(backend, |c| c)
+    }
+
+    /// Like `start`, letting the test edit the shim config text first.
+    pub fn start_with(backend: Backend, edit: impl FnOnce(String) -> String) -> Self {
+        let serial = serial();
+        let bins = binaries().clone();
+        let dir = tempfile::Builder::new()
+            .prefix("thaw-e2e-")
+            .tempdir_in("/tmp")
+            .expect("tempdir")
+            .keep();
+        let marker = format!(
+            "THAW_TEST_MARK={}",
+            &hex(dir.as_os_str().as_encoded_bytes())[..16]
+        );
+        let thaw_state = dir.join("thaw");
+        let bin_dir = dir.join("bin");
+        fs::create_dir_all(&bin_dir).unwrap();
+        std::os::unix::fs::symlink(&bins.shim, bin_dir.join("containerd-shim-thaw-v2")).unwrap();
+
+        let base = match backend {
+            Backend::Host => host_config(&thaw_state, &bins.agent),
+            Backend::Vm => vm_config(
+                &thaw_state,
+                bins.vmm
+                    .as_deref()
+                    .unwrap_or(Path::new("/usr/local/bin/thaw-vmm")),
+            ),
+        };
+        let shim_config = dir.join("thaw.toml");
+        fs::write(&shim_config, edit(base)).unwrap();
+
+        let address = dir.join("containerd.sock");
+        let config = dir.join("containerd.toml");
+        fs::write(
+            &config,
+            format!(
+                r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
+
+[grpc]
+  address = "{sock}"
+
+[ttrpc]
+  address = "{sock}.ttrpc"
+
+[debug]
+  level = "debug"
+"#,
+                root = dir.join("root").display(),
+                state = dir.join("state").display(),
+                sock = address.display(),
+            ),
+        )
+        .unwrap();
+
+        let log = dir.join("containerd.log");
+        let logf = fs::File::create(&log).unwrap();
+        let path = format!(
+            "{}:{}",
+            bin_dir.display(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+        );
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .env("PATH", path)
+            .env(CONFIG_ENV, &shim_config)
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .expect("containerd must be installed");
+
+        let mut me = PrivateContainerd {
+            dir,
+            address,
+            thaw_state,
+            shim_config,
+            bins,
+            marker,
+            child: Some(child),
+            log,
+            ids: Mutex::new(Vec::new()),
+            counter: Mutex::new(0),
+            _serial: serial,
+        };
+        let ready = cmd::wait_for(Duration::from_secs(30), || {
+            me.ctr(&["version"]).success().then_some(())
+        });
+        if ready.is_none() {
+            panic!("containerd did not come up:\n{}", me.containerd_log());
+        }
+        // Hand the marker to the shim too, so processes it starts count.
+        let _ = &mut me;
+        me
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn containerd_log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A fresh container id, remembered for the socket leak check.
+    pub fn new_id(&self, prefix: &str) -> String {
+        let mut c = self.counter.lock().unwrap();
+        *c += 1;
+        let id = format!("{prefix}-{}", *c);
+        self.ids.lock().unwrap().push(id.clone());
+        id
+    }
+
+    /// Records an id created outside `new_id` (e.g. a sandbox id).
+    pub fn remember_id(&self, id: &str) {
+        self.ids.lock().unwrap().push(id.to_string());
+    }
+
+    fn ctr_command(&self) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address")
+            .arg(&self.address)
+            .arg("--namespace")
+            .arg(NAMESPACE);
+        c
+    }
+
+    /// `ctr <args>` with a 60 s deadline.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_timeout(args, Duration::from_secs(60))
+    }
+
+    pub fn ctr_timeout(&self, args: &[&str], timeout: Duration) -> Output {
+        let mut c = self.ctr_command();
+        c.args(args);
+        cmd::run(&mut c, timeout)
+    }
+
+    /// A `ctr` command for tests that need to wire stdio themselves.
+    pub fn ctr_cmd(&self, args: &[&str]) -> Command {
+        let mut c = self.ctr_command();
+        c.args(args);
+        c
+    }
+
+    /// Builds and imports the offline busybox image (and optionally the
+    /// corrupt one).
+    pub fn import_busybox(&self) {
+        self.import_image(image::BUSYBOX_REF, false);
+    }
+
+    pub fn import_image(&self, name: &str, corrupt: bool) {
+        let work = self.dir.join("image-build");
+        fs::create_dir_all(&work).unwrap();
+        let tar = image::build_image_tar(&work, name, corrupt);
+        let out = self.ctr_timeout(
+            &["images", "import", tar.to_str().unwrap()],
+            Duration::from_secs(120),
+        );
+        assert!(out.success(), "import: {}", out.describe());
+        let ls = self.ctr(&["images", "ls", "-q"]);
+        assert!(
+            ls.stdout.contains(name),
+            "image not listed: {}",
+            ls.describe()
+        );
+        let _ = fs::remove_dir_all(&work);
+    }
+
+    /// The arguments for `ctr run` with our runtime and the leak marker;
+    /// append image, id and command.
+    pub fn run_args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut v = vec!["run", "--runtime", RUNTIME, "--env", self.marker.as_str()];
+        v.extend_from_slice(extra);
+        v
+    }
+
+    /// Every leak this test left behind, described for a human. Waits up to
+    /// `grace` for shims and VMs that are still on their way out.
+    pub fn leaks(&self, grace: Duration) -> Vec<String> {
+        let start = Instant::now();
+        loop {
+            let l = self.leaks_now();
+            if l.is_empty() || start.elapsed() > grace {
+                return l;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Asserts that no process, mount, loop device, socket or cache
+    /// reference of this test is left.
+    pub fn assert_no_leaks(&self) {
+        let l = self.leaks(Duration::from_secs(10));
+        assert!(
+            l.is_empty(),
+            "leaks after test:\n{}\n--- containerd log tail ---\n{}",
+            l.join("\n"),
+            tail(&self.containerd_log(), 60)
+        );
+    }
+
+    fn leaks_now(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let dir = self.dir.to_string_lossy().to_string();
+        let own = self.child.as_ref().map(|c| c.id() as i32);
+        for (pid, desc) in processes_matching(&dir, &self.marker) {
+            if Some(pid) != own {
+                out.push(format!("process {pid}: {desc}"));
+            }
+        }
+        for m in mounts_under(&self.dir) {
+            out.push(format!("mount: {m}"));
+        }
+        for l in loops_under(&self.dir) {
+            out.push(format!("loop device: {l}"));
+        }
+        for s in sockets_under(&self.thaw_state) {
+            out.push(format!("socket: {}", s.display()));
+        }
+        for id in self.ids.lock().unwrap().iter() {
+            let p = shim_socket_path(&self.address, NAMESPACE, id);
+            if p.exists() {
+                out.push(format!("shim socket for {id}: {}", p.display()));
+            }
+        }
+        let refs = self.thaw_state.join("images/refs");
+        if let Ok(rd) = fs::read_dir(&refs) {
+            for e in rd.flatten() {
+                out.push(format!("image cache reference: {}", e.path().display()));
+            }
+        }
+        let sandboxes = self.thaw_state.join("sandboxes");
+        if let Ok(rd) = fs::read_dir(&sandboxes) {
+            for e in rd.flatten() {
+                out.push(format!("sandbox state dir: {}", e.path().display()));
+            }
+        }
+        out
+    }
+
+    /// Image cache entries (`*.erofs`) currently on disk.
+    pub fn cache_entries(&self) -> Vec<PathBuf> {
+        let mut v = Vec::new();
+        if let Ok(rd) = fs::read_dir(self.thaw_state.join("images")) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.extension().map(|x| x == "erofs").unwrap_or(false) {
+                    v.push(p);
+                }
+            }
+        }
+        v.sort();
+        v
+    }
+
+    fn shutdown(&mut self) {
+        // Remove what the test left through containerd first, so shims get
+        // their Shutdown call and clean up the normal way.
+        let tasks = self.ctr_timeout(&["tasks", "ls", "-q"], Duration::from_secs(10));
+        for t in tasks.stdout.lines().filter(|l| !l.trim().is_empty()) {
+            let _ = self.ctr_timeout(
+                &["tasks", "kill", "-a", "-s", "SIGKILL", t.trim()],
+                Duration::from_secs(10),
+            );
+            let _ = self.ctr_timeout(
+                &["tasks", "delete", "-f", t.trim()],
+                Duration::from_secs(20),
+            );
+        }
+        let cs = self.ctr_timeout(&["containers", "ls", "-q"], Duration::from_secs(10));
+        for c in cs.stdout.lines().filter(|l| !l.trim().is_empty()) {
+            let _ = self.ctr_timeout(&["containers", "delete", c.trim()], Duration::from_secs(20));
+        }
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let dir = self.dir.to_string_lossy().to_string();
+        for (pid, _) in processes_matching(&dir, &self.marker) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let mut mounts = mounts_under(&self.dir);
+        mounts.reverse();
+        for m in mounts {
+            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+        for l in loops_under(&self.dir) {
+            if let Some(dev) = l.split_whitespace().next() {
+                let _ = Command::new("losetup").arg("-d").arg(dev).status();
+            }
+        }
+        for id in self.ids.lock().unwrap().iter() {
+            let _ = fs::remove_file(shim_socket_path(&self.address, NAMESPACE, id));
+        }
+        if std::env::var_os("THAW_TEST_KEEP").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+impl Drop for PrivateContainerd {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The last `n` lines of `s`.
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// containerd's shim socket formula: sha256 of `<address>/<ns>/<id>` under
+/// /run/containerd/s.
+pub fn shim_socket_path(address: &Path, ns: &str, id: &str) -> PathBuf {
+    let key = address.join(ns).join(id);
+    PathBuf::from("/run/containerd/s").join(hex(key.as_os_str().as_encoded_bytes()))
+}
+
+/// Processes whose command line mentions `dir` or whose environment holds
+/// `marker`, as (pid, description).
+pub fn processes_matching(dir: &str, marker: &str) -> Vec<(i32, String)> {
+    let mut v = Vec::new();
+    let me = std::process::id() as i32;
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return v;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let cmdline = fs::read(e.path().join("cmdline"))
+            .map(|b| {
+                b.split(|c| *c == 0)
+                    .map(|s| String::from_utf8_lossy(s).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        if cmdline.is_empty() {
+            continue; // kernel thread or zombie
+        }
+        let environ = fs::read(e.path().join("environ")).unwrap_or_default();
+        let has_marker = environ.split(|c| *c == 0).any(|kv| kv == marker.as_bytes());
+        if cmdline.contains(dir) || has_marker {
+            v.push((pid, cmdline));
+        }
+    }
+    v
+}
+
+/// Mount points under `dir`, in mount order.
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let d = dir.to_string_lossy().to_string();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(unescape_mount))
+        .filter(|mp| mp.starts_with(&d))
+        .collect()
+}
+
+fn unescape_mount(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// Loop devices whose backing file is under `dir`, as "dev backing".
+pub fn loops_under(dir: &Path) -> Vec<String> {
+    let d = dir.to_string_lossy().to_string();
+    let mut v = Vec::new();
+    if let Ok(rd) = fs::read_dir("/sys/block") {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if !name.starts_with("loop") {
+                continue;
+            }
+            if let Ok(b) = fs::read_to_string(e.path().join("loop/backing_file")) {
+                if b.trim().starts_with(&d) {
+                    v.push(format!("/dev/{name} {}", b.trim()));
+                }
+            }
+        }
+    }
+    v
+}
+
+/// Unix socket files anywhere under `dir`.
+pub fn sockets_under(dir: &Path) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_socket() {
+                v.push(e.path());
+            }
+        }
+    }
+    v
+}
