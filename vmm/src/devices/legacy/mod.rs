@@ -1,0 +1,13 @@
+//! Legacy PC devices on the port I/O bus.
+//!
+//! API for the VMM:
+//! - [`Serial::new`] at [`COM1_PORT`] (length [`SERIAL_PORT_LEN`]); register
+//!   its irq eventfd as irqfd on [`COM1_GSI`].
+//! - [`I8042::new`] at [`I8042_PORT`] (length [`I8042_PORT_LEN`]); a write of
+//!   0xfe to port 0x64 returns `DeviceRequest::Reset`.
+
+pub mod i8042;
+pub mod serial;
+
+pub use i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
+pub use serial::{Serial, SerialSnapshot, COM1_GSI, COM1_PORT, SERIAL_PORT_LEN};

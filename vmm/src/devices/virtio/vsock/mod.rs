@@ -1,0 +1,1 @@
+//! virtio-vsock emulated in userspace (in progress).
