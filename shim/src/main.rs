@@ -1,1 +1,9 @@
+//! containerd-shim-thaw-v2: containerd's runtime v2 shim for thaw.
+
+mod child;
+mod config;
+mod error;
+mod image_cache;
+mod rootfs;
+
 fn main() {}

@@ -1,0 +1,333 @@
+//! What containerd hands us as a container's root filesystem, reduced to
+//! the directories that hold it, and a content key for those directories.
+//!
+//! containerd sends a Mount list: overlayfs (`lowerdir=a:b,upperdir=..`),
+//! a bind mount (native snapshotter), or nothing (`ctr run --rootfs`, the
+//! spec's `root.path`). The key hashes every entry's metadata (names, type,
+//! mode, owner, size, mtime, link count, device, symlink target, xattrs)
+//! and not file data: a changed file with identical size and mtime would be
+//! missed, the same trade-off make and rsync make.
+
+use std::ffi::CString;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use containerd_shim::protos::types::mount::Mount;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, IoContext, Result};
+
+/// Bumped when the key's input or the image format changes.
+const KEY_VERSION: &str = "thaw-rootfs-key-v1";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootfsSource {
+    /// One directory that is the whole tree.
+    Dir(PathBuf),
+    /// overlayfs layers, topmost first (a non-empty upperdir comes first).
+    Overlay(Vec<PathBuf>),
+}
+
+impl RootfsSource {
+    /// The directories whose content makes the tree, topmost first.
+    pub fn layers(&self) -> Vec<&Path> {
+        match self {
+            RootfsSource::Dir(d) => vec![d.as_path()],
+            RootfsSource::Overlay(l) => l.iter().map(PathBuf::as_path).collect(),
+        }
+    }
+}
+
+fn is_bind(m: &Mount) -> bool {
+    m.type_ == "bind"
+        || m.type_ == "rbind"
+        || (m.type_ == "none" && m.options.iter().any(|o| o == "bind" || o == "rbind"))
+}
+
+fn existing_dir(p: &Path, what: &str) -> Result<PathBuf> {
+    if !p.is_absolute() {
+        return Err(Error::Rootfs(format!("{what} {} is not absolute", p.display())));
+    }
+    match fs::metadata(p) {
+        Ok(m) if m.is_dir() => Ok(p.to_path_buf()),
+        Ok(_) => Err(Error::Rootfs(format!("{what} {} is not a directory", p.display()))),
+        Err(e) => Err(Error::Rootfs(format!("{what} {}: {e}", p.display()))),
+    }
+}
+
+/// Reduces containerd's Mount list (or the spec's root path, relative to
+/// the bundle) to the directories that hold the rootfs.
+pub fn source_from_mounts(
+    mounts: &[Mount],
+    bundle: &Path,
+    spec_root: Option<&str>,
+) -> Result<RootfsSource> {
+    match mounts {
+        [] => {
+            let root = spec_root
+                .filter(|r| !r.is_empty())
+                .ok_or_else(|| Error::Rootfs("no rootfs mounts and no root.path in the spec".into()))?;
+            let p = Path::new(root);
+            let p = if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                bundle.join(p)
+            };
+            let dir = existing_dir(&p, "root.path")?;
+            let empty = fs::read_dir(&dir)
+                .ctx(|| format!("reading {}", dir.display()))?
+                .next()
+                .is_none();
+            if empty {
+                return Err(Error::Rootfs(format!(
+                    "root.path {} is empty and containerd sent no rootfs mounts",
+                    dir.display()
+                )));
+            }
+            Ok(RootfsSource::Dir(dir))
+        }
+        [m] if is_bind(m) => Ok(RootfsSource::Dir(existing_dir(
+            Path::new(&m.source),
+            "bind mount source",
+        )?)),
+        [m] if m.type_ == "overlay" => {
+            let mut lower = Vec::new();
+            let mut upper = None;
+            for o in &m.options {
+                if let Some(v) = o.strip_prefix("lowerdir=") {
+                    for l in v.split(':').filter(|l| !l.is_empty()) {
+                        lower.push(existing_dir(Path::new(l), "overlay lowerdir")?);
+                    }
+                } else if let Some(v) = o.strip_prefix("upperdir=") {
+                    upper = Some(existing_dir(Path::new(v), "overlay upperdir")?);
+                }
+            }
+            if lower.is_empty() {
+                return Err(Error::Rootfs("overlay mount without lowerdir".into()));
+            }
+            let mut layers = Vec::new();
+            if let Some(u) = upper {
+                let has_content = fs::read_dir(&u)
+                    .ctx(|| format!("reading {}", u.display()))?
+                    .next()
+                    .is_some();
+                if has_content {
+                    layers.push(u);
+                }
+            }
+            layers.extend(lower);
+            if layers.len() == 1 {
+                return Ok(RootfsSource::Dir(layers.remove(0)));
+            }
+            Ok(RootfsSource::Overlay(layers))
+        }
+        [m] => Err(Error::Rootfs(format!(
+            "mount type {:?} is not supported (use the overlayfs or native snapshotter)",
+            m.type_
+        ))),
+        _ => Err(Error::Rootfs(format!(
+            "{} rootfs mounts; only one (overlay or bind) is supported",
+            mounts.len()
+        ))),
+    }
+}
+
+/// The content key of a rootfs source: hex sha256 of its metadata walk.
+/// `extra` folds in anything else the built image depends on (mkfs flags).
+pub fn content_key(src: &RootfsSource, extra: &str) -> Result<String> {
+    let mut h = Sha256::new();
+    h.update(KEY_VERSION.as_bytes());
+    h.update(b"\0");
+    h.update(extra.as_bytes());
+    h.update(b"\0");
+    for layer in src.layers() {
+        h.update(b"\nlayer\n");
+        let md = fs::metadata(layer).ctx(|| format!("stat {}", layer.display()))?;
+        for f in [md.mode(), md.uid(), md.gid()] {
+            h.update(f.to_le_bytes());
+        }
+        hash_xattrs(layer, &mut h);
+        walk(layer, Path::new(""), &mut h)?;
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+fn walk(root: &Path, rel: &Path, h: &mut Sha256) -> Result<()> {
+    let dir = root.join(rel);
+    let mut names: Vec<_> = fs::read_dir(&dir)
+        .ctx(|| format!("reading {}", dir.display()))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<std::io::Result<_>>()
+        .ctx(|| format!("reading {}", dir.display()))?;
+    names.sort();
+    for name in names {
+        let rel_child = rel.join(&name);
+        let path = root.join(&rel_child);
+        let md = fs::symlink_metadata(&path).ctx(|| format!("stat {}", path.display()))?;
+        h.update(rel_child.as_os_str().as_bytes());
+        h.update(b"\0");
+        let fields = [
+            md.mode() as u64,
+            md.uid() as u64,
+            md.gid() as u64,
+            if md.is_file() { md.size() } else { 0 },
+            md.mtime() as u64,
+            md.mtime_nsec() as u64,
+            md.nlink(),
+            md.rdev(),
+        ];
+        for f in fields {
+            h.update(f.to_le_bytes());
+        }
+        if md.file_type().is_symlink() {
+            let t = fs::read_link(&path).ctx(|| format!("readlink {}", path.display()))?;
+            h.update(t.as_os_str().as_bytes());
+        }
+        h.update(b"\0");
+        hash_xattrs(&path, h);
+        if md.is_dir() {
+            walk(root, &rel_child, h)?;
+        }
+    }
+    Ok(())
+}
+
+/// Folds a file's extended attributes into `h` (overlay opaque markers,
+/// file capabilities). Errors count as "no xattrs".
+fn hash_xattrs(path: &Path, h: &mut Sha256) {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return;
+    };
+    let mut names = vec![0u8; 4096];
+    // SAFETY: the buffer is valid for its length; the path is NUL-terminated.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    if n <= 0 {
+        return;
+    }
+    names.truncate(n as usize);
+    let mut list: Vec<&[u8]> = names.split(|b| *b == 0).filter(|s| !s.is_empty()).collect();
+    list.sort();
+    for name in list {
+        let Ok(cn) = CString::new(name) else { continue };
+        let mut val = vec![0u8; 65536];
+        // SAFETY: as above; the name is NUL-terminated.
+        let v = unsafe {
+            libc::lgetxattr(c.as_ptr(), cn.as_ptr(), val.as_mut_ptr().cast(), val.len())
+        };
+        h.update(name);
+        h.update(b"=");
+        if v > 0 {
+            h.update(&val[..v as usize]);
+        }
+        h.update(b"\0");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mount(t: &str, src: &str, opts: &[&str]) -> Mount {
+        let mut m = Mount::new();
+        m.type_ = t.into();
+        m.source = src.into();
+        m.options = opts.iter().map(|s| s.to_string()).collect();
+        m
+    }
+
+    #[test]
+    fn bind_mount_is_a_dir() {
+        let d = tempfile::tempdir().unwrap();
+        let m = mount("bind", d.path().to_str().unwrap(), &["rbind", "rw"]);
+        let s = source_from_mounts(&[m], Path::new("/b"), None).unwrap();
+        assert_eq!(s, RootfsSource::Dir(d.path().to_path_buf()));
+    }
+
+    #[test]
+    fn overlay_layers_are_ordered_and_empty_upper_skipped() {
+        let d = tempfile::tempdir().unwrap();
+        for n in ["l1", "l2", "up", "work"] {
+            fs::create_dir(d.path().join(n)).unwrap();
+        }
+        let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+        let m = mount(
+            "overlay",
+            "overlay",
+            &[
+                &format!("workdir={}", p("work")),
+                &format!("upperdir={}", p("up")),
+                &format!("lowerdir={}:{}", p("l1"), p("l2")),
+            ],
+        );
+        let s = source_from_mounts(std::slice::from_ref(&m), Path::new("/b"), None).unwrap();
+        assert_eq!(
+            s,
+            RootfsSource::Overlay(vec![d.path().join("l1"), d.path().join("l2")])
+        );
+        fs::write(d.path().join("up/f"), "x").unwrap();
+        let s = source_from_mounts(&[m], Path::new("/b"), None).unwrap();
+        assert_eq!(s.layers().len(), 3);
+        assert_eq!(s.layers()[0], d.path().join("up"));
+    }
+
+    #[test]
+    fn single_lower_overlay_is_a_dir() {
+        let d = tempfile::tempdir().unwrap();
+        let m = mount(
+            "overlay",
+            "overlay",
+            &[&format!("lowerdir={}", d.path().display())],
+        );
+        let s = source_from_mounts(&[m], Path::new("/b"), None).unwrap();
+        assert_eq!(s, RootfsSource::Dir(d.path().to_path_buf()));
+    }
+
+    #[test]
+    fn unsupported_and_missing_are_readable_errors() {
+        let e = source_from_mounts(&[mount("ext4", "/dev/sda", &[])], Path::new("/b"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ext4"), "{e}");
+        let e = source_from_mounts(&[mount("bind", "/nonexistent/x", &["rbind"])], Path::new("/b"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/x"), "{e}");
+        let e = source_from_mounts(&[], Path::new("/nonexistent-bundle"), Some("rootfs"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("root.path"), "{e}");
+    }
+
+    #[test]
+    fn spec_root_relative_to_bundle() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir(d.path().join("rootfs")).unwrap();
+        fs::write(d.path().join("rootfs/x"), "1").unwrap();
+        let s = source_from_mounts(&[], d.path(), Some("rootfs")).unwrap();
+        assert_eq!(s, RootfsSource::Dir(d.path().join("rootfs")));
+    }
+
+    #[test]
+    fn key_follows_content_not_location() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        for d in [a.path(), b.path()] {
+            fs::create_dir(d.join("bin")).unwrap();
+            fs::write(d.join("bin/tool"), "hello").unwrap();
+            std::os::unix::fs::symlink("tool", d.join("bin/alias")).unwrap();
+            let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000);
+            for f in ["bin/tool", "bin", ""] {
+                fs::File::open(d.join(f)).unwrap().set_modified(t).unwrap();
+            }
+        }
+        let ka = content_key(&RootfsSource::Dir(a.path().into()), "x").unwrap();
+        let kb = content_key(&RootfsSource::Dir(b.path().into()), "x").unwrap();
+        assert_eq!(ka, kb);
+        assert_ne!(ka, content_key(&RootfsSource::Dir(a.path().into()), "y").unwrap());
+        fs::write(b.path().join("bin/tool"), "hello!").unwrap();
+        let kb2 = content_key(&RootfsSource::Dir(b.path().into()), "x").unwrap();
+        assert_ne!(ka, kb2);
+    }
+}
