@@ -5,5 +5,7 @@ mod config;
 mod error;
 mod image_cache;
 mod rootfs;
+mod stdio;
+mod vmm_client;
 
 fn main() {}
