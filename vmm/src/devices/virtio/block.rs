@@ -97,6 +97,9 @@ pub struct Block {
     offered_read_only: bool,
     acked_features: u64,
     config_generation: Arc<AtomicU32>,
+    /// The generation the driver was last told about; an attach while the
+    /// device is not running is announced when it starts again.
+    announced_generation: u32,
     interrupt: Option<Arc<dyn Interrupt>>,
     worker: Option<Worker<Queue>>,
 }
@@ -158,6 +161,7 @@ impl Block {
             offered_read_only,
             acked_features: 0,
             config_generation: Arc::new(AtomicU32::new(0)),
+            announced_generation: 0,
             interrupt: None,
             worker: None,
         }
@@ -192,9 +196,10 @@ impl Block {
             disk.read_only = read_only;
             disk.capacity_sectors = capacity_sectors;
         }
-        self.config_generation.fetch_add(1, Ordering::SeqCst);
+        let generation = self.config_generation.fetch_add(1, Ordering::SeqCst) + 1;
         if let (Some(irq), Some(_)) = (&self.interrupt, &self.worker) {
             irq.signal_config_change();
+            self.announced_generation = generation;
         }
         Ok(())
     }
@@ -251,6 +256,7 @@ impl Block {
         block
             .config_generation
             .store(state.config_generation, Ordering::SeqCst);
+        block.announced_generation = state.config_generation;
         Ok(block)
     }
 
@@ -310,6 +316,11 @@ impl VirtioDevice for Block {
         let disk = self.disk.clone();
         let mut bounce = Vec::new();
         self.interrupt = Some(ctx.interrupt.clone());
+        let generation = self.config_generation.load(Ordering::SeqCst);
+        if generation != self.announced_generation {
+            ctx.interrupt.signal_config_change();
+            self.announced_generation = generation;
+        }
         let worker = spawn_queue_worker(
             "thaw-virtio-blk",
             ctx.mem,
@@ -869,6 +880,19 @@ mod tests {
         let mut got = [0u8; 512];
         m.read_slice(&mut got, GuestAddress(DATA)).unwrap();
         assert_eq!(got, [1; 512]);
+
+        // Attached while the device is paused (e.g. right after a snapshot
+        // restore): the guest hears about it on resume.
+        t.pause().unwrap();
+        w(&mut t, 0x64, 3);
+        let other = disk();
+        other.as_file().set_len(16 * 512).unwrap();
+        t.device_mut().attach(other.as_path(), true).unwrap();
+        assert_eq!(r(&mut t, 0x60) & 2, 0);
+        t.resume().unwrap();
+        assert_ne!(r(&mut t, 0x60) & 2, 0, "config change announced on resume");
+        t.read(0x100, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 16);
 
         t.pause().unwrap();
         let state = t.device().state();

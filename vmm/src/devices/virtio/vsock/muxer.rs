@@ -291,7 +291,9 @@ impl Muxer {
                     self.abort(ev, token);
                     return;
                 }
-                let conn_ref = &self.conns[&token];
+                let Some(conn_ref) = self.conns.get(&token) else {
+                    return;
+                };
                 // Nobody will read what is left: the guest does not
                 // receive any more, or the host closed both directions.
                 if conn_ref.hup && conn_ref.guest_shutdown & SHUTDOWN_RCV != 0 {
