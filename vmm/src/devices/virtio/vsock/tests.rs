@@ -611,3 +611,132 @@ fn driver_reset_closes_host_sockets_and_reserved_cids_are_refused() {
     // Still listening after a driver reset.
     assert!(UnixStream::connect(&uds).is_ok());
 }
+
+/// xorshift64: reproducible "random" input without a dependency.
+struct Rand(u64);
+impl Rand {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// Give back as many RX buffers as the device used, until TX has consumed
+/// `tx_target` chains.
+fn pump(g: &mut Guest, tx_target: u16) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < WAIT {
+        let used = g.rx.used_idx();
+        let consumed = used.wrapping_sub(g.rx_seen);
+        g.rx_seen = used;
+        if consumed > 0 {
+            g.give_rx(consumed as usize);
+        }
+        if g.tx.used_idx() == tx_target {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    false
+}
+
+#[test]
+fn random_hostile_traffic_never_stops_the_device() {
+    let dir = TempDir::new().unwrap();
+    let uds = uds(&dir);
+    let _listeners: Vec<UnixListener> = [9000, 9001]
+        .iter()
+        .map(|p| UnixListener::bind(port_path(&uds, *p)).unwrap())
+        .collect();
+    let mut g = Guest::new();
+    let mut dev = Vsock::new(3, &uds).unwrap();
+    g.activate(&mut dev, g.queues());
+    g.give_rx(128);
+    let mut rng = Rand(0x9e37_79b9_7f4a_7c15);
+    let mut sent: u16 = 0;
+    for _batch in 0..60 {
+        for _ in 0..32 {
+            let mut h = g.hdr(
+                rng.below(10) as u16,
+                1 + rng.below(8) as u32,
+                9000 + rng.below(3) as u32,
+            );
+            if rng.chance(10) {
+                h.src_cid = rng.next();
+            }
+            if rng.chance(10) {
+                h.dst_cid = rng.next();
+            }
+            if rng.chance(10) {
+                h.kind = rng.next() as u16;
+            }
+            h.flags = rng.below(5) as u32;
+            h.buf_alloc = rng.next() as u32;
+            h.fwd_cnt = rng.next() as u32;
+            let payload = vec![0x5au8; rng.below(300) as usize];
+            h.len = if rng.chance(70) {
+                payload.len() as u32
+            } else {
+                rng.next() as u32
+            };
+            let total = (HDR_LEN + payload.len()) as u32;
+            let addr = g.alloc(total);
+            g.mem
+                .write_slice(&h.to_bytes(), GuestAddress(addr))
+                .unwrap();
+            g.mem
+                .write_slice(&payload, GuestAddress(addr + HDR_LEN as u64))
+                .unwrap();
+            match rng.below(10) {
+                0 => {
+                    // Looping chain.
+                    let i = 200 + rng.below(50) as u16;
+                    g.tx.write_desc(i, addr, total, F_NEXT, i);
+                    g.tx.publish(i);
+                }
+                1 => {
+                    g.tx.add_chain(&[(MEM_SIZE as u64 - 4, total, false)]);
+                }
+                2 | 3 => {
+                    let cut = 1 + rng.below(u64::from(total) - 1) as u32;
+                    g.tx.add_chain(&[
+                        (addr, cut, false),
+                        (addr + u64::from(cut), total - cut, false),
+                    ]);
+                }
+                _ => {
+                    g.tx.add_chain(&[(addr, total, false)]);
+                }
+            }
+            sent = sent.wrapping_add(1);
+        }
+        g.kick(TX);
+        assert!(pump(&mut g, sent), "device stopped consuming TX");
+    }
+    // Still a working device.
+    let _l = UnixListener::bind(port_path(&uds, 9100)).unwrap();
+    let start_seen = g.rx.used_idx();
+    g.rx_seen = start_seen;
+    g.send(g.hdr(OP_REQUEST, 4242, 9100), &[]);
+    let mut got_response = false;
+    while let Some((h, _)) = g.try_recv(Duration::from_secs(2)) {
+        if h.op == OP_RESPONSE && h.dst_port == 4242 {
+            got_response = true;
+            break;
+        }
+    }
+    assert!(got_response);
+    let queues = dev.pause().unwrap();
+    let muxer = dev.muxer.as_ref().unwrap();
+    assert!(muxer.connection_count() <= super::muxer::MAX_CONNECTIONS);
+    assert!(muxer.buffered_to_host() <= muxer.connection_count() * BUF_ALLOC as usize);
+    drop(queues);
+}
