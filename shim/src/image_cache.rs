@@ -122,10 +122,6 @@ impl ImageCache {
         }
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     fn ensure_dirs(&self) -> Result<()> {
         for d in ["", "refs", "locks", "tmp", "mnt"] {
             let p = self.dir.join(d);

@@ -10,7 +10,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -80,16 +80,6 @@ fn wait_ready(fd: &impl AsFd, flags: PollFlags, cancel: &Cancel) -> io::Result<b
             return Ok(true);
         }
     }
-}
-
-fn set_nonblocking(fd: &impl AsRawFd, on: bool) -> io::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let raw = fd.as_raw_fd();
-    let flags = fcntl(raw, FcntlArg::F_GETFL).map_err(io::Error::from)?;
-    let mut f = OFlag::from_bits_truncate(flags);
-    f.set(OFlag::O_NONBLOCK, on);
-    fcntl(raw, FcntlArg::F_SETFL(f)).map_err(io::Error::from)?;
-    Ok(())
 }
 
 /// Writes all of `buf`, waiting for room, unless cancelled (-> false).
@@ -404,16 +394,6 @@ pub struct Bridges {
 }
 
 impl Bridges {
-    /// No streams (all FIFOs empty); output is trivially done.
-    pub fn none() -> Result<Self> {
-        Ok(Bridges {
-            cancel: Cancel::new()?,
-            stdin_cancel: Cancel::new()?,
-            done: Arc::new(OutputDone::default()),
-            sockets: Vec::new(),
-        })
-    }
-
     /// Ends stdin after what the client has written so far.
     pub fn close_stdin(&self) {
         self.stdin_cancel.cancel();

@@ -114,14 +114,17 @@ impl VmmClient {
         }
     }
 
+    #[allow(dead_code)] // for the snapshot/restore flow
     pub fn status(&self) -> Result<Value> {
         self.request(&json!({"op": "status"}))
     }
 
+    #[allow(dead_code)] // for the snapshot/restore flow
     pub fn pause(&self) -> Result<()> {
         self.request(&json!({"op": "pause"})).map(|_| ())
     }
 
+    #[allow(dead_code)] // for the snapshot/restore flow
     pub fn resume(&self) -> Result<()> {
         self.request(&json!({"op": "resume"})).map(|_| ())
     }

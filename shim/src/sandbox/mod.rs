@@ -1,0 +1,457 @@
+//! One sandbox: the process that hosts the guest side (a `thaw-vmm` VM, or
+//! for tests the agent as a host process), its agent connection, its disk
+//! slots and stdio ports, and the watch on its death.
+//!
+//! The backends differ only in how the process is started, how an image
+//! reaches the guest and how it is asked to stop; see [`Backend`].
+
+mod host;
+mod vm;
+
+use std::fs::{self, File};
+use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use containerd_shim::monitor::{monitor_subscribe, Subject, Topic};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use sha2::{Digest, Sha256};
+use thaw_agent_protocol::{agent as proto, transport, CONTROL_PORT, FIRST_STDIO_PORT};
+
+use crate::agent::Agent;
+use crate::child;
+use crate::config::{BackendKind, Config, VmConfig};
+use crate::error::{Error, IoContext, Result};
+
+pub use host::HostBackend;
+pub use vm::VmBackend;
+
+/// A disk image made visible to the guest.
+#[derive(Debug)]
+pub struct Attached {
+    pub slot: u32,
+    /// Host loop device (host backend).
+    pub loop_dev: Option<String>,
+}
+
+/// What differs between a VM and the host-process stand-in.
+pub trait Backend: Send + Sync {
+    /// Checks inputs (binaries, kernel, images) so a user gets a plain
+    /// error instead of a process dying early.
+    fn check(&self) -> Result<()>;
+    /// The command that starts the sandbox process; the agent inside must
+    /// dial `<uds>_1024`.
+    fn command(&self, uds: &Path, dir: &Path) -> Command;
+    /// Makes `image` visible to the guest in `slot`; returns the rootfs
+    /// description for the agent.
+    fn attach(&self, slot: u32, image: &Path) -> Result<(proto::Rootfs, Attached)>;
+    /// Called once the agent mounted the image (it holds it from now on).
+    fn mounted(&self, attached: &Attached);
+    /// Undoes `attach` (the guest no longer uses the image).
+    fn detach(&self, attached: &Attached);
+    /// Asks the sandbox process to end (it is killed if it does not).
+    fn request_stop(&self);
+    /// Pauses/resumes the whole sandbox (VM vCPUs).
+    fn describe(&self) -> String;
+}
+
+/// How the sandbox process ended.
+#[derive(Debug, Default)]
+struct Life {
+    exit: Mutex<Option<i32>>,
+    cond: Condvar,
+}
+
+impl Life {
+    fn set(&self, code: i32) {
+        if let Ok(mut e) = self.exit.lock() {
+            *e = Some(code);
+            self.cond.notify_all();
+        }
+    }
+
+    fn get(&self) -> Option<i32> {
+        self.exit.lock().ok().and_then(|e| *e)
+    }
+
+    fn wait(&self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.exit.lock().ok()?;
+        while g.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            g = self.cond.wait_timeout(g, left).ok()?.0;
+        }
+        *g
+    }
+}
+
+type DeathHook = Box<dyn FnOnce(String) + Send>;
+
+pub struct Sandbox {
+    pub id: String,
+    pub dir: PathBuf,
+    pub kind: BackendKind,
+    uds: PathBuf,
+    backend: Box<dyn Backend>,
+    agent: Agent,
+    pid: u32,
+    life: Arc<Life>,
+    stopping: Arc<AtomicBool>,
+    on_death: Arc<Mutex<Option<DeathHook>>>,
+    next_port: AtomicU32,
+    slots: Mutex<Vec<bool>>,
+    _control: UnixListener,
+}
+
+/// The per-sandbox directory: short, because Unix socket paths must fit in
+/// 108 bytes.
+pub fn sandbox_dir(run_dir: &Path, namespace: &str, id: &str) -> PathBuf {
+    let mut h = Sha256::new();
+    h.update(namespace.as_bytes());
+    h.update(b"/");
+    h.update(id.as_bytes());
+    let hex = format!("{:x}", h.finalize());
+    run_dir.join("sandboxes").join(&hex[..20])
+}
+
+/// The last lines of a log file, for error messages.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = fs::read(path).unwrap_or_default();
+    let start = text.len().saturating_sub(4096);
+    let text = String::from_utf8_lossy(&text[start..]);
+    let v: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    v[v.len().saturating_sub(lines)..].join(" | ")
+}
+
+fn make_backend(cfg: &Config, vm: &VmConfig) -> Box<dyn Backend> {
+    match cfg.backend {
+        BackendKind::Vm => Box::new(VmBackend::new(vm.clone())),
+        BackendKind::HostUnisolated => Box::new(HostBackend::new(cfg.host.clone())),
+    }
+}
+
+impl Sandbox {
+    /// Starts the sandbox process and waits for its agent to dial in.
+    pub fn start(cfg: &Config, vm: &VmConfig, namespace: &str, id: &str) -> Result<Sandbox> {
+        let backend = make_backend(cfg, vm);
+        backend.check()?;
+        let dir = sandbox_dir(&cfg.run_dir, namespace, id);
+        if dir.exists() {
+            // Left by a crashed shim of the same id; `delete` normally
+            // removes it. Nothing in it is live: its process died with it.
+            let _ = fs::remove_dir_all(&dir);
+        }
+        fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(0o700));
+        let result = Self::start_in(cfg, backend, &dir, id);
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&dir);
+        }
+        result
+    }
+
+    fn start_in(cfg: &Config, backend: Box<dyn Backend>, dir: &Path, id: &str) -> Result<Sandbox> {
+        let uds = dir.join("vsock.sock");
+        let control_path = transport::host_socket_path(&uds, CONTROL_PORT);
+        let control = UnixListener::bind(&control_path)
+            .ctx(|| format!("listening on {}", control_path.display()))?;
+        control
+            .set_nonblocking(true)
+            .ctx(|| "setting the control socket non-blocking".into())?;
+
+        let log_path = dir.join("sandbox.log");
+        let log = File::create(&log_path).ctx(|| format!("creating {}", log_path.display()))?;
+        let mut cmd = backend.command(&uds, dir);
+        let log2 = log
+            .try_clone()
+            .ctx(|| "duplicating the log file handle".into())?;
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                // Die with the thread that spawned us (the supervisor below,
+                // which lives as long as the process): a crashed shim must
+                // not leave a VM behind.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+
+        let life = Arc::new(Life::default());
+        let stopping = Arc::new(AtomicBool::new(false));
+        let on_death: Arc<Mutex<Option<DeathHook>>> = Arc::new(Mutex::new(None));
+        let pid = supervise(cmd, life.clone(), stopping.clone(), on_death.clone(), log_path.clone())?;
+        log::info!("sandbox {id}: {} started, pid {pid}", backend.describe());
+
+        let boot_timeout = match cfg.backend {
+            BackendKind::Vm => Duration::from_secs(cfg.vm.boot_timeout_secs),
+            BackendKind::HostUnisolated => Duration::from_secs(cfg.host.start_timeout_secs),
+        };
+        let stream = match accept_agent(&control, boot_timeout, &life) {
+            Ok(s) => s,
+            Err(e) => {
+                let why = match e {
+                    AcceptError::Died(code) => format!(
+                        "{} exited with status {code} before the agent connected: {}",
+                        backend.describe(),
+                        log_tail(&log_path, 8)
+                    ),
+                    AcceptError::Timeout => format!(
+                        "the agent did not connect within {boot_timeout:?} ({}); log: {}",
+                        backend.describe(),
+                        log_tail(&log_path, 8)
+                    ),
+                    AcceptError::Io(e) => format!("accepting the agent connection: {e}"),
+                };
+                stop_process(&*backend, pid, &life, &stopping);
+                return Err(Error::Sandbox(why));
+            }
+        };
+        let agent = match Agent::new(stream, Duration::from_secs(cfg.agent.request_timeout_secs)) {
+            Ok(a) => a,
+            Err(e) => {
+                stop_process(&*backend, pid, &life, &stopping);
+                return Err(e);
+            }
+        };
+        let spare = match cfg.backend {
+            BackendKind::Vm => cfg.vm.spare_disks,
+            BackendKind::HostUnisolated => 64,
+        };
+        Ok(Sandbox {
+            id: id.to_string(),
+            dir: dir.to_path_buf(),
+            kind: cfg.backend,
+            uds,
+            backend,
+            agent,
+            pid,
+            life,
+            stopping,
+            on_death,
+            next_port: AtomicU32::new(FIRST_STDIO_PORT),
+            slots: Mutex::new(vec![false; spare as usize]),
+            _control: control,
+        })
+    }
+
+    pub fn agent(&self) -> &Agent {
+        &self.agent
+    }
+
+    /// The sandbox process (VMM) pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn uds(&self) -> &Path {
+        &self.uds
+    }
+
+    pub fn next_port(&self) -> u32 {
+        self.next_port.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// Whether the sandbox process has exited.
+    pub fn is_dead(&self) -> bool {
+        self.life.get().is_some()
+    }
+
+    /// Runs `hook` (once) with a description when the process dies without
+    /// being asked to. Runs at once if it already died.
+    pub fn on_death(&self, hook: impl FnOnce(String) + Send + 'static) {
+        if let Ok(mut h) = self.on_death.lock() {
+            if let Some(code) = self.life.get() {
+                drop(h);
+                if !self.stopping.load(Ordering::SeqCst) {
+                    hook(format!("sandbox process exited with status {code}"));
+                }
+                return;
+            }
+            *h = Some(Box::new(hook));
+        }
+    }
+
+    /// Attaches a container's image to a free slot.
+    pub fn attach(&self, image: &Path) -> Result<(proto::Rootfs, Attached)> {
+        let slot = {
+            let mut slots = self.slots.lock().map_err(|_| Error::Shim("slots lock poisoned".into()))?;
+            let Some(i) = slots.iter().position(|used| !used) else {
+                return Err(Error::Sandbox(format!(
+                    "all {} disk slots of the sandbox are in use (vm.spare_disks)",
+                    slots.len()
+                )));
+            };
+            slots[i] = true;
+            i as u32
+        };
+        match self.backend.attach(slot, image) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                self.free_slot(slot);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn mounted(&self, a: &Attached) {
+        self.backend.mounted(a);
+    }
+
+    pub fn detach(&self, a: &Attached) {
+        self.backend.detach(a);
+        self.free_slot(a.slot);
+    }
+
+    fn free_slot(&self, slot: u32) {
+        if let Ok(mut slots) = self.slots.lock() {
+            if let Some(s) = slots.get_mut(slot as usize) {
+                *s = false;
+            }
+        }
+    }
+
+    /// Stops the sandbox process and removes its directory.
+    pub fn stop(&self) {
+        stop_process(&*self.backend, self.pid, &self.life, &self.stopping);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Asks, then forces, the sandbox process to end.
+fn stop_process(backend: &dyn Backend, pid: u32, life: &Life, stopping: &AtomicBool) {
+    stopping.store(true, Ordering::SeqCst);
+    if life.get().is_some() {
+        return;
+    }
+    backend.request_stop();
+    if life.wait(Duration::from_secs(3)).is_some() {
+        return;
+    }
+    log::warn!("sandbox process {pid} did not stop; killing it");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    if life.wait(Duration::from_secs(5)).is_none() {
+        log::error!("sandbox process {pid} survived SIGKILL for 5 s");
+    }
+}
+
+enum AcceptError {
+    Died(i32),
+    Timeout,
+    Io(std::io::Error),
+}
+
+fn accept_agent(
+    l: &UnixListener,
+    timeout: Duration,
+    life: &Life,
+) -> std::result::Result<std::os::unix::net::UnixStream, AcceptError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).map_err(AcceptError::Io)?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(AcceptError::Io(e)),
+        }
+        if let Some(code) = life.get() {
+            return Err(AcceptError::Died(code));
+        }
+        if Instant::now() >= deadline {
+            return Err(AcceptError::Timeout);
+        }
+        let mut fds = [PollFd::new(l.as_fd(), PollFlags::POLLIN)];
+        let _ = poll(&mut fds, PollTimeout::from(50u16));
+    }
+}
+
+/// Spawns `cmd` from a thread that then waits for its exit for as long as
+/// it lives (so PR_SET_PDEATHSIG, tied to the spawning thread, holds).
+/// Returns the pid.
+fn supervise(
+    mut cmd: Command,
+    life: Arc<Life>,
+    stopping: Arc<AtomicBool>,
+    on_death: Arc<Mutex<Option<DeathHook>>>,
+    log_path: PathBuf,
+) -> Result<u32> {
+    let (tx, rx) = std::sync::mpsc::channel::<std::io::Result<u32>>();
+    let what = format!("{:?}", cmd.get_program());
+    std::thread::Builder::new()
+        .name("sandbox-supervisor".into())
+        .spawn(move || {
+            let sub = if child::reaper_active() {
+                match monitor_subscribe(Topic::Pid) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        let _ = tx.send(Err(std::io::Error::other(e.to_string())));
+                        return;
+                    }
+                }
+            } else {
+                None
+            };
+            let mut child = match cmd.spawn() {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let pid = child.id();
+            let _ = tx.send(Ok(pid));
+            let code = match sub {
+                Some(sub) => loop {
+                    match sub.rx.recv() {
+                        Ok(ev) => {
+                            if matches!(ev.subject, Subject::Pid(p) if p == pid as i32) {
+                                break ev.exit_code;
+                            }
+                        }
+                        Err(_) => break -1,
+                    }
+                },
+                None => {
+                    use std::os::unix::process::ExitStatusExt;
+                    match child.wait() {
+                        Ok(st) => st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)),
+                        Err(_) => -1,
+                    }
+                }
+            };
+            life.set(code);
+            if !stopping.load(Ordering::SeqCst) {
+                let why = format!(
+                    "sandbox process {pid} exited unexpectedly with status {code}: {}",
+                    log_tail(&log_path, 8)
+                );
+                log::error!("{why}");
+                let hook = on_death.lock().ok().and_then(|mut h| h.take());
+                if let Some(hook) = hook {
+                    hook(why);
+                }
+            }
+        })
+        .ctx(|| "spawning the sandbox supervisor thread".into())?;
+    match rx.recv() {
+        Ok(Ok(pid)) => Ok(pid),
+        Ok(Err(e)) => Err(Error::Sandbox(format!("starting {what}: {e}"))),
+        Err(_) => Err(Error::Sandbox(format!("starting {what}: supervisor thread died"))),
+    }
+}

@@ -1,0 +1,270 @@
+//! Reading and checking the bundle's OCI spec, the CRI pod annotations,
+//! and what a VM guest can and cannot honour of it.
+//!
+//! The spec is kept as JSON and handed to the agent as is (minus what the
+//! VM cannot provide), so fields the shim does not inspect pass through.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+
+/// Where a container stands in a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodRole {
+    /// A plain `ctr`/`nerdctl` container: its own VM.
+    Standalone,
+    /// A CRI pod's sandbox (pause) container: creates the pod's VM.
+    Sandbox { sandbox_id: String },
+    /// A CRI pod's app container: joins the pod's VM.
+    Member { sandbox_id: String },
+}
+
+impl PodRole {
+    /// The id that selects the shim (and VM) for this container.
+    pub fn grouping<'a>(&'a self, id: &'a str) -> &'a str {
+        match self {
+            PodRole::Standalone => id,
+            PodRole::Sandbox { sandbox_id } | PodRole::Member { sandbox_id } => sandbox_id,
+        }
+    }
+
+    /// The agent's sandbox id ("" = none).
+    pub fn agent_sandbox_id(&self) -> &str {
+        match self {
+            PodRole::Standalone => "",
+            PodRole::Sandbox { sandbox_id } | PodRole::Member { sandbox_id } => sandbox_id,
+        }
+    }
+}
+
+pub fn pod_role(annotations: &HashMap<String, String>, id: &str) -> PodRole {
+    let kind = annotations.get(CRI_CONTAINER_TYPE).map(String::as_str);
+    let sandbox = annotations
+        .get(CRI_SANDBOX_ID)
+        .filter(|s| !s.is_empty())
+        .cloned();
+    match (kind, sandbox) {
+        (Some("sandbox"), s) => PodRole::Sandbox {
+            sandbox_id: s.unwrap_or_else(|| id.to_string()),
+        },
+        (Some("container"), Some(s)) => PodRole::Member { sandbox_id: s },
+        _ => PodRole::Standalone,
+    }
+}
+
+/// The parts of `config.json` the shim needs, and the JSON itself.
+#[derive(Debug, Clone)]
+pub struct BundleSpec {
+    pub json: Value,
+    pub annotations: HashMap<String, String>,
+    pub root_path: Option<String>,
+    pub hostname: String,
+}
+
+/// Reads `<bundle>/config.json`.
+pub fn load(bundle: &Path) -> Result<BundleSpec> {
+    let path = bundle.join("config.json");
+    let text = std::fs::read(&path)
+        .map_err(|e| Error::InvalidSpec(format!("reading {}: {e}", path.display())))?;
+    parse(&text)
+}
+
+pub fn parse(text: &[u8]) -> Result<BundleSpec> {
+    let json: Value = serde_json::from_slice(text)
+        .map_err(|e| Error::InvalidSpec(format!("config.json is not valid JSON: {e}")))?;
+    if !json.is_object() {
+        return Err(Error::InvalidSpec("config.json is not a JSON object".into()));
+    }
+    let mut annotations = HashMap::new();
+    if let Some(a) = json.get("annotations") {
+        let obj = a
+            .as_object()
+            .ok_or_else(|| Error::InvalidSpec("annotations must be an object".into()))?;
+        for (k, v) in obj {
+            let v = v
+                .as_str()
+                .ok_or_else(|| Error::InvalidSpec(format!("annotation {k} must be a string")))?;
+            annotations.insert(k.clone(), v.to_string());
+        }
+    }
+    let process = json
+        .get("process")
+        .ok_or_else(|| Error::InvalidSpec("process is missing".into()))?;
+    check_process(process, "process")?;
+    let root_path = json
+        .get("root")
+        .and_then(|r| r.get("path"))
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let hostname = json
+        .get("hostname")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    Ok(BundleSpec {
+        json,
+        annotations,
+        root_path,
+        hostname,
+    })
+}
+
+/// Checks an OCI `process` object; `field` prefixes messages.
+pub fn check_process(p: &Value, field: &str) -> Result<()> {
+    let args = p
+        .get("args")
+        .and_then(Value::as_array)
+        .ok_or_else(|| Error::InvalidSpec(format!("{field}.args is missing")))?;
+    if args.is_empty() {
+        return Err(Error::InvalidSpec(format!(
+            "{field}.args is empty: no program to run"
+        )));
+    }
+    if args.iter().any(|a| !a.is_string()) {
+        return Err(Error::InvalidSpec(format!("{field}.args must be strings")));
+    }
+    match p.get("cwd").and_then(Value::as_str) {
+        Some(c) if c.starts_with('/') => {}
+        Some(c) => {
+            return Err(Error::InvalidSpec(format!(
+                "{field}.cwd {c:?} is not an absolute path"
+            )))
+        }
+        None => return Err(Error::InvalidSpec(format!("{field}.cwd is missing"))),
+    }
+    if let Some(env) = p.get("env") {
+        let ok = env
+            .as_array()
+            .map(|a| a.iter().all(Value::is_string))
+            .unwrap_or(false);
+        if !ok {
+            return Err(Error::InvalidSpec(format!("{field}.env must be a list of strings")));
+        }
+    }
+    Ok(())
+}
+
+/// Host files CRI binds into containers that the agent provides itself
+/// inside a VM (per-pod /etc files) or that carry nothing the host reads
+/// back through a VM yet (termination log).
+const GUEST_PROVIDED: &[&str] = &[
+    "/etc/hosts",
+    "/etc/resolv.conf",
+    "/etc/hostname",
+    "/dev/termination-log",
+];
+
+fn is_bind(m: &Value) -> bool {
+    let t = m.get("type").and_then(Value::as_str).unwrap_or("");
+    let opts = m
+        .get("options")
+        .and_then(Value::as_array)
+        .map(|o| o.iter().filter_map(Value::as_str).any(|o| o == "bind" || o == "rbind"))
+        .unwrap_or(false);
+    t == "bind" || t == "rbind" || opts
+}
+
+/// The spec as a VM guest gets it: host bind mounts cannot cross into the
+/// VM (no shared filesystem), so the guest-provided ones are dropped and
+/// any other is refused with a clear message.
+pub fn for_vm(spec: &Value) -> Result<Value> {
+    let mut spec = spec.clone();
+    if let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) {
+        let mut kept = Vec::new();
+        for m in mounts.drain(..) {
+            if !is_bind(&m) {
+                kept.push(m);
+                continue;
+            }
+            let dst = m.get("destination").and_then(Value::as_str).unwrap_or("");
+            if GUEST_PROVIDED.contains(&dst) {
+                log::debug!("dropping host bind mount for {dst}: provided in the guest");
+                continue;
+            }
+            let src = m.get("source").and_then(Value::as_str).unwrap_or("");
+            return Err(Error::InvalidSpec(format!(
+                "bind mount {src} -> {dst}: host directories cannot be shared into a thaw VM yet"
+            )));
+        }
+        *mounts = kept;
+    }
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec(process: Value) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "ociVersion": "1.0.2",
+            "process": process,
+            "root": {"path": "rootfs"},
+            "hostname": "h",
+            "annotations": {"io.kubernetes.cri.container-type": "container",
+                            "io.kubernetes.cri.sandbox-id": "sb1"}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn valid_spec_parses() {
+        let s = parse(&spec(json!({"args": ["sh"], "cwd": "/"}))).unwrap();
+        assert_eq!(s.root_path.as_deref(), Some("rootfs"));
+        assert_eq!(s.hostname, "h");
+        assert_eq!(
+            pod_role(&s.annotations, "c1"),
+            PodRole::Member {
+                sandbox_id: "sb1".into()
+            }
+        );
+    }
+
+    #[test]
+    fn invalid_specs_say_what_is_wrong() {
+        let e = parse(&spec(json!({"args": [], "cwd": "/"}))).unwrap_err().to_string();
+        assert!(e.contains("process.args is empty"), "{e}");
+        let e = parse(&spec(json!({"args": ["sh"], "cwd": "tmp"}))).unwrap_err().to_string();
+        assert!(e.contains("process.cwd"), "{e}");
+        let e = parse(b"{not json").unwrap_err().to_string();
+        assert!(e.contains("not valid JSON"), "{e}");
+        let e = parse(br#"{"root":{"path":"r"}}"#).unwrap_err().to_string();
+        assert!(e.contains("process is missing"), "{e}");
+    }
+
+    #[test]
+    fn pod_roles() {
+        let mut a = HashMap::new();
+        assert_eq!(pod_role(&a, "x"), PodRole::Standalone);
+        a.insert(CRI_CONTAINER_TYPE.into(), "sandbox".into());
+        a.insert(CRI_SANDBOX_ID.into(), "x".into());
+        let r = pod_role(&a, "x");
+        assert_eq!(r.grouping("x"), "x");
+        a.insert(CRI_CONTAINER_TYPE.into(), "container".into());
+        let r = pod_role(&a, "app");
+        assert_eq!(r.grouping("app"), "x");
+        assert_eq!(r.agent_sandbox_id(), "x");
+    }
+
+    #[test]
+    fn vm_spec_drops_guest_files_and_refuses_other_binds() {
+        let s = json!({"mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/hosts", "options": ["rbind"]},
+        ]});
+        let v = for_vm(&s).unwrap();
+        assert_eq!(v["mounts"].as_array().unwrap().len(), 1);
+        let s = json!({"mounts": [
+            {"destination": "/data", "type": "none", "source": "/srv/data", "options": ["rbind", "rw"]},
+        ]});
+        let e = for_vm(&s).unwrap_err().to_string();
+        assert!(e.contains("/srv/data") && e.contains("/data"), "{e}");
+    }
+}
