@@ -172,7 +172,13 @@ impl Default for AnnotationPolicy {
     }
 }
 
-const OVERRIDABLE: &[&str] = &["vcpus", "memory_mib", "kernel", "root_image", "kernel_append"];
+const OVERRIDABLE: &[&str] = &[
+    "vcpus",
+    "memory_mib",
+    "kernel",
+    "root_image",
+    "kernel_append",
+];
 
 impl Config {
     /// Parses TOML text; `path` is only used in messages.
@@ -191,7 +197,8 @@ impl Config {
                 err(format!("key `{key}`: {inner}"))
             }
         })?;
-        cfg.validate().map_err(|(key, m)| err(format!("key `{key}`: {m}")))?;
+        cfg.validate()
+            .map_err(|(key, m)| err(format!("key `{key}`: {m}")))?;
         Ok(cfg)
     }
 
@@ -221,7 +228,10 @@ impl Config {
             if p.is_absolute() {
                 Ok(())
             } else {
-                Err((key.to_string(), format!("{} must be an absolute path", p.display())))
+                Err((
+                    key.to_string(),
+                    format!("{} must be an absolute path", p.display()),
+                ))
             }
         };
         abs("state_dir", &self.state_dir)?;
@@ -233,7 +243,10 @@ impl Config {
         if !["error", "warn", "info", "debug", "trace"].contains(&self.log_level.as_str()) {
             return Err((
                 "log_level".into(),
-                format!("{:?} is not one of error, warn, info, debug, trace", self.log_level),
+                format!(
+                    "{:?} is not one of error, warn, info, debug, trace",
+                    self.log_level
+                ),
             ));
         }
         check_vcpus(self.vm.vcpus, self.vm.max_vcpus).map_err(|m| ("vm.vcpus".into(), m))?;
@@ -395,7 +408,9 @@ allow = ["vcpus", "kernel"]
 
     #[test]
     fn wrong_type_names_the_key_path() {
-        let e = parse("[vm]\nmemory_mib = \"lots\"\n").unwrap_err().to_string();
+        let e = parse("[vm]\nmemory_mib = \"lots\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("vm.memory_mib"), "{e}");
     }
 
@@ -403,7 +418,9 @@ allow = ["vcpus", "kernel"]
     fn bad_value_names_the_key() {
         let e = parse("[vm]\nvcpus = 0\n").unwrap_err().to_string();
         assert!(e.contains("vm.vcpus"), "{e}");
-        let e = parse("[vm]\nkernel = \"vmlinux\"\n").unwrap_err().to_string();
+        let e = parse("[vm]\nkernel = \"vmlinux\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("vm.kernel") && e.contains("absolute"), "{e}");
         let e = parse("backend = \"qemu\"\n").unwrap_err().to_string();
         assert!(e.contains("backend"), "{e}");
@@ -440,7 +457,10 @@ allow = ["vcpus", "kernel"]
         let mut a = HashMap::new();
         a.insert("io.thaw.vm.kernel".to_string(), "/evil".to_string());
         let e = c.vm_for_pod(&a).unwrap_err().to_string();
-        assert!(e.contains("io.thaw.vm.kernel") && e.contains("not allowed"), "{e}");
+        assert!(
+            e.contains("io.thaw.vm.kernel") && e.contains("not allowed"),
+            "{e}"
+        );
 
         let mut a = HashMap::new();
         a.insert("io.thaw.vm.vcpus".to_string(), "many".to_string());

@@ -18,11 +18,21 @@ enum Msg {
 
 /// Where events go: containerd, or (tests) a channel.
 pub trait Sink: Send + 'static {
-    fn publish(&self, topic: &str, namespace: &str, event: Box<dyn MessageDyn>) -> Result<(), String>;
+    fn publish(
+        &self,
+        topic: &str,
+        namespace: &str,
+        event: Box<dyn MessageDyn>,
+    ) -> Result<(), String>;
 }
 
 impl Sink for RemotePublisher {
-    fn publish(&self, topic: &str, namespace: &str, event: Box<dyn MessageDyn>) -> Result<(), String> {
+    fn publish(
+        &self,
+        topic: &str,
+        namespace: &str,
+        event: Box<dyn MessageDyn>,
+    ) -> Result<(), String> {
         RemotePublisher::publish(self, Context::default(), topic, namespace, event)
             .map_err(|e| e.to_string())
     }

@@ -308,7 +308,10 @@ fn mount_merged_view(layers: &[PathBuf], mp: &Path) -> Result<TempMount> {
     )
     .map_err(|e| {
         let _ = fs::remove_dir(mp);
-        Error::Rootfs(format!("mounting the overlay view of {} layers: {e}", layers.len()))
+        Error::Rootfs(format!(
+            "mounting the overlay view of {} layers: {e}",
+            layers.len()
+        ))
     })?;
     Ok(TempMount(mp.to_path_buf()))
 }
@@ -353,8 +356,16 @@ mod tests {
         c.release(&r1).unwrap();
         assert!(r1.path.exists(), "still referenced by ns/b");
         c.release(&r2).unwrap();
-        assert!(!r1.path.exists(), "budget 0: evicted with its last reference");
-        assert_eq!(fs::read_dir(state.path().join("images/refs")).unwrap().count(), 0);
+        assert!(
+            !r1.path.exists(),
+            "budget 0: evicted with its last reference"
+        );
+        assert_eq!(
+            fs::read_dir(state.path().join("images/refs"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 
     #[test]
@@ -363,10 +374,14 @@ mod tests {
         let src = tempfile::tempdir().unwrap();
         tree(src.path(), "v1");
         let c = cache(state.path(), 64);
-        let (r, _) = c.acquire(&RootfsSource::Dir(src.path().into()), "ns/a").unwrap();
+        let (r, _) = c
+            .acquire(&RootfsSource::Dir(src.path().into()), "ns/a")
+            .unwrap();
         c.release(&r).unwrap();
         assert!(r.path.exists(), "kept for reuse under the 64 MiB budget");
-        let (_, o) = c.acquire(&RootfsSource::Dir(src.path().into()), "ns/b").unwrap();
+        let (_, o) = c
+            .acquire(&RootfsSource::Dir(src.path().into()), "ns/b")
+            .unwrap();
         assert_eq!(o, Outcome::Hit);
     }
 
@@ -376,9 +391,13 @@ mod tests {
         let src = tempfile::tempdir().unwrap();
         tree(src.path(), "v1");
         let c = cache(state.path(), 64);
-        let (a, _) = c.acquire(&RootfsSource::Dir(src.path().into()), "ns/a").unwrap();
+        let (a, _) = c
+            .acquire(&RootfsSource::Dir(src.path().into()), "ns/a")
+            .unwrap();
         fs::write(src.path().join("bin/app"), "version two").unwrap();
-        let (b, o) = c.acquire(&RootfsSource::Dir(src.path().into()), "ns/b").unwrap();
+        let (b, o) = c
+            .acquire(&RootfsSource::Dir(src.path().into()), "ns/b")
+            .unwrap();
         assert_eq!(o, Outcome::Built);
         assert_ne!(a.key, b.key);
     }
@@ -407,7 +426,12 @@ mod tests {
             .acquire(&RootfsSource::Overlay(vec![upper, lower]), "ns/o")
             .unwrap();
         // No temporary mount is left behind.
-        assert_eq!(fs::read_dir(state.path().join("images/mnt")).unwrap().count(), 0);
+        assert_eq!(
+            fs::read_dir(state.path().join("images/mnt"))
+                .unwrap()
+                .count(),
+            0
+        );
         // Read the image back through the kernel's erofs driver.
         let mp = d.path().join("check");
         fs::create_dir(&mp).unwrap();
@@ -436,7 +460,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("/nonexistent/mkfs.erofs"), "{e}");
-        assert_eq!(fs::read_dir(state.path().join("images/tmp")).unwrap().count(), 0);
-        assert_eq!(fs::read_dir(state.path().join("images/refs")).unwrap().count(), 0);
+        assert_eq!(
+            fs::read_dir(state.path().join("images/tmp"))
+                .unwrap()
+                .count(),
+            0
+        );
+        assert_eq!(
+            fs::read_dir(state.path().join("images/refs"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 }

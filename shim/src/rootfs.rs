@@ -48,11 +48,17 @@ fn is_bind(m: &Mount) -> bool {
 
 fn existing_dir(p: &Path, what: &str) -> Result<PathBuf> {
     if !p.is_absolute() {
-        return Err(Error::Rootfs(format!("{what} {} is not absolute", p.display())));
+        return Err(Error::Rootfs(format!(
+            "{what} {} is not absolute",
+            p.display()
+        )));
     }
     match fs::metadata(p) {
         Ok(m) if m.is_dir() => Ok(p.to_path_buf()),
-        Ok(_) => Err(Error::Rootfs(format!("{what} {} is not a directory", p.display()))),
+        Ok(_) => Err(Error::Rootfs(format!(
+            "{what} {} is not a directory",
+            p.display()
+        ))),
         Err(e) => Err(Error::Rootfs(format!("{what} {}: {e}", p.display()))),
     }
 }
@@ -66,9 +72,9 @@ pub fn source_from_mounts(
 ) -> Result<RootfsSource> {
     match mounts {
         [] => {
-            let root = spec_root
-                .filter(|r| !r.is_empty())
-                .ok_or_else(|| Error::Rootfs("no rootfs mounts and no root.path in the spec".into()))?;
+            let root = spec_root.filter(|r| !r.is_empty()).ok_or_else(|| {
+                Error::Rootfs("no rootfs mounts and no root.path in the spec".into())
+            })?;
             let p = Path::new(root);
             let p = if p.is_absolute() {
                 p.to_path_buf()
@@ -213,9 +219,8 @@ fn hash_xattrs(path: &Path, h: &mut Sha256) {
         let Ok(cn) = CString::new(name) else { continue };
         let mut val = vec![0u8; 65536];
         // SAFETY: as above; the name is NUL-terminated.
-        let v = unsafe {
-            libc::lgetxattr(c.as_ptr(), cn.as_ptr(), val.as_mut_ptr().cast(), val.len())
-        };
+        let v =
+            unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), val.as_mut_ptr().cast(), val.len()) };
         h.update(name);
         h.update(b"=");
         if v > 0 {
@@ -290,9 +295,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("ext4"), "{e}");
-        let e = source_from_mounts(&[mount("bind", "/nonexistent/x", &["rbind"])], Path::new("/b"), None)
-            .unwrap_err()
-            .to_string();
+        let e = source_from_mounts(
+            &[mount("bind", "/nonexistent/x", &["rbind"])],
+            Path::new("/b"),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("/nonexistent/x"), "{e}");
         let e = source_from_mounts(&[], Path::new("/nonexistent-bundle"), Some("rootfs"))
             .unwrap_err()
@@ -325,7 +334,10 @@ mod tests {
         let ka = content_key(&RootfsSource::Dir(a.path().into()), "x").unwrap();
         let kb = content_key(&RootfsSource::Dir(b.path().into()), "x").unwrap();
         assert_eq!(ka, kb);
-        assert_ne!(ka, content_key(&RootfsSource::Dir(a.path().into()), "y").unwrap());
+        assert_ne!(
+            ka,
+            content_key(&RootfsSource::Dir(a.path().into()), "y").unwrap()
+        );
         fs::write(b.path().join("bin/tool"), "hello!").unwrap();
         let kb2 = content_key(&RootfsSource::Dir(b.path().into()), "x").unwrap();
         assert_ne!(ka, kb2);

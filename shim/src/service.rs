@@ -88,7 +88,13 @@ struct Process {
 }
 
 impl Process {
-    fn new(container_id: &str, exec_id: &str, stdio: StdioPaths, pid: u32, bridges: Bridges) -> Arc<Self> {
+    fn new(
+        container_id: &str,
+        exec_id: &str,
+        stdio: StdioPaths,
+        pid: u32,
+        bridges: Bridges,
+    ) -> Arc<Self> {
         Arc::new(Process {
             container_id: container_id.into(),
             exec_id: exec_id.into(),
@@ -338,16 +344,16 @@ impl Inner {
                 };
                 self.process_exited(&p, x.exit_status, ts_from_ns(x.exited_at_unix_ns));
             }
-            Some(proto::event::Kind::Oom(o)) => {
-                if lock(&self.containers).contains_key(&o.container_id) {
-                    self.events.publish(
-                        topics::TASK_OOM_EVENT_TOPIC,
-                        ev::TaskOOM {
-                            container_id: o.container_id.clone(),
-                            ..Default::default()
-                        },
-                    );
-                }
+            Some(proto::event::Kind::Oom(o))
+                if lock(&self.containers).contains_key(&o.container_id) =>
+            {
+                self.events.publish(
+                    topics::TASK_OOM_EVENT_TOPIC,
+                    ev::TaskOOM {
+                        container_id: o.container_id.clone(),
+                        ..Default::default()
+                    },
+                );
             }
             _ => {}
         }
@@ -365,7 +371,11 @@ impl Inner {
                         .name("wait-fallback".into())
                         .spawn(move || {
                             if let Ok(r) = sb.agent().wait_process(&p.container_id, &p.exec_id) {
-                                inner.process_exited(&p, r.exit_status, ts_from_ns(r.exited_at_unix_ns));
+                                inner.process_exited(
+                                    &p,
+                                    r.exit_status,
+                                    ts_from_ns(r.exited_at_unix_ns),
+                                );
                             }
                         });
                 }
@@ -404,7 +414,16 @@ impl Inner {
                 lock(&me.sandbox).take();
             });
         }
-        let result = self.create_in(&req, &bundle, &bundle_spec, role, &sb, &cfg, started_here, &mut undo);
+        let result = self.create_in(
+            &req,
+            &bundle,
+            &bundle_spec,
+            role,
+            &sb,
+            &cfg,
+            started_here,
+            &mut undo,
+        );
         match result {
             Ok(pid) => {
                 undo.forget();
@@ -442,8 +461,13 @@ impl Inner {
         }
 
         // Rootfs: Mount list -> cached erofs image -> guest disk.
-        let src = rootfs::source_from_mounts(&req.rootfs, bundle, bundle_spec.root_path.as_deref())?;
-        let cache = ImageCache::new(&cfg.state_dir, cfg.image_cache.keep_unused_mib, &cfg.image_cache.mkfs_erofs);
+        let src =
+            rootfs::source_from_mounts(&req.rootfs, bundle, bundle_spec.root_path.as_deref())?;
+        let cache = ImageCache::new(
+            &cfg.state_dir,
+            cfg.image_cache.keep_unused_mib,
+            &cfg.image_cache.mkfs_erofs,
+        );
         let owner = format!("{}/{id}", self.namespace);
         let (image, outcome) = cache.acquire(&src, &owner)?;
         log::info!("{id}: rootfs image {} ({outcome:?})", image.key);
@@ -547,7 +571,9 @@ impl Inner {
     fn start(&self, id: &str, exec_id: &str) -> Result<u32> {
         let c = self.container(id)?;
         let p = c.process(exec_id)?;
-        let sb = self.live_sandbox().ok_or_else(|| Error::Sandbox("the sandbox is not running".into()))?;
+        let sb = self
+            .live_sandbox()
+            .ok_or_else(|| Error::Sandbox("the sandbox is not running".into()))?;
         // Held across the RPC so the exit (which takes the same lock) is
         // published after TaskStart.
         let mut st = lock(&p.st);
@@ -641,7 +667,11 @@ impl Inner {
         }
         if let Some(image) = lock(&c.image).take() {
             let cfg = lock(&self.config).clone().unwrap_or_default();
-            let cache = ImageCache::new(&cfg.state_dir, cfg.image_cache.keep_unused_mib, &cfg.image_cache.mkfs_erofs);
+            let cache = ImageCache::new(
+                &cfg.state_dir,
+                cfg.image_cache.keep_unused_mib,
+                &cfg.image_cache.mkfs_erofs,
+            );
             if let Err(e) = cache.release(&image) {
                 log::warn!("releasing image {}: {e}", image.key);
             }
@@ -674,7 +704,10 @@ impl Inner {
             return Err(Error::InvalidArgument("exec id is empty".into()));
         }
         if lock(&c.execs).contains_key(&req.exec_id) {
-            return Err(Error::AlreadyExists(format!("exec {} in {}", req.exec_id, req.id)));
+            return Err(Error::AlreadyExists(format!(
+                "exec {} in {}",
+                req.exec_id, req.id
+            )));
         }
         if c.init.state().status != Status::RUNNING {
             return Err(Error::FailedPrecondition(format!(
@@ -682,7 +715,9 @@ impl Inner {
                 req.id
             )));
         }
-        let sb = self.live_sandbox().ok_or_else(|| Error::Sandbox("the sandbox is not running".into()))?;
+        let sb = self
+            .live_sandbox()
+            .ok_or_else(|| Error::Sandbox("the sandbox is not running".into()))?;
         let process: serde_json::Value = req
             .spec
             .as_ref()
@@ -736,7 +771,9 @@ impl Inner {
             )));
         }
         let Some(sb) = self.live_sandbox() else {
-            return Err(Error::NotFound("the sandbox is gone; so is the process".into()));
+            return Err(Error::NotFound(
+                "the sandbox is gone; so is the process".into(),
+            ));
         };
         sb.agent()
             .signal_process(&req.id, &req.exec_id, req.signal, req.all)
@@ -781,7 +818,11 @@ fn start_event_loop(inner: Weak<Inner>, sb: Arc<Sandbox>) {
                         failures = 0;
                         let Some(me) = inner.upgrade() else { return };
                         if r.first_seq > seq + 1 && seq > 0 {
-                            log::warn!("missed agent events {}..{}; asking for exits", seq + 1, r.first_seq);
+                            log::warn!(
+                                "missed agent events {}..{}; asking for exits",
+                                seq + 1,
+                                r.first_seq
+                            );
                             me.resync_exits(&sb);
                         }
                         for e in &r.events {
@@ -890,7 +931,11 @@ fn rpc<T>(what: &str, r: Result<T>) -> TtrpcResult<T> {
 }
 
 impl Task for Service {
-    fn state(&self, _ctx: &TtrpcContext, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
+    fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
         let r = (|| {
             let c = self.inner.container(&req.id)?;
             let p = c.process(&req.exec_id)?;
@@ -913,7 +958,11 @@ impl Task for Service {
         rpc("state", r)
     }
 
-    fn create(&self, _ctx: &TtrpcContext, req: api::CreateTaskRequest) -> TtrpcResult<api::CreateTaskResponse> {
+    fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
         log::info!("create {} (bundle {})", req.id, req.bundle);
         let r = self.inner.create(req).map(|pid| api::CreateTaskResponse {
             pid,
@@ -922,22 +971,36 @@ impl Task for Service {
         rpc("create", r)
     }
 
-    fn start(&self, _ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
-        let r = self.inner.start(&req.id, &req.exec_id).map(|pid| api::StartResponse {
-            pid,
-            ..Default::default()
-        });
+    fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        let r = self
+            .inner
+            .start(&req.id, &req.exec_id)
+            .map(|pid| api::StartResponse {
+                pid,
+                ..Default::default()
+            });
         rpc("start", r)
     }
 
-    fn delete(&self, _ctx: &TtrpcContext, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
+    fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
         rpc("delete", self.inner.delete(&req.id, &req.exec_id))
     }
 
     fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
         let r = (|| {
             self.inner.container(&req.id)?;
-            let sb = self.inner.live_sandbox().ok_or_else(|| Error::Sandbox("the sandbox is not running".into()))?;
+            let sb = self
+                .inner
+                .live_sandbox()
+                .ok_or_else(|| Error::Sandbox("the sandbox is not running".into()))?;
             let l = sb.agent().list_pids(&req.id)?;
             let mut out = api::PidsResponse::new();
             for p in l.processes {
@@ -960,10 +1023,16 @@ impl Task for Service {
     fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
         let r = (|| {
             let c = self.inner.container(&req.id)?;
-            let sb = self.inner.live_sandbox().ok_or_else(|| Error::Sandbox("the sandbox is not running".into()))?;
+            let sb = self
+                .inner
+                .live_sandbox()
+                .ok_or_else(|| Error::Sandbox("the sandbox is not running".into()))?;
             let mut st = lock(&c.init.st);
             if st.status != Status::RUNNING {
-                return Err(Error::FailedPrecondition(format!("container {} is not running", req.id)));
+                return Err(Error::FailedPrecondition(format!(
+                    "container {} is not running",
+                    req.id
+                )));
             }
             sb.agent().pause(&req.id)?;
             st.status = Status::PAUSED;
@@ -982,10 +1051,16 @@ impl Task for Service {
     fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
         let r = (|| {
             let c = self.inner.container(&req.id)?;
-            let sb = self.inner.live_sandbox().ok_or_else(|| Error::Sandbox("the sandbox is not running".into()))?;
+            let sb = self
+                .inner
+                .live_sandbox()
+                .ok_or_else(|| Error::Sandbox("the sandbox is not running".into()))?;
             let mut st = lock(&c.init.st);
             if st.status != Status::PAUSED {
-                return Err(Error::FailedPrecondition(format!("container {} is not paused", req.id)));
+                return Err(Error::FailedPrecondition(format!(
+                    "container {} is not paused",
+                    req.id
+                )));
             }
             sb.agent().resume(&req.id)?;
             st.status = Status::RUNNING;
@@ -1001,7 +1076,11 @@ impl Task for Service {
         rpc("resume", r)
     }
 
-    fn checkpoint(&self, _ctx: &TtrpcContext, _req: api::CheckpointTaskRequest) -> TtrpcResult<api::Empty> {
+    fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::CheckpointTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
         rpc(
             "checkpoint",
             Err(Error::Unimplemented(
@@ -1018,7 +1097,11 @@ impl Task for Service {
         rpc("exec", self.inner.exec(&req).map(|_| api::Empty::new()))
     }
 
-    fn resize_pty(&self, _ctx: &TtrpcContext, req: api::ResizePtyRequest) -> TtrpcResult<api::Empty> {
+    fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
         let r = (|| {
             let c = self.inner.container(&req.id)?;
             let p = c.process(&req.exec_id)?;
@@ -1028,8 +1111,12 @@ impl Task for Service {
                     req.id, req.exec_id
                 )));
             }
-            let sb = self.inner.live_sandbox().ok_or_else(|| Error::Sandbox("the sandbox is not running".into()))?;
-            sb.agent().resize_tty(&req.id, &req.exec_id, req.width, req.height)?;
+            let sb = self
+                .inner
+                .live_sandbox()
+                .ok_or_else(|| Error::Sandbox("the sandbox is not running".into()))?;
+            sb.agent()
+                .resize_tty(&req.id, &req.exec_id, req.width, req.height)?;
             Ok(api::Empty::new())
         })();
         rpc("resize_pty", r)
@@ -1068,17 +1155,28 @@ impl Task for Service {
             }
             Ok(api::WaitResponse {
                 exit_status: st.exit_status,
-                exited_at: st.exited_at.clone().map(MessageField::some).unwrap_or_default(),
+                exited_at: st
+                    .exited_at
+                    .clone()
+                    .map(MessageField::some)
+                    .unwrap_or_default(),
                 ..Default::default()
             })
         })();
         rpc("wait", r)
     }
 
-    fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
         let r = (|| {
             self.inner.container(&req.id)?;
-            let sb = self.inner.live_sandbox().ok_or_else(|| Error::Sandbox("the sandbox is not running".into()))?;
+            let sb = self
+                .inner
+                .live_sandbox()
+                .ok_or_else(|| Error::Sandbox("the sandbox is not running".into()))?;
             let s = sb.agent().stats(&req.id)?;
             let mut out = api::StatsResponse::new();
             out.stats = MessageField::some(to_any(&metrics_from(&s))?);
@@ -1087,8 +1185,15 @@ impl Task for Service {
         rpc("stats", r)
     }
 
-    fn connect(&self, _ctx: &TtrpcContext, _req: api::ConnectRequest) -> TtrpcResult<api::ConnectResponse> {
-        let task_pid = lock(&self.inner.sandbox).as_ref().map(|s| s.pid()).unwrap_or(0);
+    fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let task_pid = lock(&self.inner.sandbox)
+            .as_ref()
+            .map(|s| s.pid())
+            .unwrap_or(0);
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
             task_pid,

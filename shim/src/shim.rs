@@ -21,6 +21,8 @@ use crate::spec::{self, PodRole};
 pub struct ThawShim {
     namespace: String,
     id: String,
+    /// The daemon's listening socket (`-socket`), empty for start/delete.
+    socket: String,
     exit: Arc<ExitSignal>,
 }
 
@@ -37,14 +39,15 @@ impl Shim for ThawShim {
         ThawShim {
             namespace: args.namespace.clone(),
             id: args.id.clone(),
+            socket: args.socket.clone(),
             exit: Arc::new(ExitSignal::default()),
         }
     }
 
     fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
         // `start` runs in the bundle directory.
-        let bundle_spec = spec::load(Path::new(".")).map_err(containerd_shim::Error::from)?;
-        let role = spec::pod_role(&bundle_spec.annotations, &opts.id);
+        let annotations = spec::annotations(Path::new("."));
+        let role = spec::pod_role(&annotations, &opts.id);
         let grouping = role.grouping(&opts.id).to_string();
         if let PodRole::Member { sandbox_id } = &role {
             // containerd's own formula: the pod's shim is found, not stored.
@@ -88,6 +91,17 @@ impl Shim for ThawShim {
 
     fn wait(&mut self) {
         self.exit.wait();
+        // The crate removes the socket using the bundle's `address` file,
+        // which containerd may already have deleted with the bundle: remove
+        // it here from what we were started with.
+        let path = self.socket.strip_prefix("unix://").unwrap_or(&self.socket);
+        if !path.is_empty() {
+            if let Err(e) = std::fs::remove_file(path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    log::warn!("removing shim socket {path}: {e}");
+                }
+            }
+        }
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Service {
@@ -102,12 +116,20 @@ impl Shim for ThawShim {
 /// alive it owns the cleanup and nothing is done here.
 fn cleanup_after_crash(rec: &ContainerRecord, bundle: &Path) {
     if process_matches(rec.shim_pid, "containerd-shim-thaw-v2") {
-        log::info!("delete {}: shim {} is alive and cleans up itself", rec.id, rec.shim_pid);
+        log::info!(
+            "delete {}: shim {} is alive and cleans up itself",
+            rec.id,
+            rec.shim_pid
+        );
         return;
     }
     let dir = rec.sandbox_dir.display().to_string();
     if process_matches(rec.sandbox_pid, &dir) {
-        log::warn!("delete {}: killing orphaned sandbox process {}", rec.id, rec.sandbox_pid);
+        log::warn!(
+            "delete {}: killing orphaned sandbox process {}",
+            rec.id,
+            rec.sandbox_pid
+        );
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(rec.sandbox_pid as i32),
             nix::sys::signal::Signal::SIGKILL,

@@ -67,6 +67,26 @@ pub struct BundleSpec {
     pub hostname: String,
 }
 
+/// Only the annotations of `<bundle>/config.json`, leniently: `start`
+/// needs them to find the pod, and leaves reporting a bad spec to
+/// `create`, whose errors reach the user more plainly.
+pub fn annotations(bundle: &Path) -> HashMap<String, String> {
+    let Ok(text) = std::fs::read(bundle.join("config.json")) else {
+        return HashMap::new();
+    };
+    let Ok(v) = serde_json::from_slice::<Value>(&text) else {
+        return HashMap::new();
+    };
+    v.get("annotations")
+        .and_then(Value::as_object)
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Reads `<bundle>/config.json`.
 pub fn load(bundle: &Path) -> Result<BundleSpec> {
     let path = bundle.join("config.json");
@@ -79,7 +99,9 @@ pub fn parse(text: &[u8]) -> Result<BundleSpec> {
     let json: Value = serde_json::from_slice(text)
         .map_err(|e| Error::InvalidSpec(format!("config.json is not valid JSON: {e}")))?;
     if !json.is_object() {
-        return Err(Error::InvalidSpec("config.json is not a JSON object".into()));
+        return Err(Error::InvalidSpec(
+            "config.json is not a JSON object".into(),
+        ));
     }
     let mut annotations = HashMap::new();
     if let Some(a) = json.get("annotations") {
@@ -144,7 +166,9 @@ pub fn check_process(p: &Value, field: &str) -> Result<()> {
             .map(|a| a.iter().all(Value::is_string))
             .unwrap_or(false);
         if !ok {
-            return Err(Error::InvalidSpec(format!("{field}.env must be a list of strings")));
+            return Err(Error::InvalidSpec(format!(
+                "{field}.env must be a list of strings"
+            )));
         }
     }
     Ok(())
@@ -165,7 +189,11 @@ fn is_bind(m: &Value) -> bool {
     let opts = m
         .get("options")
         .and_then(Value::as_array)
-        .map(|o| o.iter().filter_map(Value::as_str).any(|o| o == "bind" || o == "rbind"))
+        .map(|o| {
+            o.iter()
+                .filter_map(Value::as_str)
+                .any(|o| o == "bind" || o == "rbind")
+        })
         .unwrap_or(false);
     t == "bind" || t == "rbind" || opts
 }
@@ -229,9 +257,13 @@ mod tests {
 
     #[test]
     fn invalid_specs_say_what_is_wrong() {
-        let e = parse(&spec(json!({"args": [], "cwd": "/"}))).unwrap_err().to_string();
+        let e = parse(&spec(json!({"args": [], "cwd": "/"})))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("process.args is empty"), "{e}");
-        let e = parse(&spec(json!({"args": ["sh"], "cwd": "tmp"}))).unwrap_err().to_string();
+        let e = parse(&spec(json!({"args": ["sh"], "cwd": "tmp"})))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("process.cwd"), "{e}");
         let e = parse(b"{not json").unwrap_err().to_string();
         assert!(e.contains("not valid JSON"), "{e}");

@@ -83,7 +83,11 @@ fn wait_ready(fd: &impl AsFd, flags: PollFlags, cancel: &Cancel) -> io::Result<b
 }
 
 /// Writes all of `buf`, waiting for room, unless cancelled (-> false).
-fn write_all_cancellable<W: Write + AsFd>(w: &mut W, mut buf: &[u8], cancel: &Cancel) -> io::Result<bool> {
+fn write_all_cancellable<W: Write + AsFd>(
+    w: &mut W,
+    mut buf: &[u8],
+    cancel: &Cancel,
+) -> io::Result<bool> {
     while !buf.is_empty() {
         match w.write(buf) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "write returned 0")),
@@ -179,23 +183,24 @@ pub fn prepare(
     uds: &Path,
     mut next_port: impl FnMut() -> u32,
 ) -> Result<PendingStdio> {
-    let mut listen = |fifo: &str, input: bool| -> Result<Option<(u32, UnixListener, PathBuf, File)>> {
-        if fifo.is_empty() {
-            return Ok(None);
-        }
-        let file = if input {
-            open_input_fifo(fifo)?
-        } else {
-            open_output_fifo(fifo)?
+    let mut listen =
+        |fifo: &str, input: bool| -> Result<Option<(u32, UnixListener, PathBuf, File)>> {
+            if fifo.is_empty() {
+                return Ok(None);
+            }
+            let file = if input {
+                open_input_fifo(fifo)?
+            } else {
+                open_output_fifo(fifo)?
+            };
+            let port = next_port();
+            let sock = thaw_agent_protocol::transport::host_socket_path(uds, port);
+            let _ = std::fs::remove_file(&sock);
+            let l = UnixListener::bind(&sock).ctx(|| format!("listening on {}", sock.display()))?;
+            l.set_nonblocking(true)
+                .ctx(|| format!("setting {} non-blocking", sock.display()))?;
+            Ok(Some((port, l, sock, file)))
         };
-        let port = next_port();
-        let sock = thaw_agent_protocol::transport::host_socket_path(uds, port);
-        let _ = std::fs::remove_file(&sock);
-        let l = UnixListener::bind(&sock).ctx(|| format!("listening on {}", sock.display()))?;
-        l.set_nonblocking(true)
-            .ctx(|| format!("setting {} non-blocking", sock.display()))?;
-        Ok(Some((port, l, sock, file)))
-    };
     let stdin = listen(&paths.stdin, true)?;
     let stdout = listen(&paths.stdout, false)?;
     // With a terminal the tty carries both outputs; stderr stays unwired.
@@ -245,7 +250,10 @@ impl PendingStdio {
                 .spawn(move || copy_stdin(fifo, s, &c, &sc))
                 .ctx(|| "spawning stdin copy".into())?;
         }
-        for (slot, name) in [(self.stdout.take(), "stdout"), (self.stderr.take(), "stderr")] {
+        for (slot, name) in [
+            (self.stdout.take(), "stdout"),
+            (self.stderr.take(), "stderr"),
+        ] {
             let Some((_, l, sock, fifo)) = slot else {
                 continue;
             };
@@ -275,15 +283,21 @@ impl PendingStdio {
 /// Removes listening sockets that were never connected (error paths).
 impl Drop for PendingStdio {
     fn drop(&mut self) {
-        for slot in [&self.stdin, &self.stdout, &self.stderr] {
-            if let Some((_, _, sock, _)) = slot {
-                let _ = std::fs::remove_file(sock);
-            }
+        for (_, _, sock, _) in [&self.stdin, &self.stdout, &self.stderr]
+            .into_iter()
+            .flatten()
+        {
+            let _ = std::fs::remove_file(sock);
         }
     }
 }
 
-fn accept_until(l: &UnixListener, sock: &Path, deadline: Instant, cancel: &Cancel) -> Result<UnixStream> {
+fn accept_until(
+    l: &UnixListener,
+    sock: &Path,
+    deadline: Instant,
+    cancel: &Cancel,
+) -> Result<UnixStream> {
     loop {
         match l.accept() {
             Ok((s, _)) => {
@@ -466,7 +480,10 @@ mod tests {
         })
         .unwrap();
         let ports = pending.ports();
-        assert_eq!((ports.stdin_port, ports.stdout_port, ports.stderr_port), (101, 102, 103));
+        assert_eq!(
+            (ports.stdin_port, ports.stdout_port, ports.stderr_port),
+            (101, 102, 103)
+        );
         // The client side (ctr) opens its ends.
         let mut out_reader = File::open(&f.paths.stdout).unwrap();
         let mut err_reader = File::open(&f.paths.stderr).unwrap();
@@ -514,7 +531,10 @@ mod tests {
         let bridges = pending.connect(Duration::from_secs(5)).unwrap();
         assert!(!bridges.wait_output(Duration::from_millis(200)));
         bridges.stop();
-        assert!(bridges.wait_output(Duration::from_secs(2)), "cancel ends the copy");
+        assert!(
+            bridges.wait_output(Duration::from_secs(2)),
+            "cancel ends the copy"
+        );
     }
 
     #[test]
@@ -527,7 +547,11 @@ mod tests {
         })
         .unwrap();
         let start = Instant::now();
-        let e = pending.connect(Duration::from_millis(300)).err().unwrap().to_string();
+        let e = pending
+            .connect(Duration::from_millis(300))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("did not connect"), "{e}");
         assert!(start.elapsed() < Duration::from_secs(2));
     }

@@ -84,7 +84,11 @@ impl VmmClient {
 
     /// Sends one request and returns the reply object (with `ok: true`).
     pub fn request(&self, req: &Value) -> Result<Value> {
-        let op = req.get("op").and_then(Value::as_str).unwrap_or("?").to_string();
+        let op = req
+            .get("op")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string();
         let fail = |m: String| Error::Vmm(format!("{op}: {m}"));
         let mut s = UnixStream::connect(&self.api_sock)
             .map_err(|e| fail(format!("connecting to {}: {e}", self.api_sock.display())))?;
@@ -93,7 +97,8 @@ impl VmmClient {
             .map_err(|e| fail(e.to_string()))?;
         let mut line = serde_json::to_vec(req).map_err(|e| fail(e.to_string()))?;
         line.push(b'\n');
-        s.write_all(&line).map_err(|e| fail(format!("sending: {e}")))?;
+        s.write_all(&line)
+            .map_err(|e| fail(format!("sending: {e}")))?;
         let mut reply = String::new();
         BufReader::new((&s).take(MAX_REPLY))
             .read_line(&mut reply)
@@ -189,10 +194,18 @@ mod tests {
     #[test]
     fn errors_carry_the_vmm_message() {
         let d = tempfile::tempdir().unwrap();
-        let sock = fake_vmm(d.path(), |_| r#"{"ok":false,"error":"slot 9 out of range"}"#.into());
+        let sock = fake_vmm(d.path(), |_| {
+            r#"{"ok":false,"error":"slot 9 out of range"}"#.into()
+        });
         let c = VmmClient::new(&sock, Duration::from_secs(5));
-        let e = c.attach_disk(9, Path::new("/x"), true).unwrap_err().to_string();
-        assert!(e.contains("attach_disk") && e.contains("slot 9 out of range"), "{e}");
+        let e = c
+            .attach_disk(9, Path::new("/x"), true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("attach_disk") && e.contains("slot 9 out of range"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -233,9 +246,15 @@ mod tests {
             serial: "none".into(),
         };
         let c = command(&vm, &p);
-        let args: Vec<_> = c.get_args().map(|a| a.to_string_lossy().to_string()).collect();
+        let args: Vec<_> = c
+            .get_args()
+            .map(|a| a.to_string_lossy().to_string())
+            .collect();
         let s = args.join(" ");
-        assert!(s.contains("--disk /usr/local/share/thaw/root.img,ro"), "{s}");
+        assert!(
+            s.contains("--disk /usr/local/share/thaw/root.img,ro"),
+            "{s}"
+        );
         assert!(s.contains("--vsock-uds /run/s/v.sock"), "{s}");
         assert!(s.contains("--spare-disks 8"), "{s}");
         assert!(!s.contains("--append"), "{s}");

@@ -64,7 +64,8 @@ fn hex(data: &[u8]) -> String {
 /// TOML for the shim with the host backend, rooted in `state`.
 pub fn host_config(state: &Path, agent: &Path) -> String {
     format!(
-        "backend = \"host-unisolated\"\nstate_dir = \"{}\"\nlog_level = \"debug\"\n\n[host]\nagent = \"{}\"\n\n[image_cache]\nkeep_unused_mib = 64\n",
+        "backend = \"host-unisolated\"\nstate_dir = \"{}\"\nrun_dir = \"{}/run\"\nlog_level = \"debug\"\n\n[host]\nagent = \"{}\"\n\n[image_cache]\nkeep_unused_mib = 64\n",
+        state.display(),
         state.display(),
         agent.display()
     )
@@ -79,7 +80,8 @@ pub fn vm_config(state: &Path, vmm: &Path) -> String {
         .unwrap_or_else(|_| "/usr/local/share/thaw/root.img".into());
     let boot = std::env::var("THAW_E2E_BOOT_TIMEOUT").unwrap_or_else(|_| "600".into());
     format!(
-        "backend = \"vm\"\nstate_dir = \"{}\"\nlog_level = \"debug\"\n\n[vm]\nvmm = \"{}\"\nkernel = \"{kernel}\"\nroot_image = \"{root}\"\nvcpus = 1\nmemory_mib = 256\nboot_timeout_secs = {boot}\n\n[image_cache]\nkeep_unused_mib = 64\n",
+        "backend = \"vm\"\nstate_dir = \"{}\"\nrun_dir = \"{}/run\"\nlog_level = \"debug\"\n\n[vm]\nvmm = \"{}\"\nkernel = \"{kernel}\"\nroot_image = \"{root}\"\nvcpus = 1\nmemory_mib = 256\nboot_timeout_secs = {boot}\n\n[image_cache]\nkeep_unused_mib = 64\n",
+        state.display(),
         state.display(),
         vmm.display(),
     )
@@ -325,7 +327,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
                 out.push(format!("image cache reference: {}", e.path().display()));
             }
         }
-        let sandboxes = self.thaw_state.join("sandboxes");
+        let sandboxes = self.thaw_state.join("run/sandboxes");
         if let Ok(rd) = fs::read_dir(&sandboxes) {
             for e in rd.flatten() {
                 out.push(format!("sandbox state dir: {}", e.path().display()));

@@ -4,6 +4,7 @@
 pub mod binaries;
 pub mod cmd;
 pub mod containerd;
+pub mod guest;
 pub mod image;
 
 pub use containerd::{Backend, PrivateContainerd};

@@ -70,12 +70,14 @@ impl Backend for HostBackend {
     }
 
     fn attach(&self, slot: u32, image: &Path) -> Result<(proto::Rootfs, Attached)> {
-        let image = image
-            .to_str()
-            .ok_or_else(|| Error::Sandbox(format!("image path {} is not UTF-8", image.display())))?;
+        let image = image.to_str().ok_or_else(|| {
+            Error::Sandbox(format!("image path {} is not UTF-8", image.display()))
+        })?;
         let dev = losetup(&["--find", "--show", "--read-only", image])?;
         if !dev.starts_with("/dev/loop") {
-            return Err(Error::Sandbox(format!("losetup printed {dev:?}, not a loop device")));
+            return Err(Error::Sandbox(format!(
+                "losetup printed {dev:?}, not a loop device"
+            )));
         }
         let mut r = proto::Rootfs::new();
         r.source = dev.clone();

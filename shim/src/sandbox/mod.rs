@@ -191,7 +191,13 @@ impl Sandbox {
         let life = Arc::new(Life::default());
         let stopping = Arc::new(AtomicBool::new(false));
         let on_death: Arc<Mutex<Option<DeathHook>>> = Arc::new(Mutex::new(None));
-        let pid = supervise(cmd, life.clone(), stopping.clone(), on_death.clone(), log_path.clone())?;
+        let pid = supervise(
+            cmd,
+            life.clone(),
+            stopping.clone(),
+            on_death.clone(),
+            log_path.clone(),
+        )?;
         log::info!("sandbox {id}: {} started, pid {pid}", backend.describe());
 
         let boot_timeout = match cfg.backend {
@@ -286,7 +292,10 @@ impl Sandbox {
     /// Attaches a container's image to a free slot.
     pub fn attach(&self, image: &Path) -> Result<(proto::Rootfs, Attached)> {
         let slot = {
-            let mut slots = self.slots.lock().map_err(|_| Error::Shim("slots lock poisoned".into()))?;
+            let mut slots = self
+                .slots
+                .lock()
+                .map_err(|_| Error::Shim("slots lock poisoned".into()))?;
             let Some(i) = slots.iter().position(|used| !used) else {
                 return Err(Error::Sandbox(format!(
                     "all {} disk slots of the sandbox are in use (vm.spare_disks)",
@@ -452,6 +461,8 @@ fn supervise(
     match rx.recv() {
         Ok(Ok(pid)) => Ok(pid),
         Ok(Err(e)) => Err(Error::Sandbox(format!("starting {what}: {e}"))),
-        Err(_) => Err(Error::Sandbox(format!("starting {what}: supervisor thread died"))),
+        Err(_) => Err(Error::Sandbox(format!(
+            "starting {what}: supervisor thread died"
+        ))),
     }
 }

@@ -39,7 +39,10 @@ impl VmBackend {
 fn need_file(key: &str, p: &Path) -> Result<()> {
     match std::fs::metadata(p) {
         Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(Error::Sandbox(format!("{key} {} is not a file", p.display()))),
+        Ok(_) => Err(Error::Sandbox(format!(
+            "{key} {} is not a file",
+            p.display()
+        ))),
         Err(e) => Err(Error::Sandbox(format!(
             "{key} {}: {e} (set {key} in the thaw config)",
             p.display()
@@ -50,7 +53,9 @@ fn need_file(key: &str, p: &Path) -> Result<()> {
 impl Backend for VmBackend {
     fn check(&self) -> Result<()> {
         if !Path::new("/dev/kvm").exists() {
-            return Err(Error::Sandbox("/dev/kvm is missing: KVM is required".into()));
+            return Err(Error::Sandbox(
+                "/dev/kvm is missing: KVM is required".into(),
+            ));
         }
         need_file("vm.vmm", &self.vm.vmm)?;
         need_file("vm.kernel", &self.vm.kernel)?;
@@ -83,7 +88,13 @@ impl Backend for VmBackend {
         let mut r = proto::Rootfs::new();
         r.source = vmm_client::guest_device(slot);
         r.fstype = "erofs".into();
-        Ok((r, Attached { slot, loop_dev: None }))
+        Ok((
+            r,
+            Attached {
+                slot,
+                loop_dev: None,
+            },
+        ))
     }
 
     fn mounted(&self, _attached: &Attached) {}
