@@ -20,6 +20,9 @@ pub struct ContainerRecord {
     /// The sandbox directory and its process (VMM or host agent).
     pub sandbox_dir: PathBuf,
     pub sandbox_pid: u32,
+    /// The cgroup holding everything the sandbox ran (host backend).
+    #[serde(default)]
+    pub sandbox_cgroup: Option<PathBuf>,
     /// The cached rootfs image this container holds a reference on.
     pub image: Option<ImageRef>,
 }
@@ -78,6 +81,7 @@ mod tests {
             shim_pid: 42,
             sandbox_dir: "/run/thaw/sandboxes/x".into(),
             sandbox_pid: 43,
+            sandbox_cgroup: None,
             image: None,
         };
         r.write(d.path()).unwrap();

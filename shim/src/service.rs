@@ -485,6 +485,7 @@ impl Inner {
             shim_pid: std::process::id(),
             sandbox_dir: sb.dir.clone(),
             sandbox_pid: sb.pid(),
+            sandbox_cgroup: sb.cgroup.clone(),
             image: Some(image.clone()),
         };
         record.write(bundle)?;
@@ -503,10 +504,7 @@ impl Inner {
             });
         }
 
-        let spec_json = match sb.kind {
-            BackendKind::Vm => spec::for_vm(&bundle_spec.json)?,
-            BackendKind::HostUnisolated => bundle_spec.json.clone(),
-        };
+        let spec_json = sb.adapt_spec(&bundle_spec.json)?;
         let stdio_paths = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),

@@ -141,6 +141,9 @@ fn cleanup_after_crash(rec: &ContainerRecord, bundle: &Path) {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+    if let Some(cg) = &rec.sandbox_cgroup {
+        crate::sandbox::kill_cgroup(cg);
+    }
     if !process_matches(rec.sandbox_pid, &dir) {
         let _ = std::fs::remove_dir_all(&rec.sandbox_dir);
     }

@@ -268,6 +268,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
     /// append image, id and command.
     pub fn run_args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
         let mut v = vec!["run", "--runtime", RUNTIME, "--env", self.marker.as_str()];
+        // Debug aid: all capabilities, to tell capability handling apart
+        // from everything else when a run fails.
+        if std::env::var_os("THAW_TEST_PRIVILEGED").is_some() {
+            v.push("--privileged");
+        }
         v.extend_from_slice(extra);
         v
     }

@@ -29,7 +29,7 @@ use crate::child;
 use crate::config::{BackendKind, Config, VmConfig};
 use crate::error::{Error, IoContext, Result};
 
-pub use host::HostBackend;
+pub use host::{kill_cgroup, HostBackend};
 pub use vm::VmBackend;
 
 /// A disk image made visible to the guest.
@@ -45,6 +45,11 @@ pub trait Backend: Send + Sync {
     /// Checks inputs (binaries, kernel, images) so a user gets a plain
     /// error instead of a process dying early.
     fn check(&self) -> Result<()>;
+    /// Host-side setup before the process starts; returns a cgroup that
+    /// contains the sandbox, if the backend uses one.
+    fn prepare(&self, _dir: &Path) -> Result<Option<PathBuf>> {
+        Ok(None)
+    }
     /// The command that starts the sandbox process; the agent inside must
     /// dial `<uds>_1024`.
     fn command(&self, uds: &Path, dir: &Path) -> Command;
@@ -56,8 +61,11 @@ pub trait Backend: Send + Sync {
     /// Undoes `attach` (the guest no longer uses the image).
     fn detach(&self, attached: &Attached);
     /// Asks the sandbox process to end (it is killed if it does not).
-    fn request_stop(&self);
-    /// Pauses/resumes the whole sandbox (VM vCPUs).
+    fn request_stop(&self, pid: u32);
+    /// The spec as this backend's agent can honour it.
+    fn adapt_spec(&self, spec: &serde_json::Value) -> Result<serde_json::Value>;
+    /// Runs once the sandbox process has exited, however it ended.
+    fn after_exit(&self) {}
     fn describe(&self) -> String;
 }
 
@@ -99,9 +107,10 @@ type DeathHook = Box<dyn FnOnce(String) + Send>;
 pub struct Sandbox {
     pub id: String,
     pub dir: PathBuf,
-    pub kind: BackendKind,
     uds: PathBuf,
-    backend: Box<dyn Backend>,
+    /// The cgroup containing everything the sandbox runs (host backend).
+    pub cgroup: Option<PathBuf>,
+    backend: Arc<dyn Backend>,
     agent: Agent,
     pid: u32,
     life: Arc<Life>,
@@ -132,10 +141,10 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     v[v.len().saturating_sub(lines)..].join(" | ")
 }
 
-fn make_backend(cfg: &Config, vm: &VmConfig) -> Box<dyn Backend> {
+fn make_backend(cfg: &Config, vm: &VmConfig) -> Arc<dyn Backend> {
     match cfg.backend {
-        BackendKind::Vm => Box::new(VmBackend::new(vm.clone())),
-        BackendKind::HostUnisolated => Box::new(HostBackend::new(cfg.host.clone())),
+        BackendKind::Vm => Arc::new(VmBackend::new(vm.clone())),
+        BackendKind::HostUnisolated => Arc::new(HostBackend::new(cfg.host.clone())),
     }
 }
 
@@ -159,7 +168,7 @@ impl Sandbox {
         result
     }
 
-    fn start_in(cfg: &Config, backend: Box<dyn Backend>, dir: &Path, id: &str) -> Result<Sandbox> {
+    fn start_in(cfg: &Config, backend: Arc<dyn Backend>, dir: &Path, id: &str) -> Result<Sandbox> {
         let uds = dir.join("vsock.sock");
         let control_path = transport::host_socket_path(&uds, CONTROL_PORT);
         let control = UnixListener::bind(&control_path)
@@ -170,10 +179,11 @@ impl Sandbox {
 
         let log_path = dir.join("sandbox.log");
         let log = File::create(&log_path).ctx(|| format!("creating {}", log_path.display()))?;
-        let mut cmd = backend.command(&uds, dir);
         let log2 = log
             .try_clone()
             .ctx(|| "duplicating the log file handle".into())?;
+        let cgroup = backend.prepare(dir)?;
+        let mut cmd = backend.command(&uds, dir);
         cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
@@ -191,13 +201,20 @@ impl Sandbox {
         let life = Arc::new(Life::default());
         let stopping = Arc::new(AtomicBool::new(false));
         let on_death: Arc<Mutex<Option<DeathHook>>> = Arc::new(Mutex::new(None));
-        let pid = supervise(
+        let pid = match supervise(
             cmd,
+            backend.clone(),
             life.clone(),
             stopping.clone(),
             on_death.clone(),
             log_path.clone(),
-        )?;
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                backend.after_exit();
+                return Err(e);
+            }
+        };
         log::info!("sandbox {id}: {} started, pid {pid}", backend.describe());
 
         let boot_timeout = match cfg.backend {
@@ -238,8 +255,8 @@ impl Sandbox {
         Ok(Sandbox {
             id: id.to_string(),
             dir: dir.to_path_buf(),
-            kind: cfg.backend,
             uds,
+            cgroup,
             backend,
             agent,
             pid,
@@ -314,6 +331,10 @@ impl Sandbox {
         }
     }
 
+    pub fn adapt_spec(&self, spec: &serde_json::Value) -> Result<serde_json::Value> {
+        self.backend.adapt_spec(spec)
+    }
+
     pub fn mounted(&self, a: &Attached) {
         self.backend.mounted(a);
     }
@@ -344,7 +365,7 @@ fn stop_process(backend: &dyn Backend, pid: u32, life: &Life, stopping: &AtomicB
     if life.get().is_some() {
         return;
     }
-    backend.request_stop();
+    backend.request_stop(pid);
     if life.wait(Duration::from_secs(3)).is_some() {
         return;
     }
@@ -395,6 +416,7 @@ fn accept_agent(
 /// Returns the pid.
 fn supervise(
     mut cmd: Command,
+    backend: Arc<dyn Backend>,
     life: Arc<Life>,
     stopping: Arc<AtomicBool>,
     on_death: Arc<Mutex<Option<DeathHook>>>,
@@ -444,6 +466,7 @@ fn supervise(
                     }
                 }
             };
+            backend.after_exit();
             life.set(code);
             if !stopping.load(Ordering::SeqCst) {
                 let why = format!(

@@ -99,12 +99,16 @@ impl Backend for VmBackend {
 
     fn mounted(&self, _attached: &Attached) {}
 
+    fn adapt_spec(&self, spec: &serde_json::Value) -> Result<serde_json::Value> {
+        crate::spec::for_vm(spec)
+    }
+
     fn detach(&self, _attached: &Attached) {
         // The VMM has no detach; the slot is refilled by the next attach
         // once the guest has unmounted it (RemoveContainer).
     }
 
-    fn request_stop(&self) {
+    fn request_stop(&self, _pid: u32) {
         if let Ok(c) = self.client() {
             if let Err(e) = c.stop() {
                 log::debug!("VMM stop request: {e}");

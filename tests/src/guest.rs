@@ -1,0 +1,125 @@
+//! What a real guest needs: the guest kernel (built and cached by
+//! kernel-config/build.sh), static guest binaries, and erofs images.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::binaries::workspace_root;
+use crate::cmd;
+
+/// The guest kernel: `$THAW_KERNEL`, else whatever the cached build script
+/// prints (it builds the kernel first if its inputs changed).
+pub fn kernel() -> &'static Path {
+    static KERNEL: OnceLock<PathBuf> = OnceLock::new();
+    KERNEL.get_or_init(|| {
+        if let Some(k) = std::env::var_os("THAW_KERNEL") {
+            return PathBuf::from(k);
+        }
+        let script = workspace_root().join("kernel-config/build.sh");
+        let out = cmd::run(&mut Command::new(&script), Duration::from_secs(3600));
+        assert!(
+            out.success(),
+            "guest kernel build failed:\n{}",
+            out.describe()
+        );
+        let path = out
+            .stdout
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        assert!(
+            Path::new(&path).is_file(),
+            "build.sh printed no kernel path:\n{}",
+            out.describe()
+        );
+        PathBuf::from(path)
+    })
+}
+
+/// Builds a binary of the workspace as a static executable for the guest.
+/// A separate target dir keeps its lock and flags apart from the test run's.
+pub fn static_binary(package: &str, bin: &str) -> PathBuf {
+    let target_dir = workspace_root().join("target/guest");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut c = Command::new(cargo);
+    c.current_dir(workspace_root())
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+            "-p",
+            package,
+            "--bin",
+            bin,
+        ]);
+    let out = cmd::run(&mut c, Duration::from_secs(1800));
+    assert!(
+        out.success(),
+        "static build of {bin} failed:\n{}",
+        out.describe()
+    );
+    let path = target_dir
+        .join("x86_64-unknown-linux-gnu/release")
+        .join(bin);
+    assert!(path.is_file(), "{} missing after build", path.display());
+    path
+}
+
+/// A read-only erofs image of `dir`, built with the real `mkfs.erofs`.
+pub fn erofs_image(dir: &Path, image: &Path) {
+    let out = cmd::run(
+        Command::new("mkfs.erofs")
+            .arg("--quiet")
+            .arg(image)
+            .arg(dir),
+        Duration::from_secs(120),
+    );
+    assert!(out.success(), "mkfs.erofs failed:\n{}", out.describe());
+}
+
+/// A minimal root filesystem whose init is `init`: the mount points the
+/// kernel and init expect, nothing else.
+pub fn root_dir_with_init(dir: &Path, init: &Path) {
+    for d in ["dev", "proc", "sys", "tmp", "run", "sbin"] {
+        std::fs::create_dir_all(dir.join(d)).expect("creating root dir");
+    }
+    std::fs::copy(init, dir.join("sbin/init")).expect("copying init");
+}
+
+/// The `thaw-vmm` binary, built once per test process.
+pub fn vmm_binary() -> &'static Path {
+    static VMM: OnceLock<PathBuf> = OnceLock::new();
+    VMM.get_or_init(|| {
+        if let Some(p) = std::env::var_os("THAW_VMM") {
+            return PathBuf::from(p);
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut c = Command::new(cargo);
+        c.current_dir(workspace_root())
+            .args(["build", "-p", "thaw-vmm"]);
+        let out = cmd::run(&mut c, Duration::from_secs(1800));
+        assert!(
+            out.success(),
+            "building thaw-vmm failed:\n{}",
+            out.describe()
+        );
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target"));
+        target.join("debug/thaw-vmm")
+    })
+}
+
+/// FNV-1a, the hash the test init reports for the disk it read.
+pub fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}

@@ -1,0 +1,406 @@
+//! The shim end to end through `ctr` with the host-unisolated backend:
+//! real containerd, real shim, the real agent running on the host, real
+//! erofs images on loop devices. Everything except the VM boundary.
+//! Each test checks that nothing is left behind.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use thaw_tests::binaries::require_agent;
+use thaw_tests::cmd::{self, wait_for};
+use thaw_tests::image::{BUSYBOX_REF, CORRUPT_REF, TEST_GID, TEST_UID, TEST_USER};
+use thaw_tests::{Backend, PrivateContainerd};
+
+fn setup() -> PrivateContainerd {
+    require_agent();
+    let c = PrivateContainerd::start(Backend::Host);
+    c.import_busybox();
+    c
+}
+
+/// `ctr run --rm [opts] busybox <id> <cmd...>`.
+fn run(c: &PrivateContainerd, opts: &[&str], cmd: &[&str]) -> (String, cmd::Output) {
+    let id = c.new_id("run");
+    let mut args = c.run_args(&["--rm"]);
+    args.extend_from_slice(opts);
+    args.push(BUSYBOX_REF);
+    args.push(&id);
+    args.extend_from_slice(cmd);
+    let out = c.ctr_timeout(&args, Duration::from_secs(120));
+    (id, out)
+}
+
+#[test]
+fn run_rm_prints_output_and_returns_exit_codes() {
+    let c = setup();
+    let (_, out) = run(&c, &[], &["echo", "hello from thaw"]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert_eq!(out.stdout.trim(), "hello from thaw", "{}", out.describe());
+
+    let (_, out) = run(&c, &[], &["sh", "-c", "echo to-stderr >&2; exit 42"]);
+    assert_eq!(out.code(), Some(42), "{}", out.describe());
+    assert!(out.stderr.contains("to-stderr"), "{}", out.describe());
+
+    let (_, out) = run(&c, &[], &["false"]);
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    c.assert_no_leaks();
+}
+
+#[test]
+fn large_output_arrives_complete() {
+    let c = setup();
+    // 4 MiB through the stream and FIFO, counted on the other side.
+    let (_, out) = run(
+        &c,
+        &[],
+        &["sh", "-c", "head -c 4194304 /dev/zero | tr '\\0' x"],
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert_eq!(out.stdout.len(), 4 << 20);
+    c.assert_no_leaks();
+}
+
+#[test]
+fn env_and_cwd_are_applied() {
+    let c = setup();
+    let (_, out) = run(
+        &c,
+        &["--env", "GREETING=hej"],
+        &["sh", "-c", "echo $GREETING"],
+    );
+    assert_eq!(out.stdout.trim(), "hej", "{}", out.describe());
+
+    let (_, out) = run(&c, &["--cwd", "/tmp"], &["pwd"]);
+    assert_eq!(out.stdout.trim(), "/tmp", "{}", out.describe());
+    c.assert_no_leaks();
+}
+
+#[test]
+fn stdin_reaches_the_container() {
+    let c = setup();
+    let id = c.new_id("stdin");
+    let mut args = c.run_args(&["--rm"]);
+    args.extend([
+        BUSYBOX_REF,
+        id.as_str(),
+        "sh",
+        "-c",
+        "read line; echo got:$line",
+    ]);
+    let mut cmd = c.ctr_cmd(&args);
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let start = Instant::now();
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"typed words\n")
+        .unwrap();
+    let out = cmd::wait_with_deadline(child, start, Duration::from_secs(60));
+    assert_eq!(out.stdout.trim(), "got:typed words", "{}", out.describe());
+    c.assert_no_leaks();
+}
+
+#[test]
+fn tty_run_gets_a_terminal() {
+    let c = setup();
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let id = c.new_id("tty");
+    let mut args = c.run_args(&["--rm", "-t"]);
+    args.extend([
+        BUSYBOX_REF,
+        id.as_str(),
+        "sh",
+        "-c",
+        "test -t 0 && test -t 1 && echo IS-A-TTY; stty size; exit 7",
+    ]);
+    let mut cmd = c.ctr_cmd(&args);
+    let slave = std::fs::File::from(pty.slave);
+    cmd.stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave);
+    let start = Instant::now();
+    let child = cmd.spawn().unwrap();
+    let mut master = std::fs::File::from(pty.master);
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        // EIO once the last slave fd closes.
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    let out = cmd::wait_with_deadline(child, start, Duration::from_secs(60));
+    drop(cmd);
+    let text = reader.join().unwrap();
+    assert_eq!(
+        out.code(),
+        Some(7),
+        "{}\n--- tty ---\n{text}",
+        out.describe()
+    );
+    assert!(text.contains("IS-A-TTY"), "tty output: {text:?}");
+    c.assert_no_leaks();
+}
+
+/// Starts `sleep` detached and returns its id.
+fn detached(c: &PrivateContainerd, prefix: &str, cmd: &[&str]) -> String {
+    let id = c.new_id(prefix);
+    let mut args = c.run_args(&["-d"]);
+    args.push(BUSYBOX_REF);
+    args.push(&id);
+    args.extend_from_slice(cmd);
+    let out = c.ctr_timeout(&args, Duration::from_secs(120));
+    assert!(out.success(), "{}", out.describe());
+    id
+}
+
+fn task_status(c: &PrivateContainerd, id: &str) -> String {
+    let out = c.ctr(&["tasks", "ls"]);
+    out.stdout
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or("")
+        .to_string()
+}
+
+fn remove(c: &PrivateContainerd, id: &str) {
+    let _ = c.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
+    wait_for(Duration::from_secs(20), || {
+        (task_status(c, id) == "STOPPED").then_some(())
+    });
+    let out = c.ctr(&["tasks", "delete", id]);
+    assert!(out.success(), "{}", out.describe());
+    let out = c.ctr(&["containers", "delete", id]);
+    assert!(out.success(), "{}", out.describe());
+}
+
+#[test]
+fn exec_ps_metrics_pause_resume() {
+    let c = setup();
+    let id = detached(&c, "life", &["sleep", "600"]);
+    assert_eq!(task_status(&c, &id), "RUNNING");
+
+    let out = c.ctr(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "e1",
+        &id,
+        "sh",
+        "-c",
+        "echo exec-out; exit 5",
+    ]);
+    assert_eq!(out.code(), Some(5), "{}", out.describe());
+    assert!(out.stdout.contains("exec-out"), "{}", out.describe());
+
+    // ctr 1.6 has --user on exec only.
+    let ug = format!("{TEST_UID}:{TEST_GID}");
+    let out = c.ctr(&["tasks", "exec", "--exec-id", "u1", "--user", &ug, &id, "id"]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert!(
+        out.stdout.contains(&format!("uid={TEST_UID}({TEST_USER})"))
+            && out.stdout.contains(&format!("gid={TEST_GID}")),
+        "{}",
+        out.describe()
+    );
+
+    let out = c.ctr(&["tasks", "ps", &id]);
+    assert!(out.success(), "{}", out.describe());
+    let pids: Vec<&str> = out
+        .stdout
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert!(!pids.is_empty(), "ps shows the sleep: {}", out.describe());
+
+    let out = c.ctr(&["tasks", "metrics", &id]);
+    assert!(out.success(), "{}", out.describe());
+    // cgroup v2 metrics as ctr prints them; CPU time is always accounted.
+    let cpu = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("cpu.usage_usec"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(cpu.is_some_and(|v| v > 0), "{}", out.describe());
+
+    let out = c.ctr(&["tasks", "pause", &id]);
+    assert!(out.success(), "{}", out.describe());
+    assert_eq!(task_status(&c, &id), "PAUSED");
+    let out = c.ctr(&["tasks", "resume", &id]);
+    assert!(out.success(), "{}", out.describe());
+    assert_eq!(task_status(&c, &id), "RUNNING");
+
+    remove(&c, &id);
+    c.assert_no_leaks();
+}
+
+#[test]
+fn kill_sigterm_and_sigkill() {
+    let c = setup();
+    // A shell that exits 3 on SIGTERM.
+    let id = detached(
+        &c,
+        "term",
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 3' TERM; while true; do sleep 0.1; done",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let out = c.ctr(&["tasks", "kill", "-s", "SIGTERM", &id]);
+    assert!(out.success(), "{}", out.describe());
+    let stopped = wait_for(Duration::from_secs(20), || {
+        (task_status(&c, &id) == "STOPPED").then_some(())
+    });
+    assert!(stopped.is_some(), "SIGTERM did not stop the task");
+    let out = c.ctr(&["tasks", "delete", &id]);
+    assert!(
+        out.stdout.contains("3") || out.success(),
+        "{}",
+        out.describe()
+    );
+    let _ = c.ctr(&["containers", "delete", &id]);
+
+    let id = detached(&c, "kill", &["sleep", "600"]);
+    let out = c.ctr(&["tasks", "kill", "-s", "SIGKILL", &id]);
+    assert!(out.success(), "{}", out.describe());
+    let stopped = wait_for(Duration::from_secs(20), || {
+        (task_status(&c, &id) == "STOPPED").then_some(())
+    });
+    assert!(stopped.is_some(), "SIGKILL did not stop the task");
+    let out = c.ctr(&["tasks", "delete", &id]);
+    assert!(out.success(), "{}", out.describe());
+    let _ = c.ctr(&["containers", "delete", &id]);
+    c.assert_no_leaks();
+}
+
+#[test]
+fn two_containers_at_once() {
+    let c = setup();
+    let a = detached(&c, "twoa", &["sleep", "600"]);
+    let b = detached(&c, "twob", &["sleep", "600"]);
+    assert_eq!(task_status(&c, &a), "RUNNING");
+    assert_eq!(task_status(&c, &b), "RUNNING");
+    // Same image, one cache entry, two references.
+    assert_eq!(c.cache_entries().len(), 1);
+    let refs = std::fs::read_dir(c.thaw_state.join("images/refs"))
+        .unwrap()
+        .flatten()
+        .map(|d| std::fs::read_dir(d.path()).unwrap().count())
+        .sum::<usize>();
+    assert_eq!(refs, 2);
+    remove(&c, &a);
+    assert_eq!(task_status(&c, &b), "RUNNING", "b survives a's removal");
+    remove(&c, &b);
+    c.assert_no_leaks();
+}
+
+#[test]
+fn corrupt_rootfs_fails_readably_and_leaves_nothing() {
+    let c = setup();
+    c.import_image(CORRUPT_REF, true);
+    let id = c.new_id("corrupt");
+    let mut args = c.run_args(&["--rm"]);
+    args.extend([CORRUPT_REF, id.as_str(), "/bin/sh", "-c", "true"]);
+    let out = c.ctr_timeout(&args, Duration::from_secs(120));
+    assert!(!out.success(), "{}", out.describe());
+    assert!(
+        out.stderr.to_lowercase().contains("exec format error") || out.stderr.contains("/bin/sh"),
+        "{}",
+        out.describe()
+    );
+    let _ = c.ctr(&["containers", "delete", &id]);
+    c.assert_no_leaks();
+}
+
+#[test]
+fn killing_the_agent_gives_exit_255_within_seconds() {
+    let c = setup();
+    let id = c.new_id("agentkill");
+    let mut args = c.run_args(&["--rm"]);
+    args.extend([BUSYBOX_REF, id.as_str(), "sleep", "600"]);
+    let mut cmd = c.ctr_cmd(&args);
+    let start = Instant::now();
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The agent is the sandbox process of the host backend.
+    let agent = wait_for(Duration::from_secs(60), || {
+        thaw_tests::containerd::processes_matching(&c.thaw_state.display().to_string(), "-")
+            .into_iter()
+            .find(|(_, cmd)| cmd.contains("thaw-agent") && cmd.contains("--host"))
+            .map(|(pid, _)| pid)
+    })
+    .expect("agent process did not appear");
+    wait_for(Duration::from_secs(30), || {
+        (task_status(&c, &id) == "RUNNING").then_some(())
+    })
+    .expect("task never ran");
+    let killed_at = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let out = cmd::wait_with_deadline(child, start, Duration::from_secs(60));
+    let took = killed_at.elapsed();
+    assert_eq!(out.code(), Some(255), "{}", out.describe());
+    assert!(took < Duration::from_secs(10), "exit took {took:?}");
+    let _ = c.ctr(&["containers", "delete", &id]);
+    c.assert_no_leaks();
+}
+
+#[test]
+fn events_are_published_in_order() {
+    let c = setup();
+    let mut events = c.ctr_cmd(&["events"]);
+    events
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let start = Instant::now();
+    let ev_child = events.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let id = detached(&c, "events", &["sleep", "600"]);
+    let out = c.ctr(&["tasks", "exec", "--exec-id", "ex1", &id, "true"]);
+    assert!(out.success(), "{}", out.describe());
+    remove(&c, &id);
+    std::thread::sleep(Duration::from_millis(500));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(ev_child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = cmd::wait_with_deadline(ev_child, start, Duration::from_secs(10));
+    let topics: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains(&id))
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("/tasks/")))
+        .collect();
+    let expected = [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/exec-added",
+        "/tasks/exec-started",
+        "/tasks/exit",
+        "/tasks/exit",
+        "/tasks/delete",
+    ];
+    assert_eq!(topics, expected, "{}", out.stdout);
+    c.assert_no_leaks();
+}
