@@ -404,3 +404,73 @@ fn events_are_published_in_order() {
     assert_eq!(topics, expected, "{}", out.stdout);
     c.assert_no_leaks();
 }
+
+/// Shim daemons serving this containerd (their command line names our
+/// containerd socket).
+fn shim_daemons(c: &PrivateContainerd) -> Vec<i32> {
+    let sock = c.address.display().to_string();
+    thaw_tests::containerd::processes_matching(&sock, "-")
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("containerd-shim-thaw-v2") && cmd.contains("-socket"))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+fn agents(c: &PrivateContainerd) -> Vec<i32> {
+    thaw_tests::containerd::processes_matching(&c.thaw_state.display().to_string(), "-")
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("thaw-agent") && cmd.contains("--host"))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+#[test]
+fn pod_containers_share_the_sandbox_shim_and_vm() {
+    let c = setup();
+    let sb = c.new_id("pod");
+    let sb_type = "io.kubernetes.cri.container-type=sandbox".to_string();
+    let sb_id = format!("io.kubernetes.cri.sandbox-id={sb}");
+    let app_type = "io.kubernetes.cri.container-type=container".to_string();
+    let mut args = c.run_args(&["-d", "--annotation", &sb_type, "--annotation", &sb_id]);
+    args.extend([BUSYBOX_REF, sb.as_str(), "sleep", "600"]);
+    let out = c.ctr_timeout(&args, Duration::from_secs(120));
+    assert!(out.success(), "{}", out.describe());
+
+    let app = c.new_id("app");
+    let mut args = c.run_args(&["-d", "--annotation", &app_type, "--annotation", &sb_id]);
+    args.extend([BUSYBOX_REF, app.as_str(), "sleep", "600"]);
+    let out = c.ctr_timeout(&args, Duration::from_secs(120));
+    assert!(out.success(), "{}", out.describe());
+    assert_eq!(task_status(&c, &sb), "RUNNING");
+    assert_eq!(task_status(&c, &app), "RUNNING");
+    assert_eq!(shim_daemons(&c).len(), 1, "one shim for the pod");
+    assert_eq!(agents(&c).len(), 1, "one sandbox (VM) for the pod");
+    // The app's shim address is the sandbox's, by containerd's formula.
+    let sock = thaw_tests::containerd::shim_socket_path(&c.address, thaw_tests::containerd::NAMESPACE, &sb);
+    assert!(sock.exists(), "{} missing", sock.display());
+
+    let out = c.ctr(&["tasks", "exec", "--exec-id", "e", &app, "echo", "in-app"]);
+    assert!(out.stdout.contains("in-app"), "{}", out.describe());
+
+    // Removing the app leaves the pod running.
+    remove(&c, &app);
+    assert_eq!(task_status(&c, &sb), "RUNNING");
+    assert_eq!(shim_daemons(&c).len(), 1);
+    remove(&c, &sb);
+    c.assert_no_leaks();
+}
+
+#[test]
+fn pod_member_without_its_sandbox_is_refused() {
+    let c = setup();
+    let app = c.new_id("orphan");
+    let sb_id = "io.kubernetes.cri.sandbox-id=no-such-sandbox".to_string();
+    let app_type = "io.kubernetes.cri.container-type=container".to_string();
+    let mut args = c.run_args(&["--rm", "--annotation", &app_type, "--annotation", &sb_id]);
+    args.extend([BUSYBOX_REF, app.as_str(), "true"]);
+    let out = c.ctr_timeout(&args, Duration::from_secs(60));
+    assert!(!out.success(), "{}", out.describe());
+    assert!(out.stderr.contains("no-such-sandbox"), "{}", out.describe());
+    let _ = c.ctr(&["containers", "delete", &app]);
+    c.assert_no_leaks();
+}
