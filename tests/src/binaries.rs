@@ -91,3 +91,82 @@ pub fn binaries() -> &'static Binaries {
         bins
     })
 }
+
+/// The guest kernel and root image for VM tests: THAW_E2E_KERNEL and
+/// THAW_E2E_ROOT_IMAGE, or built here (the kernel with
+/// kernel-config/build.sh, cached; the root image as an erofs whose
+/// /sbin/init is a static thaw-agent).
+#[derive(Debug, Clone)]
+pub struct VmAssets {
+    pub kernel: PathBuf,
+    pub root_image: PathBuf,
+}
+
+pub fn vm_assets() -> &'static VmAssets {
+    static ASSETS: OnceLock<VmAssets> = OnceLock::new();
+    ASSETS.get_or_init(|| {
+        let kernel = match std::env::var_os("THAW_E2E_KERNEL") {
+            Some(k) => PathBuf::from(k),
+            None => {
+                let script = workspace_root().join("kernel-config/build.sh");
+                let out = cmd::run(&mut Command::new(&script), Duration::from_secs(3600));
+                assert!(
+                    out.success(),
+                    "building the guest kernel: {}",
+                    out.describe()
+                );
+                PathBuf::from(out.stdout.lines().last().unwrap_or("").trim())
+            }
+        };
+        assert!(
+            kernel.is_file(),
+            "guest kernel {} missing",
+            kernel.display()
+        );
+        let root_image = match std::env::var_os("THAW_E2E_ROOT_IMAGE") {
+            Some(r) => PathBuf::from(r),
+            None => build_root_image(),
+        };
+        assert!(
+            root_image.is_file(),
+            "guest root image {} missing",
+            root_image.display()
+        );
+        VmAssets { kernel, root_image }
+    })
+}
+
+fn build_root_image() -> PathBuf {
+    let triple = "x86_64-unknown-linux-gnu";
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut c = Command::new(cargo);
+    c.current_dir(workspace_root())
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .args(["build", "-p", "thaw-agent", "--target", triple]);
+    let out = cmd::run(&mut c, Duration::from_secs(1800));
+    assert!(
+        out.success(),
+        "building the static agent: {}",
+        out.describe()
+    );
+    let agent = target_dir().join(triple).join("debug/thaw-agent");
+    let dir = target_dir().join("thaw-e2e");
+    let root = dir.join("rootfs");
+    let _ = std::fs::remove_dir_all(&root);
+    for d in ["sbin", "proc", "sys", "dev", "run", "tmp", "etc", "mnt"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy(&agent, root.join("sbin/init")).unwrap();
+    let image = dir.join("root.img");
+    let _ = std::fs::remove_file(&image);
+    let out = cmd::run(
+        Command::new("mkfs.erofs")
+            .arg("--quiet")
+            .arg("--all-root")
+            .arg(&image)
+            .arg(&root),
+        Duration::from_secs(300),
+    );
+    assert!(out.success(), "mkfs.erofs root image: {}", out.describe());
+    image
+}

@@ -71,19 +71,16 @@ pub fn host_config(state: &Path, agent: &Path) -> String {
     )
 }
 
-/// TOML for the shim with the VM backend. Assets come from THAW_E2E_KERNEL
-/// and THAW_E2E_ROOT_IMAGE, or the install locations.
-pub fn vm_config(state: &Path, vmm: &Path) -> String {
-    let kernel =
-        std::env::var("THAW_E2E_KERNEL").unwrap_or_else(|_| "/usr/local/share/thaw/vmlinux".into());
-    let root = std::env::var("THAW_E2E_ROOT_IMAGE")
-        .unwrap_or_else(|_| "/usr/local/share/thaw/root.img".into());
+/// TOML for the shim with the VM backend.
+pub fn vm_config(state: &Path, vmm: &Path, kernel: &Path, root: &Path) -> String {
     let boot = std::env::var("THAW_E2E_BOOT_TIMEOUT").unwrap_or_else(|_| "600".into());
     format!(
-        "backend = \"vm\"\nstate_dir = \"{}\"\nrun_dir = \"{}/run\"\nlog_level = \"debug\"\n\n[vm]\nvmm = \"{}\"\nkernel = \"{kernel}\"\nroot_image = \"{root}\"\nvcpus = 1\nmemory_mib = 256\nboot_timeout_secs = {boot}\n\n[image_cache]\nkeep_unused_mib = 64\n",
+        "backend = \"vm\"\nstate_dir = \"{}\"\nrun_dir = \"{}/run\"\nlog_level = \"debug\"\n\n[vm]\nvmm = \"{}\"\nkernel = \"{}\"\nroot_image = \"{}\"\nvcpus = 1\nmemory_mib = 256\nboot_timeout_secs = {boot}\nserial = \"console.log\"\n\n[image_cache]\nkeep_unused_mib = 64\n",
         state.display(),
         state.display(),
         vmm.display(),
+        kernel.display(),
+        root.display(),
     )
 }
 
@@ -113,12 +110,20 @@ impl PrivateContainerd {
 
         let base = match backend {
             Backend::Host => host_config(&thaw_state, &bins.agent),
-            Backend::Vm => vm_config(
-                &thaw_state,
-                bins.vmm
-                    .as_deref()
-                    .unwrap_or(Path::new("/usr/local/bin/thaw-vmm")),
-            ),
+            // Without THAW_E2E_VM the VM backend is only used by tests that
+            // fail before a VM would start; they override these paths.
+            Backend::Vm => match &bins.vmm {
+                Some(vmm) => {
+                    let a = crate::binaries::vm_assets();
+                    vm_config(&thaw_state, vmm, &a.kernel, &a.root_image)
+                }
+                None => vm_config(
+                    &thaw_state,
+                    Path::new("/usr/local/bin/thaw-vmm"),
+                    Path::new("/usr/local/share/thaw/vmlinux"),
+                    Path::new("/usr/local/share/thaw/root.img"),
+                ),
+            },
         };
         let shim_config = dir.join("thaw.toml");
         fs::write(&shim_config, edit(base)).unwrap();
