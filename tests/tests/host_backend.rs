@@ -446,7 +446,11 @@ fn pod_containers_share_the_sandbox_shim_and_vm() {
     assert_eq!(shim_daemons(&c).len(), 1, "one shim for the pod");
     assert_eq!(agents(&c).len(), 1, "one sandbox (VM) for the pod");
     // The app's shim address is the sandbox's, by containerd's formula.
-    let sock = thaw_tests::containerd::shim_socket_path(&c.address, thaw_tests::containerd::NAMESPACE, &sb);
+    let sock = thaw_tests::containerd::shim_socket_path(
+        &c.address,
+        thaw_tests::containerd::NAMESPACE,
+        &sb,
+    );
     assert!(sock.exists(), "{} missing", sock.display());
 
     let out = c.ctr(&["tasks", "exec", "--exec-id", "e", &app, "echo", "in-app"]);
