@@ -1,1 +1,83 @@
-//! thaw VMM library: see README
+//! thaw's KVM virtual machine monitor.
+//!
+//! Layout: `arch/` (x86_64 boot structures and vCPU setup), `devices/`
+//! (serial, i8042, virtio over MMIO), `vm` (building a VM), `vcpu` (vCPU
+//! threads, pause/resume), `control` (the control socket), `cli` and
+//! `config` (what a VM is made of), `boot_marker` (boot timing).
+
+pub mod arch;
+pub mod boot_marker;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod devices;
+pub mod vcpu;
+pub mod vm;
+
+/// The VMM's one error type; every variant says what it was doing.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] config::ConfigError),
+    #[error("cannot open /dev/kvm: {source} (is KVM available and are you allowed to use it?)")]
+    OpenKvm {
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM lacks a capability thaw needs: {0}")]
+    MissingCapability(&'static str),
+    #[error("{what}: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("guest memory: {0}")]
+    GuestMemory(String),
+    #[error("loading kernel {0}")]
+    Kernel(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("device setup: {0}")]
+    Device(String),
+    #[error(transparent)]
+    Bus(#[from] devices::BusError),
+    #[error(transparent)]
+    Arch(#[from] arch::ArchError),
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuError),
+}
+
+/// Resident memory of this process in KiB: (the VMM's own, guest RAM),
+/// split by whether a mapping lies inside one of `guest_ram` host ranges.
+pub fn memory_usage(guest_ram: &[(u64, u64)]) -> std::io::Result<(u64, u64)> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    let (mut own, mut guest) = (0, 0);
+    let mut in_guest = false;
+    for line in smaps.lines() {
+        if let Some(rss) = line.strip_prefix("Rss:") {
+            let kib: u64 = rss
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            if in_guest {
+                guest += kib;
+            } else {
+                own += kib;
+            }
+        } else if let Some((range, _)) = line.split_once(' ') {
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                    in_guest = guest_ram.iter().any(|(s, e)| a >= *s && b <= *e);
+                }
+            }
+        }
+    }
+    Ok((own, guest))
+}

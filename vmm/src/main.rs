@@ -1,1 +1,131 @@
-fn main() {}
+//! `thaw-vmm`: boots one micro-VM and runs it until the guest stops or the
+//! control socket says stop. Exit status: 0 when the guest reset/powered
+//! off or was stopped, 2 on a guest triple fault, 1 on any VMM/KVM error,
+//! 64 on a bad command line.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+
+use thaw_vmm::boot_marker;
+use thaw_vmm::cli::{self, CliError};
+use thaw_vmm::control::{self, VmmControl};
+use thaw_vmm::vcpu::VmExit;
+use thaw_vmm::{vm, Error};
+
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::max_level()
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            eprintln!(
+                "thaw-vmm: {}: {}",
+                r.level().as_str().to_lowercase(),
+                r.args()
+            );
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn init_logging() {
+    let level = match std::env::var("THAW_VMM_LOG").as_deref() {
+        Ok("debug") => log::LevelFilter::Debug,
+        Ok("info") => log::LevelFilter::Info,
+        Ok("error") => log::LevelFilter::Error,
+        _ => log::LevelFilter::Warn,
+    };
+    if log::set_logger(&StderrLogger).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
+/// Binds the control socket; a stale socket file nobody listens on is
+/// replaced, a live one is an error.
+fn bind_api_socket(path: &Path) -> Result<UnixListener, Error> {
+    let io = |source| Error::Io {
+        what: format!("control socket {}", path.display()),
+        source,
+    };
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another VMM is listening there",
+            )));
+        }
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    UnixListener::bind(path).map_err(io)
+}
+
+fn run(config: thaw_vmm::config::VmConfig) -> Result<VmExit, Error> {
+    let api_socket = config.api_socket.clone();
+    let mut vm = vm::build(config)?;
+    let exits = vm.start()?;
+
+    if let Some(path) = &api_socket {
+        let listener = bind_api_socket(path)?;
+        let ctl = VmmControl {
+            run: vm.control.clone(),
+            exits: vm.exit_sender(),
+            times: vm.times.clone(),
+            guest_ram: vm.guest_ram_host_ranges(),
+            disks: vm.disk_attacher(),
+            snapshot: Box::new(|_| Err("snapshots are not supported by this build yet".into())),
+        };
+        control::spawn_server(listener, Arc::new(ctl)).map_err(|source| Error::Io {
+            what: "starting the control thread".into(),
+            source,
+        })?;
+    }
+
+    // The first vCPU to stop, or the control socket, says why we end.
+    let exit = exits
+        .recv()
+        .unwrap_or(VmExit::Error("all vCPUs vanished".into()));
+    vm.control.stop_and_join();
+    if let Some(path) = &api_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(exit)
+}
+
+fn main() {
+    boot_marker::set_process_start();
+    init_logging();
+    let config = match cli::parse(std::env::args().skip(1)) {
+        Ok(c) => c,
+        Err(CliError::Help) => {
+            println!("{}", cli::USAGE);
+            return;
+        }
+        Err(e) => {
+            eprintln!("thaw-vmm: {e}\n{}", cli::USAGE);
+            std::process::exit(64);
+        }
+    };
+    match run(config) {
+        Ok(exit) => {
+            match &exit {
+                VmExit::GuestReset => {
+                    eprintln!("thaw-vmm: guest requested reset/poweroff; stopped")
+                }
+                VmExit::GuestHalted => eprintln!("thaw-vmm: guest halted; stopped"),
+                VmExit::GuestShutdown => {
+                    eprintln!("thaw-vmm: guest triple-faulted (shutdown); stopped")
+                }
+                VmExit::Stopped => eprintln!("thaw-vmm: stopped by the control socket"),
+                VmExit::Error(e) => eprintln!("thaw-vmm: error: {e}"),
+            }
+            std::process::exit(exit.exit_code());
+        }
+        Err(e) => {
+            eprintln!("thaw-vmm: error: {e}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! `thaw-vmm` command-line parsing. Hand-written: a dozen options do not
+//! need a parser crate, and every mistake names the option at fault.
+
+use std::path::PathBuf;
+
+use crate::config::{DiskConfig, PvmQuirks, SerialOutput, VmConfig, VsockConfig};
+
+pub const USAGE: &str = "\
+usage: thaw-vmm --kernel VMLINUX [options]
+  --kernel PATH          uncompressed ELF guest kernel (vmlinux)
+  --initramfs PATH       initramfs to load (prefer a root disk: it is faster)
+  --disk PATH[,ro]       virtio-blk disk from a raw file (repeatable; first is /dev/vda)
+  --spare-disks N        empty virtio-blk slots for attach_disk (default 0)
+  --vsock-uds PATH       enable virtio-vsock; host side is this Unix socket
+  --cid N                guest vsock CID (default 3)
+  --vcpus N              number of vCPUs (default 1)
+  --memory-mib N         guest memory in MiB (default 256)
+  --append STRING        extra guest kernel command line
+  --serial stdout|none|PATH  where the guest console goes (default stdout)
+  --api-sock PATH        control socket (pause, resume, stop, status, ...)
+  --pvm auto|on|off      guest workarounds for PVM hosts (default auto)";
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CliError {
+    #[error("unknown option {0}")]
+    Unknown(String),
+    #[error("{0} needs a value")]
+    MissingValue(String),
+    #[error("{option}: {reason} (got {value:?})")]
+    BadValue {
+        option: String,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("--kernel is required")]
+    NoKernel,
+    #[error("--cid given without --vsock-uds")]
+    CidWithoutVsock,
+    #[error("help requested")]
+    Help,
+}
+
+fn number<T: std::str::FromStr>(option: &str, value: &str) -> Result<T, CliError> {
+    value.parse().map_err(|_| CliError::BadValue {
+        option: option.into(),
+        value: value.into(),
+        reason: "not a valid number",
+    })
+}
+
+pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<VmConfig, CliError> {
+    let mut cfg = VmConfig::default();
+    let mut kernel = None;
+    let mut vsock_uds = None;
+    let mut cid = None;
+    let mut args = args.into_iter();
+    while let Some(opt) = args.next() {
+        if opt == "--help" || opt == "-h" {
+            return Err(CliError::Help);
+        }
+        let known = [
+            "--kernel",
+            "--initramfs",
+            "--disk",
+            "--spare-disks",
+            "--vsock-uds",
+            "--cid",
+            "--vcpus",
+            "--memory-mib",
+            "--append",
+            "--serial",
+            "--api-sock",
+            "--pvm",
+        ];
+        if !known.contains(&opt.as_str()) {
+            return Err(CliError::Unknown(opt));
+        }
+        let value = args
+            .next()
+            .ok_or_else(|| CliError::MissingValue(opt.clone()))?;
+        match opt.as_str() {
+            "--kernel" => kernel = Some(PathBuf::from(value)),
+            "--initramfs" => cfg.initramfs = Some(value.into()),
+            "--disk" => {
+                let (path, read_only) = match value.strip_suffix(",ro") {
+                    Some(p) => (p, true),
+                    None => (value.strip_suffix(",rw").unwrap_or(&value), false),
+                };
+                if path.is_empty() {
+                    return Err(CliError::BadValue {
+                        option: opt,
+                        value,
+                        reason: "expected PATH or PATH,ro",
+                    });
+                }
+                cfg.disks.push(DiskConfig {
+                    path: path.into(),
+                    read_only,
+                });
+            }
+            "--spare-disks" => cfg.spare_disks = number(&opt, &value)?,
+            "--vsock-uds" => vsock_uds = Some(PathBuf::from(value)),
+            "--cid" => cid = Some(number(&opt, &value)?),
+            "--vcpus" => cfg.vcpus = number(&opt, &value)?,
+            "--memory-mib" => cfg.memory_mib = number(&opt, &value)?,
+            "--append" => cfg.append = value,
+            "--serial" => {
+                cfg.serial = match value.as_str() {
+                    "stdout" => SerialOutput::Stdout,
+                    "none" => SerialOutput::None,
+                    _ => SerialOutput::File(value.into()),
+                }
+            }
+            "--api-sock" => cfg.api_socket = Some(value.into()),
+            "--pvm" => {
+                cfg.pvm_quirks = match value.as_str() {
+                    "auto" => PvmQuirks::Auto,
+                    "on" => PvmQuirks::On,
+                    "off" => PvmQuirks::Off,
+                    _ => {
+                        return Err(CliError::BadValue {
+                            option: opt,
+                            value,
+                            reason: "expected auto, on or off",
+                        })
+                    }
+                }
+            }
+            _ => return Err(CliError::Unknown(opt)),
+        }
+    }
+    cfg.kernel = kernel.ok_or(CliError::NoKernel)?;
+    cfg.vsock = match (vsock_uds, cid) {
+        (Some(uds_path), cid) => Some(VsockConfig {
+            guest_cid: cid.unwrap_or(3),
+            uds_path,
+        }),
+        (None, Some(_)) => return Err(CliError::CidWithoutVsock),
+        (None, None) => None,
+    };
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn parses_a_full_command_line() {
+        let c = parse(args(
+            "--kernel /k --disk /a,ro --disk /b --spare-disks 2 --vsock-uds /v --cid 7 \
+             --vcpus 2 --memory-mib 512 --serial none --api-sock /api --pvm off",
+        ))
+        .unwrap();
+        assert_eq!(c.kernel, PathBuf::from("/k"));
+        assert_eq!(c.disks.len(), 2);
+        assert!(c.disks[0].read_only && !c.disks[1].read_only);
+        assert_eq!(c.spare_disks, 2);
+        assert_eq!(
+            c.vsock,
+            Some(VsockConfig {
+                guest_cid: 7,
+                uds_path: "/v".into()
+            })
+        );
+        assert_eq!((c.vcpus, c.memory_mib), (2, 512));
+        assert_eq!(c.serial, SerialOutput::None);
+        assert_eq!(c.pvm_quirks, PvmQuirks::Off);
+    }
+
+    #[test]
+    fn defaults_boot_with_just_a_kernel() {
+        let c = parse(args("--kernel /k")).unwrap();
+        assert_eq!((c.vcpus, c.memory_mib, c.vsock.is_none()), (1, 256, true));
+    }
+
+    #[test]
+    fn mistakes_name_the_option() {
+        let e = |s| parse(args(s)).unwrap_err().to_string();
+        assert_eq!(
+            e("--kernel /k --vcpus two"),
+            "--vcpus: not a valid number (got \"two\")"
+        );
+        assert_eq!(
+            e("--kernel /k --frobnicate 1"),
+            "unknown option --frobnicate"
+        );
+        assert_eq!(e("--kernel"), "--kernel needs a value");
+        assert_eq!(e("--vcpus 1"), "--kernel is required");
+        assert!(e("--kernel /k --pvm maybe").starts_with("--pvm:"));
+        assert_eq!(e("--kernel /k --cid 5"), "--cid given without --vsock-uds");
+    }
+}

@@ -1,0 +1,372 @@
+//! Building and running one VM: KVM objects, guest memory, devices, the
+//! kernel, vCPUs. The finished `Vm` is driven by `run`.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
+use linux_loader::loader::{elf::Elf, KernelLoader};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
+
+use crate::arch::{boot_params, cpuid, layout, mptable, regs};
+use crate::boot_marker::{BootMarker, BootTimes};
+use crate::config::{PvmQuirks, SerialOutput, VmConfig};
+use crate::devices::legacy::{Serial, I8042};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::VirtioDevice;
+use crate::devices::Bus;
+use crate::vcpu::{RunControl, Vcpu, VmExit};
+use crate::Error;
+
+/// thaw's guest command line; PVM hosts get the extra workarounds.
+const BASE_CMDLINE: &str = include_str!("../../kernel-config/cmdline.txt");
+const PVM_CMDLINE: &str = include_str!("../../kernel-config/cmdline-pvm.txt");
+
+const SERIAL_PORT: u64 = 0x3f8;
+const I8042_PORT: u64 = 0x60;
+
+/// Is this host's KVM the PVM flavour (guest kernel emulated)?
+pub fn host_is_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+pub type DiskAttacher = Box<dyn Fn(usize, &Path, bool) -> Result<(), String> + Send + Sync>;
+
+/// One virtio device on the MMIO bus.
+pub struct VirtioSlot {
+    pub name: String,
+    pub base: u64,
+    pub irq: u32,
+}
+
+pub struct Vm {
+    pub config: VmConfig,
+    pub kvm: Kvm,
+    pub fd: Arc<VmFd>,
+    pub mem: GuestMemoryMmap,
+    pub io_bus: Bus,
+    pub mmio_bus: Bus,
+    pub vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    pub virtio: Vec<VirtioSlot>,
+    /// Empty disk slots, filled through the control socket.
+    pub spare_disks: Vec<Arc<Mutex<MmioTransport<Block>>>>,
+    pub times: BootTimes,
+    pub control: Arc<RunControl>,
+    cmdline: String,
+    exit_tx: Option<mpsc::Sender<VmExit>>,
+}
+
+fn kvm_error(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
+}
+
+impl Vm {
+    /// Creates the KVM VM with its memory, interrupt controllers and timer.
+    pub fn create(config: VmConfig) -> Result<Self, Error> {
+        config.validate()?;
+        let kvm = Kvm::new().map_err(|source| Error::OpenKvm { source })?;
+        for (cap, name) in [
+            (Cap::Irqchip, "in-kernel irqchip"),
+            (Cap::Ioeventfd, "ioeventfd"),
+            (Cap::Irqfd, "irqfd"),
+            (Cap::UserMemory, "user memory"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(Error::MissingCapability(name));
+            }
+        }
+        let fd = kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?;
+        fd.set_tss_address(layout::KVM_TSS_ADDR as usize)
+            .map_err(kvm_error("KVM_SET_TSS_ADDR"))?;
+        fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
+            .map_err(kvm_error("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        // The irqchip and PIT must exist before any vCPU.
+        fd.create_irq_chip()
+            .map_err(kvm_error("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_error("KVM_CREATE_PIT2"))?;
+
+        let mem = GuestMemoryMmap::from_ranges(&boot_params::ram_ranges(config.memory_bytes()))
+            .map_err(|e| Error::GuestMemory(e.to_string()))?;
+        register_memory(&fd, &mem)?;
+
+        Ok(Self {
+            config,
+            kvm,
+            fd: Arc::new(fd),
+            mem,
+            io_bus: Bus::new(),
+            mmio_bus: Bus::new(),
+            vcpus: Vec::new(),
+            virtio: Vec::new(),
+            spare_disks: Vec::new(),
+            times: BootTimes::default(),
+            control: RunControl::new(),
+            cmdline: String::new(),
+            exit_tx: None,
+        })
+    }
+
+    fn pvm_quirks(&self) -> bool {
+        match self.config.pvm_quirks {
+            PvmQuirks::On => true,
+            PvmQuirks::Off => false,
+            PvmQuirks::Auto => host_is_pvm(),
+        }
+    }
+
+    /// Serial console, i8042 (for reset), boot marker, virtio devices.
+    pub fn attach_devices(&mut self) -> Result<(), Error> {
+        let serial_irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| Error::Device(format!("serial eventfd: {e}")))?;
+        self.fd
+            .register_irqfd(&serial_irq, layout::SERIAL_IRQ)
+            .map_err(kvm_error("KVM_IRQFD (serial)"))?;
+        let out: Box<dyn std::io::Write + Send> = match &self.config.serial {
+            SerialOutput::None => Box::new(std::io::sink()),
+            SerialOutput::Stdout => Box::new(std::io::stdout()),
+            SerialOutput::File(p) => Box::new(File::create(p).map_err(|source| Error::Io {
+                what: format!("serial output {}", p.display()),
+                source,
+            })?),
+        };
+        self.io_bus.insert(
+            SERIAL_PORT,
+            8,
+            Arc::new(Mutex::new(Serial::new(serial_irq, out))),
+        )?;
+        self.io_bus
+            .insert(I8042_PORT, 5, Arc::new(Mutex::new(I8042::new())))?;
+        let marker = Arc::new(Mutex::new(BootMarker::new(self.times.clone())));
+        self.io_bus
+            .insert(u64::from(layout::BOOT_MARKER_PORT), 1, marker.clone())?;
+        self.mmio_bus
+            .insert(layout::BOOT_MARKER_MMIO, 0x1000, marker)?;
+
+        for (i, disk) in self.config.disks.clone().iter().enumerate() {
+            let dev = Block::new(&disk.path, disk.read_only)
+                .map_err(|e| Error::Device(format!("disk {}: {e}", disk.path.display())))?;
+            self.add_virtio(format!("disk{i}"), dev)?;
+        }
+        for i in 0..self.config.spare_disks {
+            let slot = self.add_virtio(format!("spare{i}"), Block::empty())?;
+            self.spare_disks.push(slot);
+        }
+        if let Some(v) = self.config.vsock.clone() {
+            let dev = Vsock::new(v.guest_cid, &v.uds_path)
+                .map_err(|e| Error::Device(format!("vsock {}: {e}", v.uds_path.display())))?;
+            self.add_virtio("vsock".into(), dev)?;
+        }
+        self.add_virtio("rng".into(), Rng::new())?;
+        Ok(())
+    }
+
+    fn add_virtio<D: VirtioDevice + 'static>(
+        &mut self,
+        name: String,
+        device: D,
+    ) -> Result<Arc<Mutex<MmioTransport<D>>>, Error> {
+        let index = self.virtio.len() as u64;
+        let base = layout::VIRTIO_MMIO_START + index * layout::VIRTIO_MMIO_SLOT_SIZE;
+        let irq = layout::FIRST_VIRTIO_IRQ + index as u32;
+        if irq > layout::MAX_IRQ {
+            return Err(Error::Device(format!("no IRQ left for {name}")));
+        }
+        let transport = MmioTransport::new(self.mem.clone(), device)
+            .map_err(|e| Error::Device(format!("{name}: {e}")))?;
+        for (q, evt) in transport.queue_events().iter().enumerate() {
+            self.fd
+                .register_ioevent(evt, &IoEventAddress::Mmio(base + 0x50), q as u32)
+                .map_err(kvm_error("KVM_IOEVENTFD"))?;
+        }
+        self.fd
+            .register_irqfd(transport.interrupt_event(), irq)
+            .map_err(kvm_error("KVM_IRQFD"))?;
+        let transport = Arc::new(Mutex::new(transport));
+        self.mmio_bus
+            .insert(base, layout::VIRTIO_MMIO_SLOT_SIZE, transport.clone())?;
+        self.cmdline += &format!(" virtio_mmio.device=4K@{base:#x}:{irq}");
+        self.virtio.push(VirtioSlot { name, base, irq });
+        Ok(transport)
+    }
+
+    /// The full guest command line: thaw's base, PVM workarounds, devices,
+    /// root disk, then what the user appended (which wins where it repeats).
+    pub fn guest_cmdline(&self) -> String {
+        let mut c = BASE_CMDLINE.trim().to_string();
+        if self.pvm_quirks() {
+            c += " ";
+            c += PVM_CMDLINE.trim();
+        }
+        c += &self.cmdline;
+        if !self.config.disks.is_empty() && !self.config.append.contains("root=") {
+            c += " root=/dev/vda ro";
+        }
+        if !self.config.append.is_empty() {
+            c += " ";
+            c += self.config.append.trim();
+        }
+        c
+    }
+
+    /// Loads the kernel (and initramfs) and writes every boot structure.
+    pub fn load_kernel(&mut self) -> Result<(), Error> {
+        let path = &self.config.kernel;
+        let mut file = File::open(path).map_err(|source| Error::Io {
+            what: format!("kernel {}", path.display()),
+            source,
+        })?;
+        let loaded = Elf::load(
+            &self.mem,
+            None,
+            &mut file,
+            Some(GuestAddress(layout::HIMEM_START)),
+        )
+        .map_err(|e| Error::Kernel(format!("{}: {e}", path.display())))?;
+        let entry = loaded.kernel_load.raw_value();
+
+        let initrd = match &self.config.initramfs {
+            Some(p) => {
+                let data = std::fs::read(p).map_err(|source| Error::Io {
+                    what: format!("initramfs {}", p.display()),
+                    source,
+                })?;
+                let addr = boot_params::initrd_address(&self.mem, data.len() as u64)?;
+                self.mem
+                    .write_slice(&data, addr)
+                    .map_err(|e| Error::GuestMemory(format!("initramfs: {e}")))?;
+                Some((addr, data.len() as u64))
+            }
+            None => None,
+        };
+
+        let cmdline = self.guest_cmdline();
+        log::info!("guest command line: {cmdline}");
+        boot_params::write_cmdline(&self.mem, cmdline.as_bytes())?;
+        boot_params::write_zero_page(&self.mem, self.config.memory_bytes(), cmdline.len(), initrd)?;
+        mptable::write(&self.mem, self.config.vcpus)?;
+        regs::write_boot_structures(&self.mem, entry)?;
+        Ok(())
+    }
+
+    /// Creates the vCPUs in their boot state.
+    pub fn create_vcpus(&mut self) -> Result<(), Error> {
+        let supported = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_error("KVM_GET_SUPPORTED_CPUID"))?;
+        for id in 0..self.config.vcpus {
+            let vcpu = self
+                .fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_error("KVM_CREATE_VCPU"))?;
+            let mut cpuid = supported.clone();
+            cpuid::normalize(&mut cpuid, id, self.config.vcpus);
+            vcpu.set_cpuid2(&cpuid)
+                .map_err(kvm_error("KVM_SET_CPUID2"))?;
+            regs::setup_msrs(&vcpu)?;
+            regs::setup_sregs(&vcpu)?;
+            regs::setup_regs(&vcpu, id == 0)?;
+            regs::setup_fpu(&vcpu)?;
+            regs::setup_lapic(&vcpu)?;
+            self.vcpus.push(Arc::new(Mutex::new(vcpu)));
+        }
+        Ok(())
+    }
+
+    /// Starts the vCPUs and returns a handle plus the channel on which the
+    /// first vCPU to stop reports why.
+    pub fn start(&mut self) -> Result<mpsc::Receiver<VmExit>, Error> {
+        crate::vcpu::install_kick_handler()?;
+        let (tx, rx) = mpsc::channel();
+        let io_bus = Arc::new(self.io_bus.clone());
+        let mmio_bus = Arc::new(self.mmio_bus.clone());
+        for (id, fd) in self.vcpus.iter().enumerate() {
+            let vcpu = Vcpu {
+                id: id as u8,
+                fd: fd.clone(),
+                io_bus: io_bus.clone(),
+                mmio_bus: mmio_bus.clone(),
+                mem: self.mem.clone(),
+                times: self.times.clone(),
+            };
+            vcpu.spawn(self.control.clone(), tx.clone())?;
+        }
+        self.exit_tx = Some(tx);
+        Ok(rx)
+    }
+
+    /// Lets others (the control socket) end the VM with a reason. Only
+    /// meaningful after `start`; before it, the sender goes nowhere.
+    pub fn exit_sender(&self) -> mpsc::Sender<VmExit> {
+        match &self.exit_tx {
+            Some(tx) => tx.clone(),
+            None => mpsc::channel().0,
+        }
+    }
+
+    /// `attach_disk` for the control socket: fills spare slot `slot`.
+    pub fn disk_attacher(&self) -> DiskAttacher {
+        let spares = self.spare_disks.clone();
+        Box::new(move |slot, path, read_only| {
+            let t = spares
+                .get(slot)
+                .ok_or_else(|| format!("no spare disk slot {slot} (there are {})", spares.len()))?;
+            let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+            t.device_mut()
+                .attach(path, read_only)
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    /// Host address range of guest RAM, to tell guest pages from the VMM's
+    /// own in /proc/self/smaps.
+    pub fn guest_ram_host_ranges(&self) -> Vec<(u64, u64)> {
+        self.mem
+            .iter()
+            .map(|r| {
+                let start = r.as_ptr() as u64;
+                (start, start + r.len())
+            })
+            .collect()
+    }
+}
+
+fn register_memory(fd: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {
+    for (slot, region) in mem.iter().enumerate() {
+        let region_desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region stays mapped for the life of the VM (the
+        // GuestMemoryMmap is owned by the Vm and cloned by reference count).
+        unsafe { fd.set_user_memory_region(region_desc) }
+            .map_err(kvm_error("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+/// Builds a VM from `config`, ready to `start`.
+pub fn build(config: VmConfig) -> Result<Vm, Error> {
+    let mut vm = Vm::create(config)?;
+    vm.attach_devices()?;
+    vm.load_kernel()?;
+    vm.create_vcpus()?;
+    Ok(vm)
+}
