@@ -72,6 +72,16 @@ impl Shim for ThawShim {
             Ok(None) => {}
             Err(e) => log::warn!("delete {}: {e}", self.id),
         }
+        // A killed daemon cannot remove its socket; nobody else would.
+        if let Ok(address) = containerd_shim::util::read_address() {
+            let path = address
+                .trim()
+                .strip_prefix("unix://")
+                .unwrap_or(address.trim());
+            if !path.is_empty() && !shim_alive(path) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();

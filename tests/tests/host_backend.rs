@@ -478,3 +478,48 @@ fn pod_member_without_its_sandbox_is_refused() {
     let _ = c.ctr(&["containers", "delete", &app]);
     c.assert_no_leaks();
 }
+
+#[test]
+fn unused_images_are_collected_beyond_the_budget() {
+    require_agent();
+    let c = PrivateContainerd::start_with(Backend::Host, |cfg| {
+        cfg.replace("keep_unused_mib = 64", "keep_unused_mib = 0")
+    });
+    c.import_busybox();
+    let id = detached(&c, "gc", &["sleep", "600"]);
+    assert_eq!(c.cache_entries().len(), 1, "in use: kept");
+    remove(&c, &id);
+    assert!(
+        wait_for(Duration::from_secs(10), || c
+            .cache_entries()
+            .is_empty()
+            .then_some(()))
+        .is_some(),
+        "budget 0: the image goes with its last user: {:?}",
+        c.cache_entries()
+    );
+    c.assert_no_leaks();
+}
+
+#[test]
+fn a_crashed_shim_is_cleaned_up_by_delete() {
+    let c = setup();
+    let id = detached(&c, "crash", &["sleep", "600"]);
+    let shims = shim_daemons(&c);
+    assert_eq!(shims.len(), 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shims[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // containerd notices the dead shim and runs `containerd-shim-thaw-v2 delete`.
+    let gone = wait_for(Duration::from_secs(30), || {
+        let s = task_status(&c, &id);
+        (s.is_empty() || s == "STOPPED").then_some(())
+    });
+    assert!(gone.is_some(), "task still {}", task_status(&c, &id));
+    let _ = c.ctr(&["tasks", "delete", &id]);
+    let out = c.ctr(&["containers", "delete", &id]);
+    assert!(out.success(), "{}", out.describe());
+    c.assert_no_leaks();
+}
