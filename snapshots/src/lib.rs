@@ -1,1 +1,18 @@
-//! Snapshot format and templates (filled by the snapshot issue).
+//! thaw snapshots: the on-disk format of a paused VM's state and the
+//! templates that every sandbox start restores from.
+//!
+//! A snapshot is a directory with two files:
+//! - `state`: a versioned, checksummed header followed by the VM's state as
+//!   plain serialized data (what the state *is* lives with the VMM, which
+//!   owns the KVM and device objects);
+//! - `memory`: guest RAM, byte for byte, mapped copy-on-write at restore.
+
+pub mod cpu;
+pub mod format;
+
+pub use cpu::CpuFingerprint;
+pub use format::{read_state, write_state, FormatError, FORMAT_VERSION};
+
+/// File names inside a snapshot directory.
+pub const STATE_FILE: &str = "state";
+pub const MEMORY_FILE: &str = "memory";
