@@ -18,8 +18,7 @@ impl CpuFingerprint {
     #[cfg(target_arch = "x86_64")]
     pub fn host() -> Self {
         use std::arch::x86_64::{__cpuid, __cpuid_count};
-        // SAFETY: CPUID is available on every x86_64 CPU.
-        let (v, l1, l7) = unsafe { (__cpuid(0), __cpuid(1), __cpuid_count(7, 0)) };
+        let (v, l1, l7) = (__cpuid(0), __cpuid(1), __cpuid_count(7, 0));
         let mut vendor = Vec::with_capacity(12);
         for r in [v.ebx, v.edx, v.ecx] {
             vendor.extend_from_slice(&r.to_le_bytes());
