@@ -523,3 +523,171 @@ fn a_crashed_shim_is_cleaned_up_by_delete() {
     assert!(out.success(), "{}", out.describe());
     c.assert_no_leaks();
 }
+
+#[test]
+fn every_task_method_is_answered_on_the_shim_socket() {
+    use containerd_shim_protos::api;
+    use containerd_shim_protos::ttrpc::{context, Code, Error};
+    use containerd_shim_protos::TaskClient;
+
+    let c = setup();
+    let id = detached(&c, "api", &["sleep", "600"]);
+    let sock = thaw_tests::containerd::shim_socket_path(
+        &c.address,
+        thaw_tests::containerd::NAMESPACE,
+        &id,
+    );
+    let client =
+        containerd_shim_protos::ttrpc::Client::connect(&format!("unix://{}", sock.display()))
+            .unwrap();
+    let task = TaskClient::new(client);
+    let ctx = || context::with_timeout(10_000_000_000);
+    let code = |r: Result<(), Error>| match r {
+        Ok(()) => Code::OK,
+        Err(Error::RpcStatus(s)) => s.code(),
+        Err(e) => panic!("transport error {e:?}"),
+    };
+
+    let st = task
+        .state(
+            ctx(),
+            &api::StateRequest {
+                id: id.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        st.status.enum_value_or_default(),
+        containerd_shim_protos::types::task::Status::RUNNING
+    );
+    let cr = task
+        .connect(
+            ctx(),
+            &api::ConnectRequest {
+                id: id.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(shim_daemons(&c), vec![cr.shim_pid as i32]);
+    assert!(task
+        .pids(
+            ctx(),
+            &api::PidsRequest {
+                id: id.clone(),
+                ..Default::default()
+            }
+        )
+        .is_ok());
+    assert!(task
+        .stats(
+            ctx(),
+            &api::StatsRequest {
+                id: id.clone(),
+                ..Default::default()
+            }
+        )
+        .is_ok());
+    let r = task.update(
+        ctx(),
+        &api::UpdateTaskRequest {
+            id: id.clone(),
+            ..Default::default()
+        },
+    );
+    assert_eq!(code(r.map(|_| ())), Code::UNIMPLEMENTED);
+    let r = task.checkpoint(
+        ctx(),
+        &api::CheckpointTaskRequest {
+            id: id.clone(),
+            ..Default::default()
+        },
+    );
+    assert_eq!(code(r.map(|_| ())), Code::UNIMPLEMENTED);
+    let r = task.resize_pty(
+        ctx(),
+        &api::ResizePtyRequest {
+            id: id.clone(),
+            width: 80,
+            height: 24,
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        code(r.map(|_| ())),
+        Code::FAILED_PRECONDITION,
+        "no terminal"
+    );
+    let r = task.close_io(
+        ctx(),
+        &api::CloseIORequest {
+            id: id.clone(),
+            stdin: true,
+            ..Default::default()
+        },
+    );
+    assert_eq!(code(r.map(|_| ())), Code::OK);
+    let r = task.exec(
+        ctx(),
+        &api::ExecProcessRequest {
+            id: id.clone(),
+            exec_id: "nospec".into(),
+            ..Default::default()
+        },
+    );
+    assert_eq!(code(r.map(|_| ())), Code::INVALID_ARGUMENT);
+    let r = task.delete(
+        ctx(),
+        &api::DeleteRequest {
+            id: id.clone(),
+            ..Default::default()
+        },
+    );
+    assert_eq!(code(r.map(|_| ())), Code::FAILED_PRECONDITION, "running");
+    let r = task.create(
+        ctx(),
+        &api::CreateTaskRequest {
+            id: id.clone(),
+            ..Default::default()
+        },
+    );
+    assert_eq!(code(r.map(|_| ())), Code::ALREADY_EXISTS);
+    let r = task.wait(
+        ctx(),
+        &api::WaitRequest {
+            id: id.clone(),
+            exec_id: "nosuch".into(),
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        code(r.map(|_| ())),
+        Code::NOT_FOUND,
+        "an unknown exec is the one legitimate NOT_FOUND"
+    );
+    let r = task.shutdown(
+        ctx(),
+        &api::ShutdownRequest {
+            id: id.clone(),
+            ..Default::default()
+        },
+    );
+    assert_eq!(code(r.map(|_| ())), Code::OK);
+    assert_eq!(
+        task_status(&c, &id),
+        "RUNNING",
+        "shutdown with a live container is ignored"
+    );
+    drop(task);
+
+    let out = c.ctr(&["tasks", "checkpoint", &id]);
+    assert!(!out.success(), "{}", out.describe());
+    assert!(
+        out.stderr.contains("not supported by thaw"),
+        "{}",
+        out.describe()
+    );
+    remove(&c, &id);
+    c.assert_no_leaks();
+}

@@ -129,15 +129,13 @@ fn losetup(args: &[&str]) -> Result<String> {
 
 impl Backend for HostBackend {
     fn check(&self) -> Result<()> {
-        match fs::metadata(&self.host.agent) {
-            Ok(m) if m.is_file() => {}
-            _ => {
-                return Err(Error::Sandbox(format!(
-                    "host.agent {} does not exist (set host.agent in the thaw config)",
-                    self.host.agent.display()
-                )))
-            }
+        if !self.host.agent.exists() {
+            return Err(Error::Sandbox(format!(
+                "host.agent {} does not exist (set host.agent in the thaw config)",
+                self.host.agent.display()
+            )));
         }
+        super::vm::need_executable("host.agent", &self.host.agent)?;
         if cgroup2_mount().is_none() {
             return Err(Error::Sandbox(
                 "the host-unisolated backend needs a cgroup v2 mount to contain the agent".into(),

@@ -50,6 +50,19 @@ fn need_file(key: &str, p: &Path) -> Result<()> {
     }
 }
 
+/// A program that cannot be executed must be caught here: a failed exec in
+/// the spawned child would race the shim's SIGCHLD reaper.
+pub fn need_executable(key: &str, p: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
+        _ => Err(Error::Sandbox(format!(
+            "{key} {} is not an executable file",
+            p.display()
+        ))),
+    }
+}
+
 impl Backend for VmBackend {
     fn check(&self) -> Result<()> {
         if !Path::new("/dev/kvm").exists() {
@@ -58,6 +71,7 @@ impl Backend for VmBackend {
             ));
         }
         need_file("vm.vmm", &self.vm.vmm)?;
+        need_executable("vm.vmm", &self.vm.vmm)?;
         need_file("vm.kernel", &self.vm.kernel)?;
         need_file("vm.root_image", &self.vm.root_image)?;
         Ok(())
