@@ -101,3 +101,44 @@ fn invalid_spec_fails_ctr_run_with_a_readable_error() {
     let _ = c.ctr(&["containers", "delete", &id]);
     c.assert_no_leaks();
 }
+
+/// `ctr run` with annotations under a VM config that fails before boot;
+/// returns ctr's stderr.
+fn run_with_annotations(c: &PrivateContainerd, annotations: &[&str]) -> String {
+    let id = c.new_id("annot");
+    let mut args = c.run_args(&["--rm"]);
+    for a in annotations {
+        args.push("--annotation");
+        args.push(a);
+    }
+    args.extend([BUSYBOX_REF, id.as_str(), "true"]);
+    let out = c.ctr(&args);
+    assert!(!out.success(), "{}", out.describe());
+    let _ = c.ctr(&["containers", "delete", &id]);
+    out.stderr
+}
+
+#[test]
+fn pod_annotations_override_the_vm_config_and_are_checked() {
+    let c = PrivateContainerd::start_with(Backend::Vm, |cfg| {
+        format!(
+            "{}\n[annotations]\nallow = [\"vcpus\", \"kernel\"]\n",
+            missing_kernel(cfg)
+        )
+    });
+    c.import_busybox();
+    let e = run_with_annotations(&c, &["io.thaw.vm.vcpus=lots"]);
+    assert!(
+        e.contains("io.thaw.vm.vcpus") && e.contains("not a number"),
+        "{e}"
+    );
+    let e = run_with_annotations(&c, &["io.thaw.vm.memory_mib=512"]);
+    assert!(
+        e.contains("io.thaw.vm.memory_mib") && e.contains("not allowed"),
+        "{e}"
+    );
+    // An allowed override is what the shim then uses.
+    let e = run_with_annotations(&c, &["io.thaw.vm.kernel=/nonexistent/override/vmlinux"]);
+    assert!(e.contains("/nonexistent/override/vmlinux"), "{e}");
+    c.assert_no_leaks();
+}
