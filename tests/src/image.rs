@@ -38,7 +38,7 @@ fn put_blob(layout: &Path, data: &[u8]) -> (String, usize) {
 }
 
 /// Fills `root` with a minimal busybox root filesystem.
-fn populate_rootfs(root: &Path, corrupt: bool) {
+pub fn populate_rootfs(root: &Path, corrupt: bool) {
     for d in [
         "bin", "etc", "tmp", "proc", "sys", "dev", "root", "home", "var", "work",
     ] {

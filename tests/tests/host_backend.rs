@@ -691,3 +691,28 @@ fn every_task_method_is_answered_on_the_shim_socket() {
     remove(&c, &id);
     c.assert_no_leaks();
 }
+
+#[test]
+fn native_snapshotter_and_plain_rootfs_dirs_work() {
+    let c = setup();
+    let (_, out) = run(
+        &c,
+        &["--snapshotter", "native"],
+        &["grep", "-c", TEST_USER, "/etc/passwd"],
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert_eq!(out.stdout.trim(), "1", "{}", out.describe());
+
+    // `ctr run --rootfs DIR`: no snapshot, the spec's root.path.
+    let dir = c.dir().join("plain-rootfs");
+    thaw_tests::image::populate_rootfs(&dir, false);
+    std::fs::write(dir.join("etc/marker"), "from a plain dir\n").unwrap();
+    let id = c.new_id("rootfsdir");
+    let mut args = c.run_args(&["--rm", "--rootfs"]);
+    let d = dir.to_str().unwrap();
+    args.extend([d, id.as_str(), "cat", "/etc/marker"]);
+    let out = c.ctr_timeout(&args, Duration::from_secs(120));
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert_eq!(out.stdout.trim(), "from a plain dir", "{}", out.describe());
+    c.assert_no_leaks();
+}
