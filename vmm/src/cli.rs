@@ -4,9 +4,18 @@
 use std::path::PathBuf;
 
 use crate::config::{DiskConfig, PvmQuirks, SerialOutput, VmConfig, VsockConfig};
+use crate::snapshot::RestoreOptions;
+
+/// What the command line asks for: boot a kernel, or resume a snapshot.
+#[derive(Debug)]
+pub enum Launch {
+    Boot(VmConfig),
+    Restore(RestoreOptions),
+}
 
 pub const USAGE: &str = "\
 usage: thaw-vmm --kernel VMLINUX [options]
+       thaw-vmm --restore SNAPSHOT_DIR [--vsock-uds P] [--disk P[,ro]]... [--serial S] [--api-sock P]
   --kernel PATH          uncompressed ELF guest kernel (vmlinux)
   --initramfs PATH       initramfs to load (prefer a root disk: it is faster)
   --disk PATH[,ro]       virtio-blk disk from a raw file (repeatable; first is /dev/vda)
@@ -18,7 +27,10 @@ usage: thaw-vmm --kernel VMLINUX [options]
   --append STRING        extra guest kernel command line
   --serial stdout|none|PATH  where the guest console goes (default stdout)
   --api-sock PATH        control socket (pause, resume, stop, status, ...)
-  --pvm auto|on|off      guest workarounds for PVM hosts (default auto)";
+  --pvm auto|on|off      guest workarounds for PVM hosts (default auto)
+  --restore DIR          resume the VM saved in DIR (by the snapshot control
+                         request) instead of booting; --disk replaces its
+                         disks in order, --vsock-uds gives it a new socket";
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum CliError {
@@ -38,6 +50,8 @@ pub enum CliError {
     CidWithoutVsock,
     #[error("help requested")]
     Help,
+    #[error("{0} cannot be combined with --restore: the snapshot fixes it")]
+    NotWithRestore(String),
 }
 
 fn number<T: std::str::FromStr>(option: &str, value: &str) -> Result<T, CliError> {
@@ -48,8 +62,11 @@ fn number<T: std::str::FromStr>(option: &str, value: &str) -> Result<T, CliError
     })
 }
 
-pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<VmConfig, CliError> {
+pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Launch, CliError> {
     let mut cfg = VmConfig::default();
+    let mut restore: Option<PathBuf> = None;
+    let mut seen: Vec<String> = Vec::new();
+    let mut serial_given = false;
     let mut kernel = None;
     let mut vsock_uds = None;
     let mut cid = None;
@@ -71,6 +88,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<VmConfig, CliErr
             "--serial",
             "--api-sock",
             "--pvm",
+            "--restore",
         ];
         if !known.contains(&opt.as_str()) {
             return Err(CliError::Unknown(opt));
@@ -78,7 +96,9 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<VmConfig, CliErr
         let value = args
             .next()
             .ok_or_else(|| CliError::MissingValue(opt.clone()))?;
+        seen.push(opt.clone());
         match opt.as_str() {
+            "--restore" => restore = Some(PathBuf::from(value)),
             "--kernel" => kernel = Some(PathBuf::from(value)),
             "--initramfs" => cfg.initramfs = Some(value.into()),
             "--disk" => {
@@ -105,6 +125,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<VmConfig, CliErr
             "--memory-mib" => cfg.memory_mib = number(&opt, &value)?,
             "--append" => cfg.append = value,
             "--serial" => {
+                serial_given = true;
                 cfg.serial = match value.as_str() {
                     "stdout" => SerialOutput::Stdout,
                     "none" => SerialOutput::None,
@@ -129,6 +150,28 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<VmConfig, CliErr
             _ => return Err(CliError::Unknown(opt)),
         }
     }
+    if let Some(snapshot) = restore {
+        let fixed = [
+            "--kernel",
+            "--initramfs",
+            "--spare-disks",
+            "--cid",
+            "--vcpus",
+            "--memory-mib",
+            "--append",
+            "--pvm",
+        ];
+        if let Some(o) = seen.iter().find(|o| fixed.contains(&o.as_str())) {
+            return Err(CliError::NotWithRestore(o.clone()));
+        }
+        return Ok(Launch::Restore(RestoreOptions {
+            snapshot,
+            vsock_uds,
+            disks: cfg.disks,
+            serial: serial_given.then_some(cfg.serial),
+            api_socket: cfg.api_socket,
+        }));
+    }
     cfg.kernel = kernel.ok_or(CliError::NoKernel)?;
     cfg.vsock = match (vsock_uds, cid) {
         (Some(uds_path), cid) => Some(VsockConfig {
@@ -138,7 +181,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<VmConfig, CliErr
         (None, Some(_)) => return Err(CliError::CidWithoutVsock),
         (None, None) => None,
     };
-    Ok(cfg)
+    Ok(Launch::Boot(cfg))
 }
 
 #[cfg(test)]
@@ -149,13 +192,19 @@ mod tests {
         s.split_whitespace().map(String::from).collect()
     }
 
+    fn boot(s: &str) -> VmConfig {
+        match parse(args(s)).unwrap() {
+            Launch::Boot(c) => c,
+            other => panic!("expected a boot, got {other:?}"),
+        }
+    }
+
     #[test]
     fn parses_a_full_command_line() {
-        let c = parse(args(
+        let c = boot(
             "--kernel /k --disk /a,ro --disk /b --spare-disks 2 --vsock-uds /v --cid 7 \
              --vcpus 2 --memory-mib 512 --serial none --api-sock /api --pvm off",
-        ))
-        .unwrap();
+        );
         assert_eq!(c.kernel, PathBuf::from("/k"));
         assert_eq!(c.disks.len(), 2);
         assert!(c.disks[0].read_only && !c.disks[1].read_only);
@@ -174,8 +223,32 @@ mod tests {
 
     #[test]
     fn defaults_boot_with_just_a_kernel() {
-        let c = parse(args("--kernel /k")).unwrap();
+        let c = boot("--kernel /k");
         assert_eq!((c.vcpus, c.memory_mib, c.vsock.is_none()), (1, 256, true));
+    }
+
+    #[test]
+    fn restore_takes_host_resources_only() {
+        match parse(args(
+            "--restore /snap --vsock-uds /v2 --disk /img,ro --api-sock /a",
+        ))
+        .unwrap()
+        {
+            Launch::Restore(r) => {
+                assert_eq!(r.snapshot, PathBuf::from("/snap"));
+                assert_eq!(r.vsock_uds, Some(PathBuf::from("/v2")));
+                assert_eq!(r.disks.len(), 1);
+                assert!(r.serial.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = parse(args("--restore /snap --vcpus 2"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "--vcpus cannot be combined with --restore: the snapshot fixes it"
+        );
     }
 
     #[test]

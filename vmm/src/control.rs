@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::boot_marker::BootTimes;
-use crate::vcpu::{RunControl, VmExit};
+use crate::vcpu::VmExit;
 
 /// Longest request line accepted; anything longer is refused, not buffered.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -123,24 +123,21 @@ pub fn spawn_server(listener: UnixListener, ctl: Arc<dyn VmControl>) -> std::io:
     Ok(())
 }
 
-pub type SnapshotFn = Box<dyn Fn(&Path) -> Result<serde_json::Value, String> + Send + Sync>;
-
 /// The running VMM's side of the control API.
 pub struct VmmControl {
-    pub run: Arc<RunControl>,
+    pub vm: Arc<crate::snapshot::VmHandle>,
     pub exits: Sender<VmExit>,
     pub times: BootTimes,
     pub guest_ram: Vec<(u64, u64)>,
     pub disks: crate::vm::DiskAttacher,
-    pub snapshot: SnapshotFn,
 }
 
 impl VmControl for VmmControl {
     fn pause(&self) -> Result<(), String> {
-        self.run.pause().map_err(|e| e.to_string())
+        self.vm.pause()
     }
     fn resume(&self) -> Result<(), String> {
-        self.run.resume().map_err(|e| e.to_string())
+        self.vm.resume()
     }
     fn stop(&self) {
         let _ = self.exits.send(VmExit::Stopped);
@@ -148,7 +145,7 @@ impl VmControl for VmmControl {
     fn status(&self) -> serde_json::Value {
         let (vmm_kib, guest_kib) = crate::memory_usage(&self.guest_ram).unwrap_or((0, 0));
         json!({
-            "state": if self.run.is_paused() { "paused" } else { "running" },
+            "state": if self.vm.run.is_paused() { "paused" } else { "running" },
             "marks": self.times.marks(),
             "vmm_rss_kib": vmm_kib,
             "guest_rss_kib": guest_kib,
@@ -158,7 +155,8 @@ impl VmControl for VmmControl {
         (self.disks)(slot, path, read_only)
     }
     fn snapshot(&self, dir: &Path) -> Result<serde_json::Value, String> {
-        (self.snapshot)(dir)
+        let (state_bytes, memory_bytes) = self.vm.snapshot(dir).map_err(|e| e.to_string())?;
+        Ok(json!({"state_bytes": state_bytes, "memory_bytes_written": memory_bytes}))
     }
 }
 

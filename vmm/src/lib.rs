@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
@@ -50,6 +51,8 @@ pub enum Error {
     Arch(#[from] arch::ArchError),
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
+    #[error("snapshot {0}")]
+    Snapshot(String),
 }
 
 /// Resident memory of this process in KiB: (the VMM's own, guest RAM),

@@ -8,8 +8,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use thaw_vmm::boot_marker;
-use thaw_vmm::cli::{self, CliError};
+use thaw_vmm::cli::{self, CliError, Launch};
 use thaw_vmm::control::{self, VmmControl};
+use thaw_vmm::snapshot::{self, VmHandle};
 use thaw_vmm::vcpu::VmExit;
 use thaw_vmm::{vm, Error};
 
@@ -62,20 +63,28 @@ fn bind_api_socket(path: &Path) -> Result<UnixListener, Error> {
     UnixListener::bind(path).map_err(io)
 }
 
-fn run(config: thaw_vmm::config::VmConfig) -> Result<VmExit, Error> {
-    let api_socket = config.api_socket.clone();
-    let mut vm = vm::build(config)?;
+fn run(launch: Launch) -> Result<VmExit, Error> {
+    let mut vm = match launch {
+        Launch::Boot(config) => vm::build(config)?,
+        Launch::Restore(opts) => {
+            let vm = snapshot::restore(&opts)?;
+            vm.times.record("restored".into());
+            vm
+        }
+    };
+    let api_socket = vm.config.api_socket.clone();
+    // Bind before the vCPUs run, so a caller that sees the socket can use it.
+    let listener = api_socket.as_deref().map(bind_api_socket).transpose()?;
+    let handle = Arc::new(VmHandle::new(&vm)?);
     let exits = vm.start()?;
 
-    if let Some(path) = &api_socket {
-        let listener = bind_api_socket(path)?;
+    if let Some(listener) = listener {
         let ctl = VmmControl {
-            run: vm.control.clone(),
+            vm: handle,
             exits: vm.exit_sender(),
             times: vm.times.clone(),
             guest_ram: vm.guest_ram_host_ranges(),
             disks: vm.disk_attacher(),
-            snapshot: Box::new(|_| Err("snapshots are not supported by this build yet".into())),
         };
         control::spawn_server(listener, Arc::new(ctl)).map_err(|source| Error::Io {
             what: "starting the control thread".into(),
@@ -97,7 +106,7 @@ fn run(config: thaw_vmm::config::VmConfig) -> Result<VmExit, Error> {
 fn main() {
     boot_marker::set_process_start();
     init_logging();
-    let config = match cli::parse(std::env::args().skip(1)) {
+    let launch = match cli::parse(std::env::args().skip(1)) {
         Ok(c) => c,
         Err(CliError::Help) => {
             println!("{}", cli::USAGE);
@@ -108,7 +117,7 @@ fn main() {
             std::process::exit(64);
         }
     };
-    match run(config) {
+    match run(launch) {
         Ok(exit) => {
             match &exit {
                 VmExit::GuestReset => {

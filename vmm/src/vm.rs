@@ -18,7 +18,7 @@ use vm_memory::{
 use crate::arch::{boot_params, cpuid, layout, mptable, regs};
 use crate::boot_marker::{BootMarker, BootTimes};
 use crate::config::{PvmQuirks, SerialOutput, VmConfig};
-use crate::devices::legacy::{Serial, I8042};
+use crate::devices::legacy::{Serial, SerialSnapshot, I8042};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::rng::Rng;
@@ -42,11 +42,45 @@ pub fn host_is_pvm() -> bool {
 
 pub type DiskAttacher = Box<dyn Fn(usize, &Path, bool) -> Result<(), String> + Send + Sync>;
 
+/// A virtio device behind its transport, with its concrete type kept so it
+/// can be paused, saved and rebuilt.
+#[derive(Clone)]
+pub enum VirtioHandle {
+    Block(Arc<Mutex<MmioTransport<Block>>>),
+    Vsock(Arc<Mutex<MmioTransport<Vsock>>>),
+    Rng(Arc<Mutex<MmioTransport<Rng>>>),
+}
+
+pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl VirtioHandle {
+    pub fn pause(&self) -> Result<(), String> {
+        let r = match self {
+            VirtioHandle::Block(t) => lock(t).pause(),
+            VirtioHandle::Vsock(t) => lock(t).pause(),
+            VirtioHandle::Rng(t) => lock(t).pause(),
+        };
+        r.map_err(|e| e.to_string())
+    }
+
+    pub fn resume(&self) -> Result<(), String> {
+        let r = match self {
+            VirtioHandle::Block(t) => lock(t).resume(),
+            VirtioHandle::Vsock(t) => lock(t).resume(),
+            VirtioHandle::Rng(t) => lock(t).resume(),
+        };
+        r.map_err(|e| e.to_string())
+    }
+}
+
 /// One virtio device on the MMIO bus.
 pub struct VirtioSlot {
     pub name: String,
     pub base: u64,
     pub irq: u32,
+    pub handle: VirtioHandle,
 }
 
 pub struct Vm {
@@ -60,6 +94,7 @@ pub struct Vm {
     pub virtio: Vec<VirtioSlot>,
     /// Empty disk slots, filled through the control socket.
     pub spare_disks: Vec<Arc<Mutex<MmioTransport<Block>>>>,
+    pub serial: Option<Arc<Mutex<Serial>>>,
     pub times: BootTimes,
     pub control: Arc<RunControl>,
     cmdline: String,
@@ -71,9 +106,18 @@ fn kvm_error(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
 }
 
 impl Vm {
-    /// Creates the KVM VM with its memory, interrupt controllers and timer.
+    /// Creates the KVM VM with fresh (zeroed) memory, interrupt controllers
+    /// and timer.
     pub fn create(config: VmConfig) -> Result<Self, Error> {
         config.validate()?;
+        let mem = GuestMemoryMmap::from_ranges(&boot_params::ram_ranges(config.memory_bytes()))
+            .map_err(|e| Error::GuestMemory(e.to_string()))?;
+        Self::create_with_memory(config, mem)
+    }
+
+    /// Like `create`, with guest memory supplied (a snapshot's, mapped
+    /// copy-on-write).
+    pub fn create_with_memory(config: VmConfig, mem: GuestMemoryMmap) -> Result<Self, Error> {
         let kvm = Kvm::new().map_err(|source| Error::OpenKvm { source })?;
         for (cap, name) in [
             (Cap::Irqchip, "in-kernel irqchip"),
@@ -99,8 +143,6 @@ impl Vm {
         };
         fd.create_pit2(pit).map_err(kvm_error("KVM_CREATE_PIT2"))?;
 
-        let mem = GuestMemoryMmap::from_ranges(&boot_params::ram_ranges(config.memory_bytes()))
-            .map_err(|e| Error::GuestMemory(e.to_string()))?;
         register_memory(&fd, &mem)?;
 
         Ok(Self {
@@ -113,6 +155,7 @@ impl Vm {
             vcpus: Vec::new(),
             virtio: Vec::new(),
             spare_disks: Vec::new(),
+            serial: None,
             times: BootTimes::default(),
             control: RunControl::new(),
             cmdline: String::new(),
@@ -130,6 +173,43 @@ impl Vm {
 
     /// Serial console, i8042 (for reset), boot marker, virtio devices.
     pub fn attach_devices(&mut self) -> Result<(), Error> {
+        self.attach_legacy_devices(None)?;
+        let mem = self.mem.clone();
+        for (i, disk) in self.config.disks.clone().iter().enumerate() {
+            let dev = Block::new(&disk.path, disk.read_only)
+                .map_err(|e| Error::Device(format!("disk {}: {e}", disk.path.display())))?;
+            self.add_virtio(
+                format!("disk{i}"),
+                MmioTransport::new(mem.clone(), dev),
+                VirtioHandle::Block,
+            )?;
+        }
+        for i in 0..self.config.spare_disks {
+            let t = MmioTransport::new(mem.clone(), Block::empty());
+            self.add_virtio(format!("spare{i}"), t, VirtioHandle::Block)?;
+        }
+        if let Some(v) = self.config.vsock.clone() {
+            let dev = Vsock::new(v.guest_cid, &v.uds_path)
+                .map_err(|e| Error::Device(format!("vsock {}: {e}", v.uds_path.display())))?;
+            self.add_virtio(
+                "vsock".into(),
+                MmioTransport::new(mem.clone(), dev),
+                VirtioHandle::Vsock,
+            )?;
+        }
+        self.add_virtio(
+            "rng".into(),
+            MmioTransport::new(mem, Rng::new()),
+            VirtioHandle::Rng,
+        )?;
+        Ok(())
+    }
+
+    /// Serial (fresh, or from a snapshot), i8042 and the boot marker.
+    pub fn attach_legacy_devices(
+        &mut self,
+        serial_state: Option<&SerialSnapshot>,
+    ) -> Result<(), Error> {
         let serial_irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| Error::Device(format!("serial eventfd: {e}")))?;
         self.fd
@@ -143,11 +223,14 @@ impl Vm {
                 source,
             })?),
         };
-        self.io_bus.insert(
-            SERIAL_PORT,
-            8,
-            Arc::new(Mutex::new(Serial::new(serial_irq, out))),
-        )?;
+        let serial = match serial_state {
+            Some(state) => Serial::from_state(state, serial_irq, out)
+                .map_err(|e| Error::Device(format!("serial from snapshot: {e}")))?,
+            None => Serial::new(serial_irq, out),
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        self.io_bus.insert(SERIAL_PORT, 8, serial.clone())?;
+        self.serial = Some(serial);
         self.io_bus
             .insert(I8042_PORT, 5, Arc::new(Mutex::new(I8042::new())))?;
         let marker = Arc::new(Mutex::new(BootMarker::new(self.times.clone())));
@@ -155,38 +238,29 @@ impl Vm {
             .insert(u64::from(layout::BOOT_MARKER_PORT), 1, marker.clone())?;
         self.mmio_bus
             .insert(layout::BOOT_MARKER_MMIO, 0x1000, marker)?;
-
-        for (i, disk) in self.config.disks.clone().iter().enumerate() {
-            let dev = Block::new(&disk.path, disk.read_only)
-                .map_err(|e| Error::Device(format!("disk {}: {e}", disk.path.display())))?;
-            self.add_virtio(format!("disk{i}"), dev)?;
-        }
-        for i in 0..self.config.spare_disks {
-            let slot = self.add_virtio(format!("spare{i}"), Block::empty())?;
-            self.spare_disks.push(slot);
-        }
-        if let Some(v) = self.config.vsock.clone() {
-            let dev = Vsock::new(v.guest_cid, &v.uds_path)
-                .map_err(|e| Error::Device(format!("vsock {}: {e}", v.uds_path.display())))?;
-            self.add_virtio("vsock".into(), dev)?;
-        }
-        self.add_virtio("rng".into(), Rng::new())?;
         Ok(())
     }
 
-    fn add_virtio<D: VirtioDevice + 'static>(
+    /// Puts a transport on the next MMIO slot, with its ioeventfds and irqfd.
+    /// Slots are handed out in order, so rebuilding devices in the saved
+    /// order gives each the address and IRQ the guest knows.
+    pub fn add_virtio<D, E>(
         &mut self,
         name: String,
-        device: D,
-    ) -> Result<Arc<Mutex<MmioTransport<D>>>, Error> {
+        transport: Result<MmioTransport<D>, E>,
+        wrap: impl FnOnce(Arc<Mutex<MmioTransport<D>>>) -> VirtioHandle,
+    ) -> Result<(), Error>
+    where
+        D: VirtioDevice + 'static,
+        E: std::fmt::Display,
+    {
         let index = self.virtio.len() as u64;
         let base = layout::VIRTIO_MMIO_START + index * layout::VIRTIO_MMIO_SLOT_SIZE;
         let irq = layout::FIRST_VIRTIO_IRQ + index as u32;
         if irq > layout::MAX_IRQ {
             return Err(Error::Device(format!("no IRQ left for {name}")));
         }
-        let transport = MmioTransport::new(self.mem.clone(), device)
-            .map_err(|e| Error::Device(format!("{name}: {e}")))?;
+        let transport = transport.map_err(|e| Error::Device(format!("{name}: {e}")))?;
         for (q, evt) in transport.queue_events().iter().enumerate() {
             self.fd
                 .register_ioevent(evt, &IoEventAddress::Mmio(base + 0x50), q as u32)
@@ -198,9 +272,20 @@ impl Vm {
         let transport = Arc::new(Mutex::new(transport));
         self.mmio_bus
             .insert(base, layout::VIRTIO_MMIO_SLOT_SIZE, transport.clone())?;
+        let handle = wrap(transport);
+        if name.starts_with("spare") {
+            if let VirtioHandle::Block(t) = &handle {
+                self.spare_disks.push(t.clone());
+            }
+        }
+        self.virtio.push(VirtioSlot {
+            name,
+            base,
+            irq,
+            handle,
+        });
         self.cmdline += &format!(" virtio_mmio.device=4K@{base:#x}:{irq}");
-        self.virtio.push(VirtioSlot { name, base, irq });
-        Ok(transport)
+        Ok(())
     }
 
     /// The full guest command line: thaw's base, PVM workarounds, devices,
