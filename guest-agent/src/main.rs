@@ -1,1 +1,3 @@
-fn main() {}
+fn main() {
+    thaw_agent::cli::main()
+}

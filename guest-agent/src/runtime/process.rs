@@ -1,0 +1,206 @@
+//! One process the agent started (a container's init or an exec), its
+//! state, and what happens when it exits.
+
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use thaw_agent_protocol::agent::ExitEvent;
+use tokio::sync::watch;
+
+use crate::host::HostStream;
+use crate::reaper::Exit;
+use crate::runtime::events::EventLog;
+use crate::runtime::oom::OomWatcher;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitInfo {
+    pub status: u32,
+    pub at: SystemTime,
+}
+
+impl ExitInfo {
+    pub fn unix_ns(&self) -> i64 {
+        self.at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos().min(i64::MAX as u128) as i64)
+            .unwrap_or(0)
+    }
+}
+
+pub enum Status {
+    /// Set up, waiting for start; holds the helper channel.
+    Created(UnixStream),
+    Running,
+    Exited(ExitInfo),
+}
+
+#[derive(Default)]
+pub struct Io {
+    pub outputs: Vec<JoinHandle<()>>,
+    pub inputs: Vec<JoinHandle<()>>,
+    /// Dropped at exit: tells the output pumps to drain and stop.
+    pub exit_signal: Option<OwnedFd>,
+    /// A clone of the stdin stream, to close it from outside the pump.
+    pub stdin_ctl: Option<HostStream>,
+    pub tty_master: Option<Arc<OwnedFd>>,
+}
+
+pub struct Proc {
+    pub container_id: String,
+    /// Empty for the container's init.
+    pub exec_id: String,
+    pid: AtomicI32,
+    /// Set the moment the reaper saw the exit (the pid may be reused after).
+    reaped: AtomicBool,
+    status: Mutex<Status>,
+    exit_tx: watch::Sender<Option<ExitInfo>>,
+    pub io: Mutex<Io>,
+}
+
+/// Output still flowing this long after the exit is abandoned, so a
+/// stuck host stream cannot hold the exit back forever.
+const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+
+impl Proc {
+    pub fn new(container_id: &str, exec_id: &str) -> Arc<Proc> {
+        Arc::new(Proc {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+            pid: AtomicI32::new(0),
+            reaped: AtomicBool::new(false),
+            status: Mutex::new(Status::Running),
+            exit_tx: watch::channel(None).0,
+            io: Mutex::new(Io::default()),
+        })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid.load(Ordering::SeqCst)
+    }
+
+    pub fn set_created(&self, pid: i32, chan: UnixStream) {
+        self.pid.store(pid, Ordering::SeqCst);
+        let mut st = self.status();
+        if !matches!(*st, Status::Exited(_)) {
+            *st = Status::Created(chan);
+        }
+    }
+
+    pub fn status(&self) -> MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn io(&self) -> MutexGuard<'_, Io> {
+        self.io.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_reaped(&self) -> bool {
+        self.reaped.load(Ordering::SeqCst)
+    }
+
+    pub fn exit_info(&self) -> Option<ExitInfo> {
+        *self.exit_tx.borrow()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Option<ExitInfo>> {
+        self.exit_tx.subscribe()
+    }
+
+    /// Blocks until the exit is published or `timeout` passes.
+    pub fn wait_blocking(&self, timeout: Duration) -> Option<ExitInfo> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.exit_info() {
+                return Some(e);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Reaper callback: drain output, then publish the exit (on a thread of
+    /// its own, so the reaper keeps reaping meanwhile).
+    pub fn on_exit(
+        self: &Arc<Self>,
+        exit: Exit,
+        events: Arc<EventLog>,
+        oom: Option<OomWatcher>,
+    ) {
+        self.reaped.store(true, Ordering::SeqCst);
+        let me = self.clone();
+        let finish = move || {
+            let (outputs, signal) = {
+                let mut io = me.io();
+                (std::mem::take(&mut io.outputs), io.exit_signal.take())
+            };
+            drop(signal);
+            let deadline = Instant::now() + DRAIN_LIMIT;
+            for h in outputs {
+                while !h.is_finished() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                if h.is_finished() {
+                    let _ = h.join();
+                } else {
+                    log::warn!(
+                        "{}/{}: output still not drained {} s after exit; reporting exit anyway",
+                        me.container_id,
+                        me.exec_id,
+                        DRAIN_LIMIT.as_secs()
+                    );
+                }
+            }
+            if let Some(s) = me.io().stdin_ctl.take() {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            if let Some(oom) = &oom {
+                oom.check_now(&me.container_id);
+            }
+            let info = ExitInfo {
+                status: exit.status,
+                at: exit.at,
+            };
+            *me.status() = Status::Exited(info);
+            me.exit_tx.send_replace(Some(info));
+            let mut ev = ExitEvent::new();
+            ev.container_id = me.container_id.clone();
+            ev.exec_id = me.exec_id.clone();
+            ev.pid = exit.pid as u32;
+            ev.exit_status = exit.status;
+            ev.exited_at_unix_ns = info.unix_ns();
+            events.push_exit(ev);
+        };
+        if std::thread::Builder::new()
+            .name(format!("exit-{}", exit.pid))
+            .spawn(finish)
+            .is_err()
+        {
+            log::error!("cannot start exit thread for pid {}", exit.pid);
+        }
+    }
+
+    pub fn resize(&self, width: u16, height: u16) -> std::io::Result<bool> {
+        let io = self.io();
+        let Some(master) = &io.tty_master else {
+            return Ok(false);
+        };
+        let ws = libc::winsize {
+            ws_row: height,
+            ws_col: width,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ with a pointer to a local winsize.
+        if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(true)
+    }
+}
