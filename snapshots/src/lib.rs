@@ -9,6 +9,7 @@
 
 pub mod cpu;
 pub mod format;
+pub mod template;
 
 pub use cpu::CpuFingerprint;
 pub use format::{read_state, write_state, FormatError, FORMAT_VERSION};

@@ -1,0 +1,651 @@
+//! Templates: one snapshot of a freshly booted, ready guest per set of boot
+//! inputs, kept in a store and restored by every sandbox start.
+//!
+//! A template is keyed by a hash of everything that shapes the saved guest
+//! (kernel and root image contents, vCPUs, memory, spare disk slots, the
+//! thaw version and the snapshot format), so changing any input selects a
+//! new template instead of resuming a stale one.
+//!
+//! Store layout:
+//! ```text
+//! <store>/<key>/{state,memory,template.json}   complete templates only
+//! <store>/<key>.lock                           flock taken while building/removing
+//! <store>/.build-<key>-<pid>                   a build in progress (or a crashed one)
+//! ```
+//! A build writes into its own temporary directory and renames it to
+//! `<key>` once complete, under the key's lock: readers never see half a
+//! template, and concurrent builders of one key build it once.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::{FORMAT_VERSION, MEMORY_FILE, STATE_FILE};
+
+/// Where templates live unless configured otherwise.
+pub const DEFAULT_STORE: &str = "/var/lib/thaw/templates";
+/// The record of a template's inputs, next to its state and memory.
+pub const RECORD_FILE: &str = "template.json";
+const BUILD_PREFIX: &str = ".build-";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0:?} is not a template key (expected 64 lowercase hex digits)")]
+    BadKey(String),
+    #[error("no template {0} in the store")]
+    NotFound(String),
+    #[error("template record {path}: {reason}")]
+    Record { path: String, reason: String },
+    #[error("building template {key}: {reason}")]
+    Build { key: String, reason: String },
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TemplateError {
+    let path = path.display().to_string();
+    move |source| TemplateError::Io { what, path, source }
+}
+
+/// What a template is booted from. Paths are read for their contents; the
+/// key does not depend on where the files are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateInputs {
+    pub kernel: PathBuf,
+    pub root_image: PathBuf,
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    pub spare_disks: u8,
+}
+
+/// The hex SHA-256 of a template's inputs; also its directory name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TemplateKey(String);
+
+impl TemplateKey {
+    /// Hashes the inputs: file contents (streamed), then the parameters.
+    /// Every field is length- or tag-prefixed so no two inputs collide by
+    /// concatenation.
+    pub fn compute(inputs: &TemplateInputs) -> Result<Self, TemplateError> {
+        let mut h = Sha256::new();
+        h.update(b"thaw-template-v1\0");
+        for (tag, path) in [(b'K', &inputs.kernel), (b'R', &inputs.root_image)] {
+            h.update([tag]);
+            hash_file(&mut h, path)?;
+        }
+        h.update([b'C', inputs.vcpus]);
+        h.update(b"M");
+        h.update(inputs.memory_mib.to_le_bytes());
+        h.update([b'S', inputs.spare_disks]);
+        let version = env!("CARGO_PKG_VERSION").as_bytes();
+        h.update(b"V");
+        h.update((version.len() as u64).to_le_bytes());
+        h.update(version);
+        h.update(b"F");
+        h.update(FORMAT_VERSION.to_le_bytes());
+        let digest = h.finalize();
+        Ok(TemplateKey(
+            digest.iter().map(|b| format!("{b:02x}")).collect(),
+        ))
+    }
+
+    /// A key typed by a user or read from a directory name.
+    pub fn parse(s: &str) -> Result<Self, TemplateError> {
+        let ok = s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if ok {
+            Ok(TemplateKey(s.to_string()))
+        } else {
+            Err(TemplateError::BadKey(s.to_string()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for TemplateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for TemplateKey {
+    type Error = TemplateError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        TemplateKey::parse(&s)
+    }
+}
+
+impl From<TemplateKey> for String {
+    fn from(k: TemplateKey) -> String {
+        k.0
+    }
+}
+
+/// Streams a file's length and contents into the hash.
+fn hash_file(h: &mut Sha256, path: &Path) -> Result<u64, TemplateError> {
+    let mut f = File::open(path).map_err(io("opening template input", path))?;
+    let len = f
+        .metadata()
+        .map_err(io("reading template input", path))?
+        .len();
+    h.update(len.to_le_bytes());
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(io("reading template input", path))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        h.update(&buf[..n]);
+    }
+    if total != len {
+        return Err(TemplateError::Io {
+            what: "reading template input",
+            path: path.display().to_string(),
+            source: std::io::Error::other("file changed size while being hashed"),
+        });
+    }
+    Ok(len)
+}
+
+/// `template.json`: what a template was built from, for `list` and `gc`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateRecord {
+    pub key: TemplateKey,
+    pub inputs: TemplateInputs,
+    pub kernel_size: u64,
+    pub root_image_size: u64,
+    pub thaw_version: String,
+    pub format_version: u32,
+    /// Seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// How long the builder took, in milliseconds.
+    pub build_ms: u64,
+}
+
+/// A directory of templates.
+#[derive(Clone, Debug)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// Holds a key's flock until dropped (closing the file releases it).
+struct KeyLock(#[allow(dead_code)] File);
+
+impl Store {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Store { root: root.into() }
+    }
+
+    /// The store at [`DEFAULT_STORE`].
+    pub fn default_location() -> Self {
+        Store::new(DEFAULT_STORE)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn dir(&self, key: &TemplateKey) -> PathBuf {
+        self.root.join(key.as_str())
+    }
+
+    /// The template's directory if it is complete (all three files present).
+    pub fn get(&self, key: &TemplateKey) -> Option<PathBuf> {
+        let dir = self.dir(key);
+        let complete = [STATE_FILE, MEMORY_FILE, RECORD_FILE]
+            .iter()
+            .all(|f| dir.join(f).is_file());
+        complete.then_some(dir)
+    }
+
+    /// Takes `<store>/<key>.lock` exclusively, waiting for whoever holds it.
+    fn lock(&self, key: &TemplateKey) -> Result<KeyLock, TemplateError> {
+        std::fs::create_dir_all(&self.root).map_err(io("creating template store", &self.root))?;
+        let path = self.root.join(format!("{key}.lock"));
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io("opening template lock", &path))?;
+        f.lock().map_err(io("locking", &path))?;
+        Ok(KeyLock(f))
+    }
+
+    /// Returns the template for `key`, building it with `builder` if it is
+    /// missing. `builder` gets an empty directory and must leave the
+    /// snapshot's `state` and `memory` files in it. Only one caller builds a
+    /// key at a time; the others wait on the lock and then find it built.
+    /// A failed build leaves nothing behind.
+    pub fn build<E: std::fmt::Display>(
+        &self,
+        key: &TemplateKey,
+        inputs: &TemplateInputs,
+        builder: impl FnOnce(&Path) -> Result<(), E>,
+    ) -> Result<PathBuf, TemplateError> {
+        if let Some(dir) = self.get(key) {
+            return Ok(dir);
+        }
+        let _lock = self.lock(key)?;
+        if let Some(dir) = self.get(key) {
+            return Ok(dir);
+        }
+        // Holding the lock, anything else for this key is debris of a
+        // crashed build (or a half-removed template): clear it.
+        self.remove_debris(key)?;
+
+        let tmp = self
+            .root
+            .join(format!("{BUILD_PREFIX}{key}-{}", std::process::id()));
+        std::fs::create_dir(&tmp).map_err(io("creating build directory", &tmp))?;
+        let result = self.build_into(key, inputs, &tmp, builder);
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        result
+    }
+
+    fn build_into<E: std::fmt::Display>(
+        &self,
+        key: &TemplateKey,
+        inputs: &TemplateInputs,
+        tmp: &Path,
+        builder: impl FnOnce(&Path) -> Result<(), E>,
+    ) -> Result<PathBuf, TemplateError> {
+        let failed = |reason: String| TemplateError::Build {
+            key: key.to_string(),
+            reason,
+        };
+        let started = std::time::Instant::now();
+        builder(tmp).map_err(|e| failed(e.to_string()))?;
+        let build_ms = started.elapsed().as_millis() as u64;
+        for f in [STATE_FILE, MEMORY_FILE] {
+            let p = tmp.join(f);
+            if !p.is_file() {
+                return Err(failed(format!("the builder left no {f} file")));
+            }
+            // The rename below must not publish data still in the page cache only.
+            File::open(&p)
+                .and_then(|f| f.sync_all())
+                .map_err(io("syncing", &p))?;
+        }
+        let size = |p: &Path| {
+            std::fs::metadata(p)
+                .map(|m| m.len())
+                .map_err(io("reading template input", p))
+        };
+        let record = TemplateRecord {
+            key: key.clone(),
+            inputs: inputs.clone(),
+            kernel_size: size(&inputs.kernel)?,
+            root_image_size: size(&inputs.root_image)?,
+            thaw_version: env!("CARGO_PKG_VERSION").to_string(),
+            format_version: FORMAT_VERSION,
+            created_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            build_ms,
+        };
+        let json = serde_json::to_vec_pretty(&record).map_err(|e| TemplateError::Record {
+            path: tmp.join(RECORD_FILE).display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let rec_path = tmp.join(RECORD_FILE);
+        let mut f = File::create(&rec_path).map_err(io("writing", &rec_path))?;
+        f.write_all(&json)
+            .and_then(|_| f.sync_all())
+            .map_err(io("writing", &rec_path))?;
+        let dir = self.dir(key);
+        std::fs::rename(tmp, &dir).map_err(io("publishing template", &dir))?;
+        File::open(&self.root)
+            .and_then(|d| d.sync_all())
+            .map_err(io("syncing", &self.root))?;
+        Ok(dir)
+    }
+
+    /// Removes a key's build directories and an incomplete template dir.
+    /// Call only with the key's lock held.
+    fn remove_debris(&self, key: &TemplateKey) -> Result<(), TemplateError> {
+        let prefix = format!("{BUILD_PREFIX}{key}-");
+        let entries = std::fs::read_dir(&self.root).map_err(io("listing", &self.root))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(&prefix) || name == key.as_str() {
+                let p = entry.path();
+                std::fs::remove_dir_all(&p).map_err(io("removing stale build", &p))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every complete template, sorted by key. A template whose record does
+    /// not parse is listed with an error instead of hiding it.
+    pub fn list(&self) -> Result<Vec<Result<TemplateRecord, TemplateError>>, TemplateError> {
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io("listing", &self.root)(e)),
+        };
+        let mut keys: Vec<TemplateKey> = entries
+            .flatten()
+            .filter_map(|e| TemplateKey::parse(&e.file_name().to_string_lossy()).ok())
+            .filter(|k| self.get(k).is_some())
+            .collect();
+        keys.sort();
+        Ok(keys.iter().map(|k| self.record(k)).collect())
+    }
+
+    /// The record of a complete template.
+    pub fn record(&self, key: &TemplateKey) -> Result<TemplateRecord, TemplateError> {
+        let dir = self
+            .get(key)
+            .ok_or_else(|| TemplateError::NotFound(key.to_string()))?;
+        let path = dir.join(RECORD_FILE);
+        let bytes = std::fs::read(&path).map_err(io("reading", &path))?;
+        let record: TemplateRecord =
+            serde_json::from_slice(&bytes).map_err(|e| TemplateError::Record {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        if &record.key != key {
+            return Err(TemplateError::Record {
+                path: path.display().to_string(),
+                reason: format!("records key {}, not its directory's", record.key),
+            });
+        }
+        Ok(record)
+    }
+
+    /// Removes a template, waiting for a build of it to finish first. The
+    /// directory is renamed away before deletion so no reader sees it half
+    /// deleted. (A VMM already restored from it keeps its mapping.)
+    pub fn remove(&self, key: &TemplateKey) -> Result<(), TemplateError> {
+        let _lock = self.lock(key)?;
+        let dir = self.dir(key);
+        if !dir.exists() {
+            return Err(TemplateError::NotFound(key.to_string()));
+        }
+        let doomed = self
+            .root
+            .join(format!("{BUILD_PREFIX}{key}-rm{}", std::process::id()));
+        std::fs::rename(&dir, &doomed).map_err(io("removing template", &dir))?;
+        std::fs::remove_dir_all(&doomed).map_err(io("removing template", &doomed))?;
+        // The lock file stays: unlinking it while another process waits on
+        // it would let a third lock a fresh file and build alongside.
+        Ok(())
+    }
+
+    /// Removes templates whose recorded inputs no longer hash to their key
+    /// (an input file changed or is gone, or thaw was upgraded), and those
+    /// with an unreadable record. Returns the keys removed.
+    pub fn gc(&self) -> Result<Vec<TemplateKey>, TemplateError> {
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io("listing", &self.root)(e)),
+        };
+        let keys: Vec<TemplateKey> = entries
+            .flatten()
+            .filter_map(|e| TemplateKey::parse(&e.file_name().to_string_lossy()).ok())
+            .collect();
+        let mut removed = Vec::new();
+        for key in keys {
+            let stale = match self.record(&key) {
+                Ok(r) => TemplateKey::compute(&r.inputs).map_or(true, |k| k != key),
+                Err(_) => true,
+            };
+            if stale {
+                self.remove(&key)?;
+                removed.push(key);
+            }
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Barrier};
+    use std::time::Duration;
+
+    fn inputs(dir: &Path) -> TemplateInputs {
+        let kernel = dir.join("vmlinux");
+        let root_image = dir.join("root.img");
+        if !kernel.exists() {
+            std::fs::write(&kernel, b"kernel bytes").unwrap();
+            std::fs::write(&root_image, b"root image bytes").unwrap();
+        }
+        TemplateInputs {
+            kernel,
+            root_image,
+            vcpus: 1,
+            memory_mib: 128,
+            spare_disks: 1,
+        }
+    }
+
+    fn fake_builder(dir: &Path) -> Result<(), String> {
+        std::fs::write(dir.join(STATE_FILE), b"state").map_err(|e| e.to_string())?;
+        std::fs::write(dir.join(MEMORY_FILE), b"memory").map_err(|e| e.to_string())
+    }
+
+    /// Everything in the store except lock files.
+    fn store_entries(store: &Store) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(store.root())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".lock"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn key_changes_with_every_input() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = inputs(tmp.path());
+        let k0 = TemplateKey::compute(&base).unwrap();
+        assert_eq!(k0, TemplateKey::compute(&base).unwrap(), "deterministic");
+        assert_eq!(TemplateKey::parse(k0.as_str()).unwrap(), k0);
+
+        let mut keys = vec![k0.clone()];
+        for change in [
+            |i: &mut TemplateInputs| i.vcpus = 2,
+            |i: &mut TemplateInputs| i.memory_mib = 256,
+            |i: &mut TemplateInputs| i.spare_disks = 2,
+        ] {
+            let mut i = base.clone();
+            change(&mut i);
+            keys.push(TemplateKey::compute(&i).unwrap());
+        }
+        // Same contents elsewhere: same key; changed contents: new key.
+        let copy = tmp.path().join("copy-of-kernel");
+        std::fs::copy(&base.kernel, &copy).unwrap();
+        let moved = TemplateInputs {
+            kernel: copy,
+            ..base.clone()
+        };
+        assert_eq!(TemplateKey::compute(&moved).unwrap(), k0);
+        std::fs::write(&base.kernel, b"kernel bytes, rebuilt").unwrap();
+        keys.push(TemplateKey::compute(&base).unwrap());
+        std::fs::write(&base.root_image, b"root image bytes, rebuilt").unwrap();
+        keys.push(TemplateKey::compute(&base).unwrap());
+        let mut unique = keys.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), keys.len(), "{keys:?}");
+
+        let missing = TemplateInputs {
+            kernel: tmp.path().join("nope"),
+            ..base
+        };
+        let e = TemplateKey::compute(&missing).unwrap_err().to_string();
+        assert!(e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn bad_keys_are_refused() {
+        for bad in ["", "abc", &"G".repeat(64), &"A".repeat(64), "../etc"] {
+            assert!(TemplateKey::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn build_publishes_a_complete_template_and_reuses_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("store"));
+        let inp = inputs(tmp.path());
+        let key = TemplateKey::compute(&inp).unwrap();
+        assert_eq!(store.get(&key), None);
+        assert!(
+            store.list().unwrap().is_empty(),
+            "missing store lists empty"
+        );
+
+        let dir = store.build(&key, &inp, fake_builder).unwrap();
+        assert_eq!(dir, store.root().join(key.as_str()));
+        assert_eq!(store.get(&key), Some(dir.clone()));
+        assert_eq!(std::fs::read(dir.join(STATE_FILE)).unwrap(), b"state");
+        let rec = store.record(&key).unwrap();
+        assert_eq!((rec.inputs.clone(), rec.kernel_size), (inp.clone(), 12));
+        assert_eq!(rec.format_version, FORMAT_VERSION);
+        assert_eq!(store_entries(&store), vec![key.to_string()]);
+
+        // Second build: the builder is not called.
+        let again = store
+            .build(&key, &inp, |_| Err::<(), _>("must not run"))
+            .unwrap();
+        assert_eq!(again, dir);
+        let listed: Vec<TemplateRecord> = store
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(listed, vec![rec]);
+
+        store.remove(&key).unwrap();
+        assert_eq!(store.get(&key), None);
+        assert!(store_entries(&store).is_empty());
+        let e = store.remove(&key).unwrap_err();
+        assert!(matches!(e, TemplateError::NotFound(_)), "{e}");
+    }
+
+    #[test]
+    fn a_failed_build_leaves_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("store"));
+        let inp = inputs(tmp.path());
+        let key = TemplateKey::compute(&inp).unwrap();
+
+        // Fails after writing part of a snapshot.
+        let e = store
+            .build(&key, &inp, |dir| {
+                std::fs::write(dir.join(STATE_FILE), b"half").unwrap();
+                Err("guest never became ready")
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("guest never became ready"), "{e}");
+        assert_eq!(store.get(&key), None);
+        assert!(
+            store_entries(&store).is_empty(),
+            "{:?}",
+            store_entries(&store)
+        );
+
+        // "Succeeds" without a memory file: refused, nothing published.
+        let e = store
+            .build(&key, &inp, |dir| std::fs::write(dir.join(STATE_FILE), b"s"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no memory file"), "{e}");
+        assert!(store_entries(&store).is_empty());
+
+        // Debris of a crashed build is cleared by the next build.
+        let debris = store.root().join(format!("{BUILD_PREFIX}{key}-99999"));
+        std::fs::create_dir(&debris).unwrap();
+        std::fs::write(debris.join(STATE_FILE), b"x").unwrap();
+        store.build(&key, &inp, fake_builder).unwrap();
+        assert_eq!(store_entries(&store), vec![key.to_string()]);
+    }
+
+    #[test]
+    fn concurrent_builders_build_once_and_never_see_half_a_template() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("store"));
+        let inp = inputs(tmp.path());
+        let key = TemplateKey::compute(&inp).unwrap();
+        let builds = Arc::new(AtomicUsize::new(0));
+        let start = Arc::new(Barrier::new(2));
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let (store, inp, key) = (store.clone(), inp.clone(), key.clone());
+                let (builds, start) = (builds.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    store
+                        .build(&key, &inp, |dir| {
+                            builds.fetch_add(1, Ordering::SeqCst);
+                            std::fs::write(dir.join(STATE_FILE), b"state").unwrap();
+                            // Slow builder: the other thread must wait, not
+                            // see this half-written template.
+                            std::thread::sleep(Duration::from_millis(300));
+                            assert_eq!(store.get(&key), None);
+                            std::fs::write(dir.join(MEMORY_FILE), b"memory")
+                        })
+                        .unwrap()
+                })
+            })
+            .collect();
+        let dirs: Vec<PathBuf> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        assert_eq!(builds.load(Ordering::SeqCst), 1, "built more than once");
+        assert_eq!(dirs[0], dirs[1]);
+        assert_eq!(std::fs::read(dirs[0].join(MEMORY_FILE)).unwrap(), b"memory");
+    }
+
+    #[test]
+    fn gc_removes_templates_whose_inputs_changed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("store"));
+        let inp = inputs(tmp.path());
+        let old = TemplateKey::compute(&inp).unwrap();
+        store.build(&old, &inp, fake_builder).unwrap();
+        let two = TemplateInputs {
+            vcpus: 2,
+            ..inp.clone()
+        };
+        let kept = TemplateKey::compute(&two).unwrap();
+        store.build(&kept, &two, fake_builder).unwrap();
+        assert!(store.gc().unwrap().is_empty(), "nothing changed yet");
+
+        // The root image changes: both templates' keys no longer match.
+        std::fs::write(&inp.root_image, b"new root image").unwrap();
+        let mut removed = store.gc().unwrap();
+        removed.sort();
+        let mut expected = vec![old, kept];
+        expected.sort();
+        assert_eq!(removed, expected);
+        assert!(store.list().unwrap().is_empty());
+    }
+}
