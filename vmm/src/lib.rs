@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod snapshot;
+pub mod template;
 pub mod vcpu;
 pub mod vm;
 
@@ -53,6 +54,8 @@ pub enum Error {
     Vcpu(#[from] vcpu::VcpuError),
     #[error("snapshot {0}")]
     Snapshot(String),
+    #[error("template: {0}")]
+    Template(String),
 }
 
 /// Resident memory of this process in KiB: (the VMM's own, guest RAM),

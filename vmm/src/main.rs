@@ -97,13 +97,21 @@ fn run(launch: Launch) -> Result<VmExit, Error> {
         .recv()
         .unwrap_or(VmExit::Error("all vCPUs vanished".into()));
     vm.control.stop_and_join();
+    // The control thread still holds the devices, so their destructors do
+    // not run before exit: remove the host-side sockets we created here.
     if let Some(path) = &api_socket {
         let _ = std::fs::remove_file(path);
+    }
+    if let Some(v) = &vm.config.vsock {
+        let _ = std::fs::remove_file(&v.uds_path);
     }
     Ok(exit)
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("template") {
+        std::process::exit(thaw_vmm::template::main(std::env::args().skip(2).collect()));
+    }
     boot_marker::set_process_start();
     init_logging();
     let launch = match cli::parse(std::env::args().skip(1)) {

@@ -1,0 +1,659 @@
+//! Building templates: boot a VM cold in a child `thaw-vmm`, wait until its
+//! guest says it is ready, snapshot it and stop it. The store
+//! (`thaw_snapshots::template`) decides when to build and publishes the
+//! result atomically; this module only produces the snapshot files.
+//!
+//! Also the `thaw-vmm template build|list|rm|gc` subcommand.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use thaw_snapshots::template::{Store, TemplateInputs, TemplateKey, DEFAULT_STORE};
+
+use crate::Error;
+
+/// The port the guest agent dials when it is ready.
+pub const AGENT_PORT: u32 = 1024;
+/// The port thaw's test init reports on.
+pub const TEST_INIT_PORT: u32 = 1234;
+/// Longest line accepted from the guest while waiting for it.
+const MAX_GUEST_LINE: u64 = 4096;
+
+/// How the builder recognises a ready guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadyProbe {
+    /// The guest agent: ready once it dials the ready port. The connection
+    /// stays open until the snapshot is taken, so the agent sits idle in it
+    /// and re-dials after a restore resets it.
+    Agent,
+    /// thaw's test init (tests/test-init): walked through its boot steps
+    /// (disk report, nonce, echo on port 5001) to its serve loop, where it
+    /// re-dials after a restore and says `ready`.
+    TestInit,
+}
+
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    /// The `thaw-vmm` binary to boot the template with.
+    pub vmm: PathBuf,
+    pub ready_port: u32,
+    pub probe: ReadyProbe,
+    /// Cold boot, readiness and snapshot must finish within this.
+    pub timeout: Duration,
+}
+
+impl BuildOptions {
+    pub fn new(vmm: PathBuf) -> Self {
+        BuildOptions {
+            vmm,
+            ready_port: AGENT_PORT,
+            probe: ReadyProbe::Agent,
+            timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+fn template_err(msg: impl Into<String>) -> Error {
+    Error::Template(msg.into())
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+/// The child VMM; killed and reaped if dropped while still running.
+struct VmmChild {
+    child: Child,
+    sockets: tempfile::TempDir,
+}
+
+impl VmmChild {
+    fn console(&self) -> PathBuf {
+        self.sockets.path().join("console")
+    }
+    fn stderr(&self) -> PathBuf {
+        self.sockets.path().join("stderr")
+    }
+
+    /// The last lines of the VMM's stderr and the guest console, for errors.
+    fn diagnostics(&self) -> String {
+        let tail = |p: &Path| {
+            let text = std::fs::read(p).unwrap_or_default();
+            let text = String::from_utf8_lossy(&text);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(15)..].join("\n")
+        };
+        format!(
+            "\n--- thaw-vmm stderr ---\n{}\n--- guest console (tail) ---\n{}",
+            tail(&self.stderr()),
+            tail(&self.console())
+        )
+    }
+
+    fn fail(&mut self, msg: impl std::fmt::Display) -> Error {
+        // Stop it first so its stderr is complete.
+        self.kill();
+        template_err(format!("{msg}{}", self.diagnostics()))
+    }
+
+    fn kill(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for VmmChild {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Boots `inputs` cold, waits for the guest to be ready, snapshots it into
+/// `out` and stops the VMM. Past `opts.timeout` the VMM is killed and the
+/// build fails. The VMM's sockets live in a private temporary directory
+/// that is removed on every path.
+pub fn boot_and_snapshot(
+    inputs: &TemplateInputs,
+    opts: &BuildOptions,
+    out: &Path,
+) -> Result<(), Error> {
+    let deadline = Instant::now() + opts.timeout;
+    let sockets = tempfile::Builder::new()
+        .prefix("thaw-template-")
+        .tempdir()
+        .map_err(io_err("creating a socket directory"))?;
+    let uds = sockets.path().join("vsock");
+    let api = sockets.path().join("api");
+    // Listen before the VMM starts: the guest may dial as soon as it runs.
+    let ready_path = sockets.path().join(format!("vsock_{}", opts.ready_port));
+    let ready = UnixListener::bind(&ready_path)
+        .map_err(io_err(format!("listening on {}", ready_path.display())))?;
+    let stderr_path = sockets.path().join("stderr");
+    let stderr = File::create(&stderr_path)
+        .map_err(io_err(format!("creating {}", stderr_path.display())))?;
+
+    let child = Command::new(&opts.vmm)
+        .arg("--kernel")
+        .arg(&inputs.kernel)
+        .arg("--disk")
+        .arg(disk_arg(&inputs.root_image))
+        .arg("--spare-disks")
+        .arg(inputs.spare_disks.to_string())
+        .arg("--vcpus")
+        .arg(inputs.vcpus.to_string())
+        .arg("--memory-mib")
+        .arg(inputs.memory_mib.to_string())
+        .arg("--vsock-uds")
+        .arg(&uds)
+        .arg("--api-sock")
+        .arg(&api)
+        .arg("--serial")
+        .arg(sockets.path().join("console"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .map_err(io_err(format!("starting {}", opts.vmm.display())))?;
+    let mut vmm = VmmChild { child, sockets };
+
+    let conn = match accept_until(&ready, &mut vmm, deadline) {
+        Ok(c) => c,
+        Err(e) => return Err(vmm.fail(e)),
+    };
+    // Held open until the snapshot is taken: the guest waits in it.
+    let _held = match opts.probe {
+        ReadyProbe::Agent => conn,
+        ReadyProbe::TestInit => match walk_test_init(conn, &ready, &uds, &mut vmm, deadline) {
+            Ok(c) => c,
+            Err(e) => return Err(vmm.fail(e)),
+        },
+    };
+
+    let request = serde_json::json!({ "op": "snapshot", "dir": out }).to_string();
+    if let Err(e) = control(&api, &request, deadline) {
+        return Err(vmm.fail(format!("snapshot: {e}")));
+    }
+    if let Err(e) = control(&api, r#"{"op":"stop"}"#, deadline) {
+        return Err(vmm.fail(format!("stopping the template VM: {e}")));
+    }
+    let stop_by = Instant::now() + Duration::from_secs(30);
+    loop {
+        match vmm.child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < stop_by => std::thread::sleep(Duration::from_millis(20)),
+            _ => return Err(vmm.fail("the template VM did not exit after stop")),
+        }
+    }
+    Ok(())
+}
+
+fn disk_arg(path: &Path) -> std::ffi::OsString {
+    let mut s = path.as_os_str().to_owned();
+    s.push(",ro");
+    s
+}
+
+fn remaining(deadline: Instant) -> Result<Duration, String> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| "timed out".to_string())
+}
+
+/// Accepts one connection, giving up if the VMM exits or time runs out.
+fn accept_until(
+    listener: &UnixListener,
+    vmm: &mut VmmChild,
+    deadline: Instant,
+) -> Result<UnixStream, String> {
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).map_err(|e| e.to_string())?;
+                let left = remaining(deadline)?;
+                s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+                s.set_write_timeout(Some(left)).map_err(|e| e.to_string())?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(format!("accepting the guest's connection: {e}")),
+        }
+        if let Ok(Some(status)) = vmm.child.try_wait() {
+            return Err(format!(
+                "thaw-vmm exited ({status}) before the guest was ready"
+            ));
+        }
+        if Instant::now() >= deadline {
+            return Err("the guest was not ready before the deadline".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One line from the guest, bounded in length (a hostile guest cannot make
+/// us buffer without end) and by the stream's timeout.
+fn guest_line(r: &mut impl BufRead) -> Result<String, String> {
+    let mut line = String::new();
+    r.take(MAX_GUEST_LINE)
+        .read_line(&mut line)
+        .map_err(|e| format!("reading from the guest: {e}"))?;
+    if !line.ends_with('\n') {
+        return Err(format!("the guest sent {line:?}, not a line"));
+    }
+    Ok(line.trim_end().to_string())
+}
+
+/// Drives the test init from its first report to its serve loop; returns
+/// the serve connection, on which it waits for a command.
+fn walk_test_init(
+    first: UnixStream,
+    ready: &UnixListener,
+    uds: &Path,
+    vmm: &mut VmmChild,
+    deadline: Instant,
+) -> Result<UnixStream, String> {
+    let mut w = first.try_clone().map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(first);
+    let disk = guest_line(&mut r)?;
+    if !disk.starts_with("disk ") {
+        return Err(format!("test init said {disk:?}, expected a disk report"));
+    }
+    writeln!(w, "nonce 1").map_err(|e| e.to_string())?;
+    let ack = guest_line(&mut r)?;
+    if ack != "ack 1" {
+        return Err(format!("test init said {ack:?}, expected ack 1"));
+    }
+    let echo = UnixStream::connect(uds).map_err(|e| format!("connecting to vsock: {e}"))?;
+    let left = remaining(deadline)?;
+    echo.set_read_timeout(Some(left))
+        .map_err(|e| e.to_string())?;
+    (&echo)
+        .write_all(b"CONNECT 5001\nping\n")
+        .map_err(|e| e.to_string())?;
+    let mut er = BufReader::new(&echo);
+    let ok = guest_line(&mut er)?;
+    let pong = guest_line(&mut er)?;
+    if !ok.starts_with("OK ") || pong != "echo ping" {
+        return Err(format!("test init echo: {ok:?} {pong:?}"));
+    }
+    let serve = accept_until(ready, vmm, deadline)?;
+    let mut r = BufReader::new(serve.try_clone().map_err(|e| e.to_string())?);
+    let said = guest_line(&mut r)?;
+    if said != "ready" {
+        return Err(format!("test init said {said:?}, expected ready"));
+    }
+    Ok(serve)
+}
+
+/// One request on the VMM's control socket; fails unless it says ok.
+fn control(api: &Path, request: &str, deadline: Instant) -> Result<(), String> {
+    let s =
+        UnixStream::connect(api).map_err(|e| format!("connecting to {}: {e}", api.display()))?;
+    let left = remaining(deadline)?;
+    s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(left)).map_err(|e| e.to_string())?;
+    (&s).write_all(format!("{request}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(&s)
+        .take(64 * 1024)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let reply: serde_json::Value =
+        serde_json::from_str(&line).map_err(|e| format!("bad reply {line:?}: {e}"))?;
+    if reply["ok"] == serde_json::Value::Bool(true) {
+        Ok(())
+    } else {
+        Err(format!("refused: {}", reply["error"]))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The `template` subcommand.
+
+pub const USAGE: &str = "\
+usage: thaw-vmm template build --kernel VMLINUX --disk ROOT_IMAGE [options]
+       thaw-vmm template list [--store DIR]
+       thaw-vmm template rm KEY [--store DIR]
+       thaw-vmm template gc [--store DIR]
+  build: boot a template VM once, wait until its guest is ready, snapshot it
+         into the store and print its directory (at once if already built)
+  list:  one line per template: key, parameters, inputs, creation time
+  rm:    remove one template
+  gc:    remove templates whose inputs changed since they were built
+options (build):
+  --spare-disks N        empty disk slots kept for attach after restore (default 0)
+  --vcpus N              (default 1)
+  --memory-mib N         (default 256)
+  --ready agent|test-init  what a ready guest looks like (default agent)
+  --ready-port P         vsock port the guest dials when ready
+                         (default 1024 for agent, 1234 for test-init)
+  --timeout SECS         give up on the build after this long (default 300)
+  --store DIR            template store (default /var/lib/thaw/templates)";
+
+#[derive(Debug, PartialEq)]
+enum Subcommand {
+    Build {
+        inputs: TemplateInputs,
+        probe: ReadyProbe,
+        ready_port: u32,
+        timeout: Duration,
+    },
+    List,
+    Remove(TemplateKey),
+    Gc,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+enum UsageError {
+    #[error("{0}")]
+    Msg(String),
+    #[error("help requested")]
+    Help,
+}
+
+fn usage(msg: impl Into<String>) -> UsageError {
+    UsageError::Msg(msg.into())
+}
+
+fn number<T: std::str::FromStr>(option: &str, value: &str) -> Result<T, UsageError> {
+    value
+        .parse()
+        .map_err(|_| usage(format!("{option}: not a valid number (got {value:?})")))
+}
+
+fn parse(args: &[String]) -> Result<(Subcommand, Store), UsageError> {
+    let (verb, rest) = args
+        .split_first()
+        .ok_or_else(|| usage("missing subcommand"))?;
+    if verb == "--help" || verb == "-h" {
+        return Err(UsageError::Help);
+    }
+    let mut store = PathBuf::from(DEFAULT_STORE);
+    let (mut kernel, mut root) = (None, None);
+    let (mut vcpus, mut memory_mib, mut spare_disks) = (1u8, 256u32, 0u8);
+    let (mut probe, mut ready_port, mut timeout) = (ReadyProbe::Agent, None, 300u64);
+    let mut positional = Vec::new();
+    let build = verb == "build";
+    let mut it = rest.iter();
+    while let Some(opt) = it.next() {
+        if opt == "--help" || opt == "-h" {
+            return Err(UsageError::Help);
+        }
+        if !opt.starts_with("--") {
+            positional.push(opt.clone());
+            continue;
+        }
+        let build_only = [
+            "--kernel",
+            "--disk",
+            "--spare-disks",
+            "--vcpus",
+            "--memory-mib",
+            "--ready",
+            "--ready-port",
+            "--timeout",
+        ];
+        if opt != "--store" && !(build && build_only.contains(&opt.as_str())) {
+            return Err(usage(format!("unknown option {opt} for template {verb}")));
+        }
+        let value = it
+            .next()
+            .ok_or_else(|| usage(format!("{opt} needs a value")))?;
+        match opt.as_str() {
+            "--store" => store = PathBuf::from(value),
+            "--kernel" => kernel = Some(PathBuf::from(value)),
+            "--disk" => root = Some(PathBuf::from(value.strip_suffix(",ro").unwrap_or(value))),
+            "--spare-disks" => spare_disks = number(opt, value)?,
+            "--vcpus" => vcpus = number(opt, value)?,
+            "--memory-mib" => memory_mib = number(opt, value)?,
+            "--ready-port" => ready_port = Some(number(opt, value)?),
+            "--timeout" => timeout = number(opt, value)?,
+            "--ready" => {
+                probe = match value.as_str() {
+                    "agent" => ReadyProbe::Agent,
+                    "test-init" => ReadyProbe::TestInit,
+                    _ => {
+                        return Err(usage(format!(
+                            "--ready: expected agent or test-init (got {value:?})"
+                        )))
+                    }
+                }
+            }
+            _ => return Err(usage(format!("unknown option {opt}"))),
+        }
+    }
+    let store = Store::new(store);
+    let no_positional = |positional: &[String]| match positional.first() {
+        Some(p) => Err(usage(format!(
+            "unexpected argument {p:?} for template {verb}"
+        ))),
+        None => Ok(()),
+    };
+    let cmd = match verb.as_str() {
+        "build" => {
+            no_positional(&positional)?;
+            if vcpus == 0 {
+                return Err(usage("--vcpus: must be at least 1 (got \"0\")"));
+            }
+            if memory_mib == 0 {
+                return Err(usage("--memory-mib: must be at least 1 (got \"0\")"));
+            }
+            if timeout == 0 {
+                return Err(usage("--timeout: must be at least 1 (got \"0\")"));
+            }
+            Subcommand::Build {
+                inputs: TemplateInputs {
+                    kernel: kernel.ok_or_else(|| usage("--kernel is required"))?,
+                    root_image: root.ok_or_else(|| usage("--disk is required"))?,
+                    vcpus,
+                    memory_mib,
+                    spare_disks,
+                },
+                probe,
+                ready_port: ready_port.unwrap_or(match probe {
+                    ReadyProbe::Agent => AGENT_PORT,
+                    ReadyProbe::TestInit => TEST_INIT_PORT,
+                }),
+                timeout: Duration::from_secs(timeout),
+            }
+        }
+        "list" => {
+            no_positional(&positional)?;
+            Subcommand::List
+        }
+        "gc" => {
+            no_positional(&positional)?;
+            Subcommand::Gc
+        }
+        "rm" => match positional.as_slice() {
+            [key] => Subcommand::Remove(TemplateKey::parse(key).map_err(|e| usage(e.to_string()))?),
+            [] => return Err(usage("template rm needs a KEY")),
+            [_, extra, ..] => {
+                return Err(usage(format!(
+                    "unexpected argument {extra:?} for template rm"
+                )))
+            }
+        },
+        other => return Err(usage(format!("unknown template subcommand {other:?}"))),
+    };
+    Ok((cmd, store))
+}
+
+/// Entry point of `thaw-vmm template ...`; returns the exit status
+/// (0 ok, 1 failed, 64 bad command line).
+pub fn main(args: Vec<String>) -> i32 {
+    let (cmd, store) = match parse(&args) {
+        Ok(c) => c,
+        Err(UsageError::Help) => {
+            println!("{USAGE}");
+            return 0;
+        }
+        Err(e) => {
+            eprintln!("thaw-vmm template: {e}\n{USAGE}");
+            return 64;
+        }
+    };
+    match run(cmd, &store) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("thaw-vmm template: {e}");
+            1
+        }
+    }
+}
+
+fn run(cmd: Subcommand, store: &Store) -> Result<(), Error> {
+    let store_err = |e: thaw_snapshots::template::TemplateError| template_err(e.to_string());
+    match cmd {
+        Subcommand::Build {
+            inputs,
+            probe,
+            ready_port,
+            timeout,
+        } => {
+            let key = TemplateKey::compute(&inputs).map_err(store_err)?;
+            if let Some(dir) = store.get(&key) {
+                eprintln!("thaw-vmm template: {key} already built");
+                println!("{}", dir.display());
+                return Ok(());
+            }
+            let vmm = std::env::current_exe().map_err(io_err("finding thaw-vmm itself"))?;
+            let opts = BuildOptions {
+                vmm,
+                ready_port,
+                probe,
+                timeout,
+            };
+            let started = Instant::now();
+            let dir = store
+                .build(&key, &inputs, |out| boot_and_snapshot(&inputs, &opts, out))
+                .map_err(store_err)?;
+            eprintln!(
+                "thaw-vmm template: {key} ready after {:.1}s",
+                started.elapsed().as_secs_f64()
+            );
+            println!("{}", dir.display());
+        }
+        Subcommand::List => {
+            for rec in store.list().map_err(store_err)? {
+                match rec {
+                    Ok(r) => println!(
+                        "{}  vcpus={} memory_mib={} spare_disks={} kernel={} root={} created={} build_ms={}",
+                        r.key,
+                        r.inputs.vcpus,
+                        r.inputs.memory_mib,
+                        r.inputs.spare_disks,
+                        r.inputs.kernel.display(),
+                        r.inputs.root_image.display(),
+                        r.created_unix,
+                        r.build_ms
+                    ),
+                    Err(e) => println!("unreadable  {e}"),
+                }
+            }
+        }
+        Subcommand::Remove(key) => store.remove(&key).map_err(store_err)?,
+        Subcommand::Gc => {
+            for key in store.gc().map_err(store_err)? {
+                println!("removed {key}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    fn err(s: &str) -> String {
+        parse(&args(s)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parses_build() {
+        let (cmd, store) = parse(&args(
+            "build --kernel /k --disk /r,ro --spare-disks 2 --vcpus 2 --memory-mib 512 \
+             --ready test-init --timeout 90 --store /s",
+        ))
+        .unwrap();
+        assert_eq!(store.root(), Path::new("/s"));
+        assert_eq!(
+            cmd,
+            Subcommand::Build {
+                inputs: TemplateInputs {
+                    kernel: "/k".into(),
+                    root_image: "/r".into(),
+                    vcpus: 2,
+                    memory_mib: 512,
+                    spare_disks: 2,
+                },
+                probe: ReadyProbe::TestInit,
+                ready_port: TEST_INIT_PORT,
+                timeout: Duration::from_secs(90),
+            }
+        );
+        let (cmd, store) = parse(&args("build --kernel /k --disk /r --ready-port 7")).unwrap();
+        assert_eq!(store.root(), Path::new(DEFAULT_STORE));
+        match cmd {
+            Subcommand::Build {
+                probe, ready_port, ..
+            } => assert_eq!((probe, ready_port), (ReadyProbe::Agent, 7)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_list_rm_gc() {
+        let key = "ab".repeat(32);
+        assert_eq!(parse(&args("list")).unwrap().0, Subcommand::List);
+        assert_eq!(parse(&args("gc --store /x")).unwrap().0, Subcommand::Gc);
+        assert_eq!(
+            parse(&args(&format!("rm {key}"))).unwrap().0,
+            Subcommand::Remove(TemplateKey::parse(&key).unwrap())
+        );
+    }
+
+    #[test]
+    fn mistakes_name_the_option() {
+        assert_eq!(err("build --disk /r"), "--kernel is required");
+        assert_eq!(err("build --kernel /k"), "--disk is required");
+        assert_eq!(
+            err("build --kernel /k --disk /r --vcpus two"),
+            "--vcpus: not a valid number (got \"two\")"
+        );
+        assert_eq!(
+            err("build --kernel /k --disk /r --spare-disks 300"),
+            "--spare-disks: not a valid number (got \"300\")"
+        );
+        assert_eq!(
+            err("build --kernel /k --disk /r --ready fast"),
+            "--ready: expected agent or test-init (got \"fast\")"
+        );
+        assert_eq!(err("build --kernel"), "--kernel needs a value");
+        assert_eq!(
+            err("list --kernel /k"),
+            "unknown option --kernel for template list"
+        );
+        assert_eq!(err("rm"), "template rm needs a KEY");
+        assert!(err("rm nope").contains("not a template key"));
+        assert_eq!(
+            err("frobnicate"),
+            "unknown template subcommand \"frobnicate\""
+        );
+        assert_eq!(err(""), "missing subcommand");
+    }
+}
