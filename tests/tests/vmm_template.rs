@@ -1,0 +1,232 @@
+//! End-to-end templates: `thaw-vmm template build` boots the real kernel
+//! with the test init once, snapshots it into a store, and a second build
+//! with the same inputs returns the stored template without booting. A VM
+//! restored from the template comes back on its new vsock socket. Then
+//! `template rm` empties the store. One cold boot in all (30-70 s here).
+
+use std::io::{BufReader, Write};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use thaw_tests::guest::{self, accept_or_exit, read_line, wait_with_deadline};
+
+fn template(args: &[&str], store: &Path) -> Output {
+    Command::new(guest::vmm_binary())
+        .arg("template")
+        .args(args)
+        .arg("--store")
+        .arg(store)
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Store entries other than lock files (a build must leave no debris).
+fn store_entries(store: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(store)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".lock"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn template_is_built_once_listed_restored_and_removed() {
+    let kernel = guest::kernel();
+    let init = guest::static_binary("thaw-test-init", "thaw-test-init");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    guest::root_dir_with_init(&dir.join("root"), &init);
+    let root_img = dir.join("root.erofs");
+    guest::erofs_image(&dir.join("root"), &root_img);
+    let store = dir.join("store");
+    let (k, r) = (kernel.to_str().unwrap(), root_img.to_str().unwrap());
+    // The test init reads /dev/vdb: one spare (empty) disk slot gives it one.
+    let build_args = [
+        "build",
+        "--kernel",
+        k,
+        "--disk",
+        r,
+        "--spare-disks",
+        "1",
+        "--memory-mib",
+        "128",
+        "--ready",
+        "test-init",
+        "--timeout",
+        "400",
+    ];
+
+    // Mistakes name the option and touch nothing.
+    let out = template(&["build", "--kernel", k], &store);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        text(&out.stderr).contains("--disk is required"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = template(
+        &["build", "--kernel", k, "--disk", r, "--vcpus", "x"],
+        &store,
+    );
+    assert_eq!(out.status.code(), Some(64));
+    assert!(text(&out.stderr).contains("--vcpus: not a valid number"));
+    assert!(!store.exists(), "a refused command created the store");
+
+    // Cold build: boots, waits for the guest, snapshots.
+    let started = Instant::now();
+    let out = template(&build_args, &store);
+    let cold = started.elapsed();
+    assert!(out.status.success(), "build failed:\n{}", text(&out.stderr));
+    let tdir = PathBuf::from(text(&out.stdout).trim());
+    eprintln!("cold template build took {cold:?}");
+    let key = tdir.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(tdir.parent(), Some(store.as_path()));
+    assert_eq!(key.len(), 64, "{key}");
+    let mut files: Vec<String> = std::fs::read_dir(&tdir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["memory", "state", "template.json"]);
+    assert_eq!(
+        std::fs::metadata(tdir.join("memory")).unwrap().len(),
+        128 << 20
+    );
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tdir.join("template.json")).unwrap()).unwrap();
+    assert_eq!(record["key"], key.as_str());
+    assert_eq!(record["inputs"]["memory_mib"], 128);
+    assert_eq!(record["inputs"]["kernel"], k);
+    assert_eq!(store_entries(&store), [key.as_str()]);
+
+    let out = template(&["list"], &store);
+    assert!(out.status.success());
+    let listing = text(&out.stdout);
+    assert_eq!(listing.lines().count(), 1, "{listing}");
+    assert!(
+        listing.starts_with(&format!("{key}  vcpus=1 memory_mib=128 spare_disks=1 ")),
+        "{listing}"
+    );
+
+    // Same inputs: the stored template, without a boot.
+    let started = Instant::now();
+    let out = template(&build_args, &store);
+    let cached = started.elapsed();
+    eprintln!("cached template build took {cached:?}");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(PathBuf::from(text(&out.stdout).trim()), tdir);
+    assert!(text(&out.stderr).contains("already built"));
+    // A boot alone takes 30 s or more here; hashing the inputs takes far less.
+    assert!(
+        cached < Duration::from_secs(10),
+        "cached build took {cached:?}"
+    );
+    assert_eq!(store_entries(&store), [key.as_str()]);
+
+    // Restore from the template: the guest re-dials on its new socket.
+    let uds = dir.join("r.vsock");
+    let api = dir.join("r.api");
+    let listener = UnixListener::bind(dir.join("r.vsock_1234")).unwrap();
+    let started = Instant::now();
+    let mut vmm = Command::new(guest::vmm_binary())
+        .arg("--restore")
+        .arg(&tdir)
+        .arg("--vsock-uds")
+        .arg(&uds)
+        .arg("--api-sock")
+        .arg(&api)
+        .arg("--serial")
+        .arg(dir.join("r.console"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let conn = accept_or_exit(
+        &listener,
+        &mut vmm,
+        Instant::now() + Duration::from_secs(120),
+    );
+    let mut w = conn.try_clone().unwrap();
+    let mut rd = BufReader::new(conn);
+    assert_eq!(read_line(&mut rd), "ready\n");
+    eprintln!("restore to guest ready took {:?}", started.elapsed());
+    writeln!(w, "write restored").unwrap();
+    assert_eq!(read_line(&mut rd), "ok\n");
+    writeln!(w, "read").unwrap();
+    assert_eq!(read_line(&mut rd), "notes restored\n");
+    writeln!(w, "reboot").unwrap();
+    let status = wait_with_deadline(&mut vmm, Duration::from_secs(120));
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        !uds.exists() && !api.exists(),
+        "restored VMM left its sockets"
+    );
+
+    // Remove it; a second removal says so.
+    let out = template(&["rm", &key], &store);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!tdir.exists());
+    assert!(store_entries(&store).is_empty());
+    assert_eq!(text(&template(&["list"], &store).stdout), "");
+    let out = template(&["rm", &key], &store);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("no template"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = template(&["rm", "not-a-key"], &store);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(text(&out.stderr).contains("not a template key"));
+}
+
+#[test]
+fn a_build_that_cannot_boot_fails_and_leaves_nothing() {
+    // Not a kernel: the VMM exits at once; the build must report it and
+    // leave neither a template nor a half-built directory nor sockets.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let fake_kernel = dir.join("vmlinux");
+    std::fs::write(&fake_kernel, b"not an ELF kernel").unwrap();
+    let root = dir.join("root.img");
+    std::fs::write(&root, vec![0u8; 4096]).unwrap();
+    let store = dir.join("store");
+    // The builder's private socket directory goes to TMPDIR.
+    let sockets = dir.join("tmp");
+    std::fs::create_dir(&sockets).unwrap();
+    let out = Command::new(guest::vmm_binary())
+        .args(["template", "build", "--timeout", "60", "--kernel"])
+        .arg(&fake_kernel)
+        .arg("--disk")
+        .arg(&root)
+        .arg("--store")
+        .arg(&store)
+        .env("TMPDIR", &sockets)
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("thaw-vmm exited"), "{err}");
+    assert!(
+        err.contains("kernel"),
+        "the VMM's own error is quoted: {err}"
+    );
+    assert!(
+        store_entries(&store).is_empty(),
+        "{:?}",
+        store_entries(&store)
+    );
+    assert_eq!(
+        std::fs::read_dir(&sockets).unwrap().count(),
+        0,
+        "socket directory leaked"
+    );
+}
