@@ -230,3 +230,53 @@ fn a_build_that_cannot_boot_fails_and_leaves_nothing() {
         "socket directory leaked"
     );
 }
+
+#[test]
+fn a_guest_that_never_gets_ready_is_killed_at_the_deadline() {
+    // The real kernel and init, but the builder waits on a port nobody
+    // dials: at the deadline the VMM is killed and nothing is left.
+    let kernel = guest::kernel();
+    let init = guest::static_binary("thaw-test-init", "thaw-test-init");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    guest::root_dir_with_init(&dir.join("root"), &init);
+    let root_img = dir.join("root.erofs");
+    guest::erofs_image(&dir.join("root"), &root_img);
+    let store = dir.join("store");
+    let sockets = dir.join("tmp");
+    std::fs::create_dir(&sockets).unwrap();
+    let started = Instant::now();
+    let out = Command::new(guest::vmm_binary())
+        .args([
+            "template",
+            "build",
+            "--ready-port",
+            "4321",
+            "--timeout",
+            "5",
+        ])
+        .arg("--kernel")
+        .arg(kernel)
+        .arg("--disk")
+        .arg(&root_img)
+        .arg("--store")
+        .arg(&store)
+        .env("TMPDIR", &sockets)
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not ready before the deadline"), "{err}");
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert!(
+        store_entries(&store).is_empty(),
+        "{:?}",
+        store_entries(&store)
+    );
+    assert_eq!(
+        std::fs::read_dir(&sockets).unwrap().count(),
+        0,
+        "socket directory leaked"
+    );
+}
