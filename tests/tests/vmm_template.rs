@@ -269,6 +269,11 @@ fn a_guest_that_never_gets_ready_is_killed_at_the_deadline() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("not ready before the deadline"), "{err}");
     assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert_eq!(
+        processes_mentioning(&sockets),
+        0,
+        "the template VMM survived"
+    );
     assert!(
         store_entries(&store).is_empty(),
         "{:?}",
@@ -279,4 +284,15 @@ fn a_guest_that_never_gets_ready_is_killed_at_the_deadline() {
         0,
         "socket directory leaked"
     );
+}
+
+/// How many live processes have `path` in their command line.
+fn processes_mentioning(path: &Path) -> usize {
+    let needle = path.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|c| String::from_utf8_lossy(c).contains(&needle))
+        .count()
 }
