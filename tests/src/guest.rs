@@ -123,3 +123,76 @@ pub fn fnv1a(data: &[u8]) -> u64 {
         (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
     })
 }
+
+/// Accepts the guest's connection on `listener`, failing the test with the
+/// VMM's stderr if the VMM exits first or the deadline passes.
+pub fn accept_or_exit(
+    listener: &std::os::unix::net::UnixListener,
+    vmm: &mut std::process::Child,
+    deadline: std::time::Instant,
+) -> std::os::unix::net::UnixStream {
+    use std::io::Read;
+    listener
+        .set_nonblocking(true)
+        .expect("nonblocking listener");
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).expect("blocking stream");
+                s.set_read_timeout(Some(Duration::from_secs(120)))
+                    .expect("read timeout");
+                return s;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("accept: {e}"),
+        }
+        if let Some(status) = vmm.try_wait().expect("try_wait") {
+            let mut err = String::new();
+            if let Some(mut e) = vmm.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("thaw-vmm exited ({status}) before the guest dialed the host:\n{err}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest did not dial the host in time"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn read_line(r: &mut impl std::io::BufRead) -> String {
+    let mut line = String::new();
+    r.read_line(&mut line)
+        .expect("reading a line from the guest");
+    line
+}
+
+/// Waits for the VMM to exit; kills it and fails after `limit`.
+pub fn wait_with_deadline(
+    vmm: &mut std::process::Child,
+    limit: Duration,
+) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(s) = vmm.try_wait().expect("try_wait") {
+            return s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = vmm.kill();
+            let _ = vmm.wait();
+            panic!("thaw-vmm did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One request on a VMM control socket; returns the JSON reply line.
+pub fn control(api: &Path, request: &str) -> String {
+    use std::io::Write;
+    let mut s =
+        std::os::unix::net::UnixStream::connect(api).expect("connecting to the control socket");
+    s.write_all(format!("{request}\n").as_bytes())
+        .expect("writing a control request");
+    read_line(&mut std::io::BufReader::new(s))
+}

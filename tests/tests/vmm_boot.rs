@@ -6,60 +6,15 @@
 //! On PVM hosts (this project's CI) the guest kernel runs emulated: the
 //! boot takes tens of seconds, hence the generous deadlines.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use thaw_tests::guest;
+use thaw_tests::guest::{self, accept_or_exit, read_line, wait_with_deadline};
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(600);
-
-fn accept_or_exit(listener: &UnixListener, vmm: &mut Child, deadline: Instant) -> UnixStream {
-    listener.set_nonblocking(true).unwrap();
-    loop {
-        match listener.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-                return s;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => panic!("accept: {e}"),
-        }
-        if let Some(status) = vmm.try_wait().unwrap() {
-            let mut err = String::new();
-            vmm.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-            panic!("thaw-vmm exited ({status}) before the guest dialed the host:\n{err}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "guest did not dial the host within {BOOT_DEADLINE:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn read_line(r: &mut impl BufRead) -> String {
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    line
-}
-
-fn wait_with_deadline(vmm: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(s) = vmm.try_wait().unwrap() {
-            return s;
-        }
-        if Instant::now() > deadline {
-            let _ = vmm.kill();
-            panic!("thaw-vmm did not exit within {limit:?} after the guest rebooted");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn boots_to_init_then_disk_vsock_and_reboot_work() {
@@ -129,6 +84,13 @@ fn boots_to_init_then_disk_vsock_and_reboot_work() {
     assert!(ok.starts_with("OK "), "handshake reply {ok:?}");
     host.write_all(b"hello from the host\n").unwrap();
     assert_eq!(read_line(&mut hr), "echo hello from the host\n");
+
+    // The init then serves on a new connection until told to reboot.
+    let conn = accept_or_exit(&report, &mut vmm, Instant::now() + Duration::from_secs(120));
+    let mut w = conn.try_clone().unwrap();
+    let mut r = BufReader::new(conn);
+    assert_eq!(read_line(&mut r), "ready\n");
+    writeln!(w, "reboot").unwrap();
 
     let status = wait_with_deadline(&mut vmm, Duration::from_secs(300));
     let mut stderr = String::new();

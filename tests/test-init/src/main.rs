@@ -6,7 +6,10 @@
 //!    the host's nonce;
 //! 4. listens on vsock port 5001 and echoes one line to a host-initiated
 //!    connection;
-//! 5. reboots, which ends the VMM.
+//! 5. serves the host: dials host port 1234 again and again (so a VM
+//!    restored from a snapshot, whose old connection was reset, comes back
+//!    on its new socket) and answers `write <word>` (appends to a tmpfs
+//!    file), `read` and `reboot`.
 //!
 //! Built static (`-C target-feature=+crt-static`); only libc is used.
 //! Failures are printed to the console and end in a reboot too: the host
@@ -175,7 +178,75 @@ fn steps() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     write!(ew, "echo {line}").map_err(|e| e.to_string())?;
     say("echoed the host's line");
+    serve_forever()
+}
+
+/// Appends to a file on a fresh tmpfs: each VM's writes are its own.
+const NOTES: &str = "/run/notes";
+
+fn mount_run_tmpfs() -> Result<(), String> {
+    let src = CString::new("tmpfs").map_err(|e| e.to_string())?;
+    let dst = CString::new("/run").map_err(|e| e.to_string())?;
+    // SAFETY: mount(2) with valid C strings.
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            src.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if r < 0 {
+        return Err(format!(
+            "mount tmpfs on /run: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
     Ok(())
+}
+
+fn serve(conn: std::fs::File) -> Result<(), String> {
+    let mut w = conn.try_clone().map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(conn);
+    writeln!(w, "ready").map_err(|e| e.to_string())?;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+            return Err("host closed".into());
+        }
+        let line = line.trim();
+        if let Some(word) = line.strip_prefix("write ") {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(NOTES)
+                .map_err(|e| e.to_string())?;
+            write!(f, "{word} ").map_err(|e| e.to_string())?;
+            writeln!(w, "ok").map_err(|e| e.to_string())?;
+        } else if line == "read" {
+            let notes = std::fs::read_to_string(NOTES).unwrap_or_default();
+            writeln!(w, "notes {}", notes.trim()).map_err(|e| e.to_string())?;
+        } else if line == "reboot" {
+            return Ok(());
+        } else {
+            writeln!(w, "unknown {line}").map_err(|e| e.to_string())?;
+        }
+    }
+}
+
+fn serve_forever() -> Result<(), String> {
+    mount_run_tmpfs()?;
+    loop {
+        match connect_host(REPORT_PORT) {
+            Ok(conn) => match serve(conn) {
+                Ok(()) => return Ok(()),
+                // A reset (e.g. after a restore) or a closed host: dial again.
+                Err(e) => say(&format!("connection ended: {e}; dialing again")),
+            },
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    }
 }
 
 fn main() {
