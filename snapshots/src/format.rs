@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::cpu::CpuFingerprint;
+use crate::Error;
 
 pub const MAGIC: [u8; 8] = *b"THAWSNAP";
 /// Bump when the payload's layout changes; old snapshots are then refused.
@@ -27,32 +28,9 @@ struct Header {
     payload_crc32: u32,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum FormatError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{0}: not a thaw snapshot (bad magic)")]
-    BadMagic(String),
-    #[error("{path}: snapshot format version {found}, this thaw reads version {expected}")]
-    Version {
-        path: String,
-        found: u32,
-        expected: u32,
-    },
-    #[error("{path}: taken on another CPU: {reason}")]
-    Cpu { path: String, reason: String },
-    #[error("{path}: corrupt: {reason}")]
-    Corrupt { path: String, reason: String },
-    #[error("{path}: cannot serialize state: {reason}")]
-    Encode { path: String, reason: String },
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FormatError + '_ {
-    move |source| FormatError::Io {
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        what: "snapshot state",
         path: path.display().to_string(),
         source,
     }
@@ -64,8 +42,8 @@ pub fn write_state<T: Serialize>(
     path: &Path,
     cpu: &CpuFingerprint,
     state: &T,
-) -> Result<(), FormatError> {
-    let encode = |e: bincode::Error| FormatError::Encode {
+) -> Result<(), Error> {
+    let encode = |e: bincode::Error| Error::Encode {
         path: path.display().to_string(),
         reason: e.to_string(),
     };
@@ -96,18 +74,15 @@ pub fn write_state<T: Serialize>(
 
 /// Reads and checks a state file; refuses other versions, other CPUs and
 /// corrupt files with the reason.
-pub fn read_state<T: DeserializeOwned>(
-    path: &Path,
-    host: &CpuFingerprint,
-) -> Result<T, FormatError> {
+pub fn read_state<T: DeserializeOwned>(path: &Path, host: &CpuFingerprint) -> Result<T, Error> {
     let name = path.display().to_string();
-    let corrupt = |reason: String| FormatError::Corrupt {
+    let corrupt = |reason: String| Error::Corrupt {
         path: name.clone(),
         reason,
     };
     let bytes = std::fs::read(path).map_err(io_err(path))?;
     if bytes.len() < 12 || bytes[..8] != MAGIC {
-        return Err(FormatError::BadMagic(name));
+        return Err(Error::BadMagic(name));
     }
     let header_len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
     if header_len > MAX_HEADER || 12 + header_len as usize > bytes.len() {
@@ -120,7 +95,7 @@ pub fn read_state<T: DeserializeOwned>(
     }
     let found = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
     if found != FORMAT_VERSION {
-        return Err(FormatError::Version {
+        return Err(Error::Version {
             path: name,
             found,
             expected: FORMAT_VERSION,
@@ -129,7 +104,7 @@ pub fn read_state<T: DeserializeOwned>(
     let header: Header = bincode::deserialize(&bytes[12..header_end])
         .map_err(|e| corrupt(format!("header: {e}")))?;
     if let Some(reason) = header.cpu.mismatch(host) {
-        return Err(FormatError::Cpu { path: name, reason });
+        return Err(Error::Cpu { path: name, reason });
     }
     let payload = &bytes[header_end..];
     if payload.len() as u64 != header.payload_len {
@@ -204,7 +179,7 @@ mod tests {
         std::fs::write(&p, b"hello").unwrap();
         assert!(matches!(
             read_state::<State>(&p, &cpu),
-            Err(FormatError::BadMagic(_))
+            Err(Error::BadMagic(_))
         ));
 
         // Another CPU.

@@ -8,11 +8,13 @@
 //! - `memory`: guest RAM, byte for byte, mapped copy-on-write at restore.
 
 pub mod cpu;
+pub mod error;
 pub mod format;
 pub mod template;
 
 pub use cpu::CpuFingerprint;
-pub use format::{read_state, write_state, FormatError, FORMAT_VERSION};
+pub use error::Error;
+pub use format::{read_state, write_state, FORMAT_VERSION};
 
 /// File names inside a snapshot directory.
 pub const STATE_FILE: &str = "state";

@@ -16,6 +16,7 @@
 //! `<key>` once complete, under the key's lock: readers never see half a
 //! template, and concurrent builders of one key build it once.
 
+use crate::Error;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -32,28 +33,9 @@ pub const DEFAULT_STORE: &str = "/var/lib/thaw/templates";
 pub const RECORD_FILE: &str = "template.json";
 const BUILD_PREFIX: &str = ".build-";
 
-#[derive(Debug, thiserror::Error)]
-pub enum TemplateError {
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{0:?} is not a template key (expected 64 lowercase hex digits)")]
-    BadKey(String),
-    #[error("no template {0} in the store")]
-    NotFound(String),
-    #[error("template record {path}: {reason}")]
-    Record { path: String, reason: String },
-    #[error("building template {key}: {reason}")]
-    Build { key: String, reason: String },
-}
-
-fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TemplateError {
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.display().to_string();
-    move |source| TemplateError::Io { what, path, source }
+    move |source| Error::Io { what, path, source }
 }
 
 /// What a template is booted from. Paths are read for their contents; the
@@ -76,7 +58,7 @@ impl TemplateKey {
     /// Hashes the inputs: file contents (streamed), then the parameters.
     /// Every field is length- or tag-prefixed so no two inputs collide by
     /// concatenation.
-    pub fn compute(inputs: &TemplateInputs) -> Result<Self, TemplateError> {
+    pub fn compute(inputs: &TemplateInputs) -> Result<Self, Error> {
         let mut h = Sha256::new();
         h.update(b"thaw-template-v1\0");
         for (tag, path) in [(b'K', &inputs.kernel), (b'R', &inputs.root_image)] {
@@ -100,12 +82,12 @@ impl TemplateKey {
     }
 
     /// A key typed by a user or read from a directory name.
-    pub fn parse(s: &str) -> Result<Self, TemplateError> {
+    pub fn parse(s: &str) -> Result<Self, Error> {
         let ok = s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         if ok {
             Ok(TemplateKey(s.to_string()))
         } else {
-            Err(TemplateError::BadKey(s.to_string()))
+            Err(Error::BadKey(s.to_string()))
         }
     }
 
@@ -121,7 +103,7 @@ impl std::fmt::Display for TemplateKey {
 }
 
 impl TryFrom<String> for TemplateKey {
-    type Error = TemplateError;
+    type Error = Error;
     fn try_from(s: String) -> Result<Self, Self::Error> {
         TemplateKey::parse(&s)
     }
@@ -134,7 +116,7 @@ impl From<TemplateKey> for String {
 }
 
 /// Streams a file's length and contents into the hash.
-fn hash_file(h: &mut Sha256, path: &Path) -> Result<u64, TemplateError> {
+fn hash_file(h: &mut Sha256, path: &Path) -> Result<u64, Error> {
     let mut f = File::open(path).map_err(io("opening template input", path))?;
     let len = f
         .metadata()
@@ -154,7 +136,7 @@ fn hash_file(h: &mut Sha256, path: &Path) -> Result<u64, TemplateError> {
         h.update(&buf[..n]);
     }
     if total != len {
-        return Err(TemplateError::Io {
+        return Err(Error::Io {
             what: "reading template input",
             path: path.display().to_string(),
             source: std::io::Error::other("file changed size while being hashed"),
@@ -215,7 +197,7 @@ impl Store {
     }
 
     /// Takes `<store>/<key>.lock` exclusively, waiting for whoever holds it.
-    fn lock(&self, key: &TemplateKey) -> Result<KeyLock, TemplateError> {
+    fn lock(&self, key: &TemplateKey) -> Result<KeyLock, Error> {
         std::fs::create_dir_all(&self.root).map_err(io("creating template store", &self.root))?;
         let path = self.root.join(format!("{key}.lock"));
         let f = File::options()
@@ -238,7 +220,7 @@ impl Store {
         key: &TemplateKey,
         inputs: &TemplateInputs,
         builder: impl FnOnce(&Path) -> Result<(), E>,
-    ) -> Result<PathBuf, TemplateError> {
+    ) -> Result<PathBuf, Error> {
         if let Some(dir) = self.get(key) {
             return Ok(dir);
         }
@@ -267,8 +249,8 @@ impl Store {
         inputs: &TemplateInputs,
         tmp: &Path,
         builder: impl FnOnce(&Path) -> Result<(), E>,
-    ) -> Result<PathBuf, TemplateError> {
-        let failed = |reason: String| TemplateError::Build {
+    ) -> Result<PathBuf, Error> {
+        let failed = |reason: String| Error::Build {
             key: key.to_string(),
             reason,
         };
@@ -303,7 +285,7 @@ impl Store {
                 .unwrap_or(0),
             build_ms,
         };
-        let json = serde_json::to_vec_pretty(&record).map_err(|e| TemplateError::Record {
+        let json = serde_json::to_vec_pretty(&record).map_err(|e| Error::Record {
             path: tmp.join(RECORD_FILE).display().to_string(),
             reason: e.to_string(),
         })?;
@@ -322,7 +304,7 @@ impl Store {
 
     /// Removes a key's build directories and an incomplete template dir.
     /// Call only with the key's lock held.
-    fn remove_debris(&self, key: &TemplateKey) -> Result<(), TemplateError> {
+    fn remove_debris(&self, key: &TemplateKey) -> Result<(), Error> {
         let prefix = format!("{BUILD_PREFIX}{key}-");
         let entries = std::fs::read_dir(&self.root).map_err(io("listing", &self.root))?;
         for entry in entries.flatten() {
@@ -338,7 +320,7 @@ impl Store {
 
     /// Every complete template, sorted by key. A template whose record does
     /// not parse is listed with an error instead of hiding it.
-    pub fn list(&self) -> Result<Vec<Result<TemplateRecord, TemplateError>>, TemplateError> {
+    pub fn list(&self) -> Result<Vec<Result<TemplateRecord, Error>>, Error> {
         let entries = match std::fs::read_dir(&self.root) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -354,19 +336,18 @@ impl Store {
     }
 
     /// The record of a complete template.
-    pub fn record(&self, key: &TemplateKey) -> Result<TemplateRecord, TemplateError> {
+    pub fn record(&self, key: &TemplateKey) -> Result<TemplateRecord, Error> {
         let dir = self
             .get(key)
-            .ok_or_else(|| TemplateError::NotFound(key.to_string()))?;
+            .ok_or_else(|| Error::NotFound(key.to_string()))?;
         let path = dir.join(RECORD_FILE);
         let bytes = std::fs::read(&path).map_err(io("reading", &path))?;
-        let record: TemplateRecord =
-            serde_json::from_slice(&bytes).map_err(|e| TemplateError::Record {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
+        let record: TemplateRecord = serde_json::from_slice(&bytes).map_err(|e| Error::Record {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
         if &record.key != key {
-            return Err(TemplateError::Record {
+            return Err(Error::Record {
                 path: path.display().to_string(),
                 reason: format!("records key {}, not its directory's", record.key),
             });
@@ -377,11 +358,11 @@ impl Store {
     /// Removes a template, waiting for a build of it to finish first. The
     /// directory is renamed away before deletion so no reader sees it half
     /// deleted. (A VMM already restored from it keeps its mapping.)
-    pub fn remove(&self, key: &TemplateKey) -> Result<(), TemplateError> {
+    pub fn remove(&self, key: &TemplateKey) -> Result<(), Error> {
         let _lock = self.lock(key)?;
         let dir = self.dir(key);
         if !dir.exists() {
-            return Err(TemplateError::NotFound(key.to_string()));
+            return Err(Error::NotFound(key.to_string()));
         }
         let doomed = self
             .root
@@ -396,7 +377,7 @@ impl Store {
     /// Removes templates whose recorded inputs no longer hash to their key
     /// (an input file changed or is gone, or thaw was upgraded), and those
     /// with an unreadable record. Returns the keys removed.
-    pub fn gc(&self) -> Result<Vec<TemplateKey>, TemplateError> {
+    pub fn gc(&self) -> Result<Vec<TemplateKey>, Error> {
         let entries = match std::fs::read_dir(&self.root) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -548,7 +529,7 @@ mod tests {
         assert_eq!(store.get(&key), None);
         assert!(store_entries(&store).is_empty());
         let e = store.remove(&key).unwrap_err();
-        assert!(matches!(e, TemplateError::NotFound(_)), "{e}");
+        assert!(matches!(e, Error::NotFound(_)), "{e}");
     }
 
     #[test]

@@ -107,7 +107,7 @@ pub enum SnapshotError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Format(#[from] thaw_snapshots::FormatError),
+    Format(#[from] thaw_snapshots::Error),
     #[error("device {name}: {reason}")]
     Device { name: String, reason: String },
     #[error("pausing the vCPUs: {0}")]

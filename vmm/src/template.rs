@@ -512,7 +512,7 @@ pub fn main(args: Vec<String>) -> i32 {
 }
 
 fn run(cmd: Subcommand, store: &Store) -> Result<(), Error> {
-    let store_err = |e: thaw_snapshots::template::TemplateError| template_err(e.to_string());
+    let store_err = |e: thaw_snapshots::Error| template_err(e.to_string());
     match cmd {
         Subcommand::Build {
             inputs,
