@@ -109,8 +109,10 @@ mod tests {
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(b"xyz").unwrap();
         send(&a, &vec!["hello".to_string()], Some(f.as_raw_fd())).unwrap();
-        send(&a, &"x".repeat(300_000), None).unwrap();
-        drop(a);
+        // Larger than the socket buffer: needs a concurrent reader.
+        let writer = std::thread::spawn(move || {
+            send(&a, &"x".repeat(300_000), None).unwrap();
+        });
         let (m, fd): (Vec<String>, _) = recv(&b).unwrap().unwrap();
         assert_eq!(m, vec!["hello"]);
         let mut got = std::fs::File::from(fd.expect("fd attached"));
@@ -121,6 +123,7 @@ mod tests {
         let (big, fd): (String, _) = recv(&b).unwrap().unwrap();
         assert_eq!(big.len(), 300_000);
         assert!(fd.is_none());
+        writer.join().unwrap();
         assert!(recv::<String>(&b).unwrap().is_none());
     }
 }

@@ -93,12 +93,19 @@ fn apply_caps(c: &CapsPlan, stage: CapsStage) -> R<()> {
             let effective = only(cap_set(&c.effective, "process.capabilities.effective")?);
             let inheritable = only(cap_set(&c.inheritable, "process.capabilities.inheritable")?);
             let ambient = only(cap_set(&c.ambient, "process.capabilities.ambient")?);
-            caps::set(None, CapSet::Inheritable, &inheritable)
-                .map_err(|e| field_fail("process.capabilities.inheritable", e.to_string()))?;
-            caps::set(None, CapSet::Permitted, &permitted)
-                .map_err(|e| field_fail("process.capabilities.permitted", e.to_string()))?;
+            // Each call rewrites one set, and the kernel insists that
+            // effective stays within permitted at every step: shrink
+            // effective first, permitted last.
             caps::set(None, CapSet::Effective, &effective)
                 .map_err(|e| field_fail("process.capabilities.effective", e.to_string()))?;
+            caps::set(None, CapSet::Inheritable, &inheritable)
+                .map_err(|e| field_fail("process.capabilities.inheritable", e.to_string()))?;
+            caps::set(None, CapSet::Permitted, &permitted).map_err(|e| {
+                field_fail(
+                    "process.capabilities.permitted",
+                    format!("{e} (effective must be a subset of permitted)"),
+                )
+            })?;
             for cap in ambient {
                 // Ambient needs the cap in permitted and inheritable; like
                 // runc, skip what the kernel refuses rather than fail.
