@@ -26,15 +26,43 @@ pub trait Sink: Send + 'static {
     ) -> Result<(), String>;
 }
 
-impl Sink for RemotePublisher {
+/// containerd's event endpoint, reconnected when containerd restarted
+/// (the old connection is dead then and every publish would fail).
+pub struct ContainerdSink {
+    address: String,
+    publisher: std::cell::RefCell<Option<RemotePublisher>>,
+}
+
+impl ContainerdSink {
+    pub fn new(address: String, publisher: RemotePublisher) -> Self {
+        ContainerdSink {
+            address,
+            publisher: std::cell::RefCell::new(Some(publisher)),
+        }
+    }
+}
+
+impl Sink for ContainerdSink {
     fn publish(
         &self,
         topic: &str,
         namespace: &str,
         event: Box<dyn MessageDyn>,
     ) -> Result<(), String> {
-        RemotePublisher::publish(self, Context::default(), topic, namespace, event)
-            .map_err(|e| e.to_string())
+        let mut slot = self.publisher.borrow_mut();
+        if let Some(p) = slot.as_ref() {
+            match p.publish(Context::default(), topic, namespace, event.clone_box()) {
+                Ok(()) => return Ok(()),
+                Err(e) => log::info!("publishing {topic}: {e}; reconnecting to containerd"),
+            }
+        }
+        *slot = None;
+        let p = RemotePublisher::new(&self.address).map_err(|e| e.to_string())?;
+        let r = p
+            .publish(Context::default(), topic, namespace, event)
+            .map_err(|e| e.to_string());
+        *slot = Some(p);
+        r
     }
 }
 

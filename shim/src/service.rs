@@ -646,15 +646,13 @@ impl Inner {
             }
         }
         for proc_ in c.all_processes() {
-            proc_.stop_bridges();
-            // Execs still running die with the container.
+            // Execs still running died with the container; their exit
+            // events may not have arrived yet.
             if !proc_.exited() {
-                let mut s = lock(&proc_.st);
-                s.status = Status::STOPPED;
-                s.exit_status = 137;
-                s.exited_at = Some(now());
-                proc_.cond.notify_all();
+                proc_.stop_bridges();
+                self.process_exited(&proc_, 128 + libc::SIGKILL as u32, now());
             }
+            proc_.stop_bridges();
         }
         if let Some(a) = lock(&c.attached).take() {
             match (&sb, removed_in_guest) {

@@ -117,7 +117,11 @@ impl Shim for ThawShim {
     fn create_task_service(&self, publisher: RemotePublisher) -> Service {
         // From here on the crate's SIGCHLD handler reaps our children.
         child::set_reaper_active();
-        let events = Events::new(publisher, self.namespace.clone());
+        let address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
+        let events = Events::new(
+            crate::events::ContainerdSink::new(address, publisher),
+            self.namespace.clone(),
+        );
         Service::new(&self.namespace, self.exit.clone(), events)
     }
 }

@@ -155,23 +155,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         .unwrap();
 
         let log = dir.join("containerd.log");
-        let logf = fs::File::create(&log).unwrap();
-        let path = format!(
-            "{}:{}",
-            bin_dir.display(),
-            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
-        );
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config)
-            .env("PATH", path)
-            .env(CONFIG_ENV, &shim_config)
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().unwrap())
-            .stderr(logf)
-            .spawn()
-            .expect("containerd must be installed");
-
+        let child = spawn_containerd(&dir);
         let mut me = PrivateContainerd {
             dir,
             address,
@@ -194,6 +178,25 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         // Hand the marker to the shim too, so processes it starts count.
         let _ = &mut me;
         me
+    }
+
+    /// Stops containerd (SIGTERM; shims keep running, as in production)
+    /// and starts it again on the same state.
+    pub fn restart_containerd(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = child.wait();
+        }
+        self.child = Some(spawn_containerd(&self.dir));
+        let ready = cmd::wait_for(Duration::from_secs(30), || {
+            self.ctr(&["version"]).success().then_some(())
+        });
+        assert!(
+            ready.is_some(),
+            "containerd did not come back:\n{}",
+            self.containerd_log()
+        );
     }
 
     pub fn dir(&self) -> &Path {
@@ -423,6 +426,31 @@ impl Drop for PrivateContainerd {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Starts containerd on the config in `dir`, logging to containerd.log
+/// (appended, so a restart keeps the history).
+fn spawn_containerd(dir: &Path) -> Child {
+    let logf = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("containerd.log"))
+        .unwrap();
+    let path = format!(
+        "{}:{}",
+        dir.join("bin").display(),
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+    );
+    Command::new("containerd")
+        .arg("--config")
+        .arg(dir.join("containerd.toml"))
+        .env("PATH", path)
+        .env(CONFIG_ENV, dir.join("thaw.toml"))
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone().unwrap())
+        .stderr(logf)
+        .spawn()
+        .expect("containerd must be installed")
 }
 
 /// The last `n` lines of `s`.

@@ -716,3 +716,46 @@ fn native_snapshotter_and_plain_rootfs_dirs_work() {
     assert_eq!(out.stdout.trim(), "from a plain dir", "{}", out.describe());
     c.assert_no_leaks();
 }
+
+#[test]
+fn tasks_survive_a_containerd_restart_and_still_report_exits() {
+    let mut c = setup();
+    let id = detached(&c, "restart", &["sleep", "600"]);
+    c.restart_containerd();
+    assert_eq!(
+        task_status(&c, &id),
+        "RUNNING",
+        "the shim and its task outlive containerd"
+    );
+    // The exit event must reach the new containerd: the shim's old
+    // connection for events is dead and it has to reconnect.
+    let mut events = c.ctr_cmd(&["events"]);
+    events
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let start = Instant::now();
+    let ev = events.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = c.ctr(&["tasks", "kill", "-s", "SIGKILL", &id]);
+    assert!(out.success(), "{}", out.describe());
+    let stopped = wait_for(Duration::from_secs(20), || {
+        (task_status(&c, &id) == "STOPPED").then_some(())
+    });
+    assert!(stopped.is_some(), "status {}", task_status(&c, &id));
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(ev.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let evs = cmd::wait_with_deadline(ev, start, Duration::from_secs(10));
+    assert!(
+        evs.stdout
+            .lines()
+            .any(|l| l.contains("/tasks/exit") && l.contains(&id)),
+        "no exit event after the restart: {}",
+        evs.stdout
+    );
+    assert!(c.ctr(&["tasks", "delete", &id]).success());
+    assert!(c.ctr(&["containers", "delete", &id]).success());
+    c.assert_no_leaks();
+}
