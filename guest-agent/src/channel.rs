@@ -51,7 +51,9 @@ pub fn send<T: Serialize>(sock: &UnixStream, msg: &T, fd: Option<RawFd>) -> std:
 }
 
 /// Receives one frame. `Ok(None)` on a clean EOF before a frame started.
-pub fn recv<T: DeserializeOwned>(sock: &UnixStream) -> std::io::Result<Option<(T, Option<OwnedFd>)>> {
+pub fn recv<T: DeserializeOwned>(
+    sock: &UnixStream,
+) -> std::io::Result<Option<(T, Option<OwnedFd>)>> {
     let mut header = [0u8; 4];
     let mut cmsg_buf = nix::cmsg_space!([RawFd; 2]);
     let (n, fd) = loop {

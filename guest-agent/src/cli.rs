@@ -55,7 +55,11 @@ pub fn parse_args(args: &[String], pid1: bool) -> Result<Options> {
     let mut run_dir = PathBuf::from("/run/thaw");
     let mut cgroup_root = pid1.then(|| PathBuf::from("/sys/fs/cgroup/thaw"));
     let mut private_mounts = false;
-    let mut log_level = if pid1 { LevelFilter::Warn } else { LevelFilter::Info };
+    let mut log_level = if pid1 {
+        LevelFilter::Warn
+    } else {
+        LevelFilter::Info
+    };
     if pid1 {
         if let Some(l) = pid1::cmdline_param("log").and_then(|l| logging::parse_level(&l)) {
             log_level = l;
@@ -185,7 +189,11 @@ pub fn main() -> ! {
         init::main();
     }
     let pid1 = std::process::id() == 1;
-    let early_problems = if pid1 { pid1::early_setup() } else { Vec::new() };
+    let early_problems = if pid1 {
+        pid1::early_setup()
+    } else {
+        Vec::new()
+    };
     let opts = match parse_args(&args, pid1) {
         Ok(o) => o,
         Err(e) if !pid1 => {
@@ -236,7 +244,14 @@ mod tests {
     fn host_mode_needs_host() {
         assert!(parse_args(&[], false).is_err());
         let o = parse_args(
-            &args(&["--host", "unix:///tmp/a", "--cgroup-root", "none", "--port", "7"]),
+            &args(&[
+                "--host",
+                "unix:///tmp/a",
+                "--cgroup-root",
+                "none",
+                "--port",
+                "7",
+            ]),
             false,
         )
         .unwrap();

@@ -33,7 +33,7 @@ impl HostAddr {
         }
         if let Some(cid) = s.strip_prefix("vsock://") {
             let cid = cid
-                .trim_end_matches(|c| c == ':' || c == '/')
+                .trim_end_matches([':', '/'])
                 .parse()
                 .map_err(|_| Error::InvalidRequest(format!("bad vsock cid in {s:?}")))?;
             return Ok(HostAddr::Vsock { cid });

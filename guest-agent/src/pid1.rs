@@ -23,14 +23,62 @@ const NOEXEC: MsFlags = MsFlags::MS_NOEXEC;
 
 fn early_mounts() -> [EarlyMount; 8] {
     [
-        EarlyMount { source: "proc", target: "/proc", fstype: "proc", flags: NOSUID.union(NODEV).union(NOEXEC), data: None },
-        EarlyMount { source: "sysfs", target: "/sys", fstype: "sysfs", flags: NOSUID.union(NODEV).union(NOEXEC), data: None },
-        EarlyMount { source: "devtmpfs", target: "/dev", fstype: "devtmpfs", flags: NOSUID, data: Some("mode=0755") },
-        EarlyMount { source: "devpts", target: "/dev/pts", fstype: "devpts", flags: NOSUID.union(NOEXEC), data: Some("gid=5,mode=0620,ptmxmode=0666") },
-        EarlyMount { source: "shm", target: "/dev/shm", fstype: "tmpfs", flags: NOSUID.union(NODEV), data: Some("mode=1777") },
-        EarlyMount { source: "tmpfs", target: "/run", fstype: "tmpfs", flags: NOSUID.union(NODEV), data: Some("mode=0755") },
-        EarlyMount { source: "tmpfs", target: "/tmp", fstype: "tmpfs", flags: NOSUID.union(NODEV), data: Some("mode=1777") },
-        EarlyMount { source: "cgroup2", target: "/sys/fs/cgroup", fstype: "cgroup2", flags: NOSUID.union(NODEV).union(NOEXEC), data: Some("nsdelegate") },
+        EarlyMount {
+            source: "proc",
+            target: "/proc",
+            fstype: "proc",
+            flags: NOSUID.union(NODEV).union(NOEXEC),
+            data: None,
+        },
+        EarlyMount {
+            source: "sysfs",
+            target: "/sys",
+            fstype: "sysfs",
+            flags: NOSUID.union(NODEV).union(NOEXEC),
+            data: None,
+        },
+        EarlyMount {
+            source: "devtmpfs",
+            target: "/dev",
+            fstype: "devtmpfs",
+            flags: NOSUID,
+            data: Some("mode=0755"),
+        },
+        EarlyMount {
+            source: "devpts",
+            target: "/dev/pts",
+            fstype: "devpts",
+            flags: NOSUID.union(NOEXEC),
+            data: Some("gid=5,mode=0620,ptmxmode=0666"),
+        },
+        EarlyMount {
+            source: "shm",
+            target: "/dev/shm",
+            fstype: "tmpfs",
+            flags: NOSUID.union(NODEV),
+            data: Some("mode=1777"),
+        },
+        EarlyMount {
+            source: "tmpfs",
+            target: "/run",
+            fstype: "tmpfs",
+            flags: NOSUID.union(NODEV),
+            data: Some("mode=0755"),
+        },
+        EarlyMount {
+            source: "tmpfs",
+            target: "/tmp",
+            fstype: "tmpfs",
+            flags: NOSUID.union(NODEV),
+            data: Some("mode=1777"),
+        },
+        EarlyMount {
+            source: "cgroup2",
+            target: "/sys/fs/cgroup",
+            fstype: "cgroup2",
+            flags: NOSUID.union(NODEV).union(NOEXEC),
+            data: Some("nsdelegate"),
+        },
     ]
 }
 

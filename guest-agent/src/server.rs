@@ -51,7 +51,11 @@ impl AsyncRead for ControlStream {
 }
 
 impl AsyncWrite for ControlStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match &mut self.get_mut().inner {
             Inner::Unix(s) => Pin::new(s).poll_write(cx, buf),
             Inner::Vsock(s) => Pin::new(s).poll_write(cx, buf),
@@ -119,10 +123,7 @@ pub fn dialing_listener(host: HostAddr, port: u32) -> Listener {
             }
             let inner = dial_until_connected(&host, port).await;
             let (tx, rx) = oneshot::channel();
-            let conn = ControlStream {
-                inner,
-                _closed: tx,
-            };
+            let conn = ControlStream { inner, _closed: tx };
             Some((Ok::<_, io::Error>(conn), (host, Some(rx))))
         },
     );
@@ -168,19 +169,31 @@ impl Agent for AgentService {
         Ok(Empty::new())
     }
 
-    async fn create_sandbox(&self, _: &TtrpcContext, req: CreateSandboxRequest) -> ttrpc::Result<Empty> {
+    async fn create_sandbox(
+        &self,
+        _: &TtrpcContext,
+        req: CreateSandboxRequest,
+    ) -> ttrpc::Result<Empty> {
         let rt = self.rt.clone();
         blocking(move || rt.create_sandbox(&req)).await?;
         Ok(Empty::new())
     }
 
-    async fn destroy_sandbox(&self, _: &TtrpcContext, req: DestroySandboxRequest) -> ttrpc::Result<Empty> {
+    async fn destroy_sandbox(
+        &self,
+        _: &TtrpcContext,
+        req: DestroySandboxRequest,
+    ) -> ttrpc::Result<Empty> {
         let rt = self.rt.clone();
         blocking(move || rt.destroy_sandbox(&req.sandbox_id)).await?;
         Ok(Empty::new())
     }
 
-    async fn mount_rootfs(&self, _: &TtrpcContext, req: MountRootfsRequest) -> ttrpc::Result<MountRootfsResponse> {
+    async fn mount_rootfs(
+        &self,
+        _: &TtrpcContext,
+        req: MountRootfsRequest,
+    ) -> ttrpc::Result<MountRootfsResponse> {
         let rt = self.rt.clone();
         let path = blocking(move || {
             let r = req
@@ -195,7 +208,11 @@ impl Agent for AgentService {
         Ok(r)
     }
 
-    async fn create_container(&self, _: &TtrpcContext, req: CreateContainerRequest) -> ttrpc::Result<CreateContainerResponse> {
+    async fn create_container(
+        &self,
+        _: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<CreateContainerResponse> {
         let rt = self.rt.clone();
         let pid = blocking(move || rt.create_container(&req)).await?;
         let mut r = CreateContainerResponse::new();
@@ -203,7 +220,11 @@ impl Agent for AgentService {
         Ok(r)
     }
 
-    async fn exec_process(&self, _: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<ExecProcessResponse> {
+    async fn exec_process(
+        &self,
+        _: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<ExecProcessResponse> {
         let rt = self.rt.clone();
         let pid = blocking(move || rt.exec_process(&req)).await?;
         let mut r = ExecProcessResponse::new();
@@ -211,7 +232,11 @@ impl Agent for AgentService {
         Ok(r)
     }
 
-    async fn start_process(&self, _: &TtrpcContext, req: StartProcessRequest) -> ttrpc::Result<StartProcessResponse> {
+    async fn start_process(
+        &self,
+        _: &TtrpcContext,
+        req: StartProcessRequest,
+    ) -> ttrpc::Result<StartProcessResponse> {
         let rt = self.rt.clone();
         let pid = blocking(move || rt.start_process(&req.container_id, &req.exec_id)).await?;
         let mut r = StartProcessResponse::new();
@@ -219,13 +244,22 @@ impl Agent for AgentService {
         Ok(r)
     }
 
-    async fn signal_process(&self, _: &TtrpcContext, req: SignalProcessRequest) -> ttrpc::Result<Empty> {
+    async fn signal_process(
+        &self,
+        _: &TtrpcContext,
+        req: SignalProcessRequest,
+    ) -> ttrpc::Result<Empty> {
         let rt = self.rt.clone();
-        blocking(move || rt.signal_process(&req.container_id, &req.exec_id, req.signal, req.all)).await?;
+        blocking(move || rt.signal_process(&req.container_id, &req.exec_id, req.signal, req.all))
+            .await?;
         Ok(Empty::new())
     }
 
-    async fn wait_process(&self, _: &TtrpcContext, req: WaitProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
+    async fn wait_process(
+        &self,
+        _: &TtrpcContext,
+        req: WaitProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
         let proc = self
             .rt
             .process_handle(&req.container_id, &req.exec_id)
@@ -242,25 +276,41 @@ impl Agent for AgentService {
         Ok(r)
     }
 
-    async fn delete_process(&self, _: &TtrpcContext, req: DeleteProcessRequest) -> ttrpc::Result<Empty> {
+    async fn delete_process(
+        &self,
+        _: &TtrpcContext,
+        req: DeleteProcessRequest,
+    ) -> ttrpc::Result<Empty> {
         let rt = self.rt.clone();
         blocking(move || rt.delete_process(&req.container_id, &req.exec_id)).await?;
         Ok(Empty::new())
     }
 
-    async fn remove_container(&self, _: &TtrpcContext, req: RemoveContainerRequest) -> ttrpc::Result<Empty> {
+    async fn remove_container(
+        &self,
+        _: &TtrpcContext,
+        req: RemoveContainerRequest,
+    ) -> ttrpc::Result<Empty> {
         let rt = self.rt.clone();
         blocking(move || rt.remove_container(&req.container_id)).await?;
         Ok(Empty::new())
     }
 
-    async fn pause_container(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+    async fn pause_container(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
         let rt = self.rt.clone();
         blocking(move || rt.pause(&req.container_id, true)).await?;
         Ok(Empty::new())
     }
 
-    async fn resume_container(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+    async fn resume_container(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
         let rt = self.rt.clone();
         blocking(move || rt.pause(&req.container_id, false)).await?;
         Ok(Empty::new())
@@ -268,7 +318,8 @@ impl Agent for AgentService {
 
     async fn resize_tty(&self, _: &TtrpcContext, req: ResizeTtyRequest) -> ttrpc::Result<Empty> {
         let rt = self.rt.clone();
-        blocking(move || rt.resize_tty(&req.container_id, &req.exec_id, req.width, req.height)).await?;
+        blocking(move || rt.resize_tty(&req.container_id, &req.exec_id, req.width, req.height))
+            .await?;
         Ok(Empty::new())
     }
 
@@ -283,7 +334,11 @@ impl Agent for AgentService {
         blocking(move || rt.stats(&req.container_id)).await
     }
 
-    async fn list_pids(&self, _: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<ListPidsResponse> {
+    async fn list_pids(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<ListPidsResponse> {
         let rt = self.rt.clone();
         let procs = blocking(move || rt.pids(&req.container_id)).await?;
         let mut r = ListPidsResponse::new();
@@ -291,7 +346,11 @@ impl Agent for AgentService {
         Ok(r)
     }
 
-    async fn get_events(&self, _: &TtrpcContext, req: GetEventsRequest) -> ttrpc::Result<GetEventsResponse> {
+    async fn get_events(
+        &self,
+        _: &TtrpcContext,
+        req: GetEventsRequest,
+    ) -> ttrpc::Result<GetEventsResponse> {
         let timeout = Duration::from_millis(u64::from(req.timeout_ms.min(600_000)));
         Ok(self.rt.events.get(req.after_seq, timeout).await)
     }

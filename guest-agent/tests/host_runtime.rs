@@ -29,7 +29,11 @@ fn rpc_code(e: &ttrpc::Error) -> ttrpc::Code {
 #[test]
 fn env_cwd_hostname_and_exit_code() {
     let h = Harness::start("env", true);
-    let mut s = spec(&["sh", "-c", "echo \"$GREETING\"; pwd; hostname; echo oops >&2; exit 3"]);
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "echo \"$GREETING\"; pwd; hostname; echo oops >&2; exit 3",
+    ]);
     s["process"]["env"] = json!(["PATH=/bin", "GREETING=hello from thaw"]);
     s["process"]["cwd"] = json!("/tmp");
     let r = h.run("env", &s, None);
@@ -43,7 +47,9 @@ fn env_cwd_hostname_and_exit_code() {
         .map(|e| e.exit().clone())
         .collect();
     assert!(
-        exits.iter().any(|e| e.container_id == "env" && e.exec_id.is_empty() && e.exit_status == 3),
+        exits
+            .iter()
+            .any(|e| e.container_id == "env" && e.exec_id.is_empty() && e.exit_status == 3),
         "exit event missing: {exits:?}"
     );
     assert!(h.leftover_container_dirs().is_empty());
@@ -54,12 +60,13 @@ fn user_groups_capabilities_and_limits() {
     let h = Harness::start("user", true);
     let script = "id -u; id -g; id -G; grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status; \
                   ulimit -n; echo $HOME; touch /probe 2>&1 || echo readonly-root; \
-                  wc -c < /proc/kcore; echo x > /proc/sys/kernel/domainname 2>&1 || echo readonly-proc";
+                  grep -E ' /proc/(keys|acpi) ' /proc/self/mountinfo | sed -e 's/^[^ ]* [^ ]* [^ ]* [^ ]* \\([^ ]*\\) .* - \\([^ ]*\\) .*/masked \\1 \\2/'; echo x > /proc/sys/kernel/domainname 2>&1 || echo readonly-proc";
     let mut s = spec(&["sh", "-c", script]);
     s["process"]["user"] = json!({"uid": 1000, "gid": 1000, "additionalGids": [5, 20]});
     s["process"]["env"] = json!(["PATH=/bin", "HOME=/home/user"]);
     s["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": 77, "soft": 77}]);
-    s["process"]["capabilities"] = json!({"bounding": ["CAP_KILL", "CAP_CHOWN"], "effective": [], "permitted": []});
+    s["process"]["capabilities"] =
+        json!({"bounding": ["CAP_KILL", "CAP_CHOWN"], "effective": [], "permitted": []});
     s["root"]["readonly"] = json!(true);
     let r = h.run("user", &s, None);
     let out = r.out();
@@ -74,8 +81,13 @@ fn user_groups_capabilities_and_limits() {
     assert!(lines.contains(&"77"), "{out}");
     assert!(lines.contains(&"/home/user"), "{out}");
     assert!(out.contains("readonly-root"), "{out}");
-    // /proc/kcore is masked with /dev/null: empty.
-    assert!(lines.contains(&"0"), "{out}");
+    // Masked paths: a file gets /dev/null bound over it, a directory an
+    // empty read-only tmpfs.
+    assert!(
+        lines.iter().any(|l| l.starts_with("masked /proc/keys ")),
+        "{out}"
+    );
+    assert!(lines.contains(&"masked /proc/acpi tmpfs"), "{out}");
     assert!(out.contains("readonly-proc"), "{out}");
     assert_eq!(r.status, 0, "stderr: {}", r.err());
 }
@@ -84,7 +96,11 @@ fn user_groups_capabilities_and_limits() {
 fn signals_reach_the_process_and_set_the_exit_status() {
     let h = Harness::start("signals", true);
     // A handler: SIGTERM makes it exit 7.
-    let s = spec(&["sh", "-c", "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.05; done"]);
+    let s = spec(&[
+        "sh",
+        "-c",
+        "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.05; done",
+    ]);
     let io = h.stdio(false, true, false);
     h.create("trap", &s, &io).unwrap();
     let (_, out, _) = io.accept_raw();
@@ -196,7 +212,14 @@ fn exec_joins_the_running_container() {
         del.container_id = "box".into();
         del.exec_id = exec_id.into();
         h.client.delete_process(ctx(10), &del).unwrap();
-        (status, format!("{}{}", String::from_utf8_lossy(&out), String::from_utf8_lossy(&err)))
+        (
+            status,
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&err)
+            ),
+        )
     };
     // Wait for the marker file the init writes.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -209,23 +232,42 @@ fn exec_joins_the_running_container() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(seen, "inside\n", "exec does not see the container's filesystem");
-    let (status, out) = run_exec("ns", &["sh", "-c", "hostname; readlink /proc/1/ns/pid; readlink /proc/self/ns/pid; exit 5"]);
+    assert_eq!(
+        seen, "inside\n",
+        "exec does not see the container's filesystem"
+    );
+    let (status, out) = run_exec(
+        "ns",
+        &[
+            "sh",
+            "-c",
+            "hostname; readlink /proc/1/ns/pid; readlink /proc/self/ns/pid; exit 5",
+        ],
+    );
     assert_eq!(status, 5);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "thaw-test");
-    assert_eq!(lines[1], lines[2], "exec is not in the container's pid namespace: {out}");
+    assert_eq!(
+        lines[1], lines[2],
+        "exec is not in the container's pid namespace: {out}"
+    );
 
     // ListPids sees the init; an exec in flight shows with its id.
     let io = h.stdio(false, false, false);
-    let exec_pid = h.exec("box", "sleeper", &process(&["sleep", "1000"]), &io).unwrap();
+    let exec_pid = h
+        .exec("box", "sleeper", &process(&["sleep", "1000"]), &io)
+        .unwrap();
     h.start_proc("box", "sleeper").unwrap();
     if h.cgroup().is_some() {
         let mut req = ContainerRequest::new();
         req.container_id = "box".into();
         let pids = h.client.list_pids(ctx(10), &req).unwrap().processes;
         assert!(pids.iter().any(|p| p.pid == init_pid), "{pids:?}");
-        assert!(pids.iter().any(|p| p.pid == exec_pid && p.exec_id == "sleeper"), "{pids:?}");
+        assert!(
+            pids.iter()
+                .any(|p| p.pid == exec_pid && p.exec_id == "sleeper"),
+            "{pids:?}"
+        );
     }
     // Killing everything ends both.
     h.signal("box", "", libc::SIGKILL, true).unwrap();
@@ -272,21 +314,93 @@ fn bad_specs_get_precise_errors_and_the_agent_keeps_serving() {
     let h = Harness::start("badspec", true);
     let io = || h.stdio(false, false, false);
     let cases: Vec<(serde_json::Value, &str)> = vec![
-        ({ let mut s = spec(&["true"]); s["process"]["user"]["uid"] = json!("root"); s }, "process.user.uid"),
-        ({ let mut s = spec(&["true"]); s["process"]["cwd"] = json!("relative/dir"); s }, "process.cwd"),
-        ({ let mut s = spec(&["no-such-program"]); s["process"]["env"] = json!(["PATH=/bin"]); s }, "process.args[0]"),
-        ({ let mut s = spec(&["true"]); s["process"]["cwd"] = json!("/does/not/exist"); s }, "process.cwd"),
-        ({ let mut s = spec(&["true"]); s["mounts"].as_array_mut().unwrap().push(json!({"destination": "/data", "type": "bind", "source": "/host/only/path", "options": ["rbind"]})); s }, "mounts[7].source"),
-        ({ let mut s = spec(&["true"]); s["mounts"].as_array_mut().unwrap().push(json!({"destination": "/weird", "type": "nosuchfs", "source": "x"})); s }, "mounts[7]"),
-        ({ let mut s = spec(&["true"]); s["linux"]["namespaces"].as_array_mut().unwrap().push(json!({"type": "user"})); s }, "linux.namespaces[5]"),
-        ({ let mut s = spec(&["true"]); s["process"]["capabilities"]["bounding"] = json!(["CAP_FLY"]); s }, "process.capabilities.bounding"),
-        ({ let mut s = spec(&["true"]); s["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}]}); s }, "linux.seccomp.syscalls[0].action"),
+        (
+            {
+                let mut s = spec(&["true"]);
+                s["process"]["user"]["uid"] = json!("root");
+                s
+            },
+            "process.user.uid",
+        ),
+        (
+            {
+                let mut s = spec(&["true"]);
+                s["process"]["cwd"] = json!("relative/dir");
+                s
+            },
+            "process.cwd",
+        ),
+        (
+            {
+                let mut s = spec(&["no-such-program"]);
+                s["process"]["env"] = json!(["PATH=/bin"]);
+                s
+            },
+            "process.args[0]",
+        ),
+        (
+            {
+                let mut s = spec(&["true"]);
+                s["process"]["cwd"] = json!("/does/not/exist");
+                s
+            },
+            "process.cwd",
+        ),
+        (
+            {
+                let mut s = spec(&["true"]);
+                s["mounts"].as_array_mut().unwrap().push(json!({"destination": "/data", "type": "bind", "source": "/host/only/path", "options": ["rbind"]}));
+                s
+            },
+            "mounts[7].source",
+        ),
+        (
+            {
+                let mut s = spec(&["true"]);
+                s["mounts"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"destination": "/weird", "type": "nosuchfs", "source": "x"}));
+                s
+            },
+            "mounts[7]",
+        ),
+        (
+            {
+                let mut s = spec(&["true"]);
+                s["linux"]["namespaces"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"type": "user"}));
+                s
+            },
+            "linux.namespaces[5]",
+        ),
+        (
+            {
+                let mut s = spec(&["true"]);
+                s["process"]["capabilities"]["bounding"] = json!(["CAP_FLY"]);
+                s
+            },
+            "process.capabilities.bounding[0]",
+        ),
+        (
+            {
+                let mut s = spec(&["true"]);
+                s["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}]});
+                s
+            },
+            "linux.seccomp.syscalls[0].action",
+        ),
     ];
     for (i, (s, field)) in cases.iter().enumerate() {
         let e = h.create(&format!("bad{i}"), s, &io()).expect_err(field);
         let msg = rpc_message(&e);
         assert_eq!(rpc_code(&e), ttrpc::Code::INVALID_ARGUMENT, "{msg}");
-        assert!(msg.contains(&format!("spec field {field}:")), "case {i}: want field {field}, got {msg}");
+        assert!(
+            msg.contains(&format!("spec field {field}:")),
+            "case {i}: want field {field}, got {msg}"
+        );
     }
     // Nothing left behind by the failures, and the agent still works.
     assert_eq!(h.leftover_container_dirs(), Vec::<String>::new());
@@ -297,7 +411,11 @@ fn bad_specs_get_precise_errors_and_the_agent_keeps_serving() {
 #[test]
 fn seccomp_profile_from_the_spec_is_enforced() {
     let h = Harness::start("seccomp", true);
-    let mut s = spec(&["sh", "-c", "mkdir /tmp/a && echo made; mkdir /tmp/b; echo rc=$?"]);
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "mkdir /tmp/a && echo made; mkdir /tmp/b; echo rc=$?",
+    ]);
     s["linux"]["seccomp"] = json!({
         "defaultAction": "SCMP_ACT_ALLOW",
         "architectures": ["SCMP_ARCH_X86_64"],
@@ -325,7 +443,11 @@ fn sandbox_containers_share_uts_ipc_and_etc_files() {
 
     let mut outputs = Vec::new();
     for id in ["app1", "app2"] {
-        let mut s = spec(&["sh", "-c", "hostname; readlink /proc/self/ns/ipc; cat /etc/hosts /etc/resolv.conf"]);
+        let mut s = spec(&[
+            "sh",
+            "-c",
+            "hostname; readlink /proc/self/ns/ipc; cat /etc/hosts /etc/resolv.conf",
+        ]);
         s.as_object_mut().unwrap().remove("hostname");
         // CRI-style: paths to the pause container's namespaces on the host.
         s["linux"]["namespaces"] = json!([
@@ -333,7 +455,8 @@ fn sandbox_containers_share_uts_ipc_and_etc_files() {
             {"type": "ipc", "path": "/proc/4242/ns/ipc"}, {"type": "uts", "path": "/proc/4242/ns/uts"}
         ]);
         let io = h.stdio(false, true, true);
-        h.create_in(id, "pod1", &s, &io).unwrap_or_else(|e| panic!("{}", rpc_message(&e)));
+        h.create_in(id, "pod1", &s, &io)
+            .unwrap_or_else(|e| panic!("{}", rpc_message(&e)));
         let streams = io.accept();
         h.start_proc(id, "").unwrap();
         assert_eq!(h.wait(id, ""), 0);
@@ -341,10 +464,17 @@ fn sandbox_containers_share_uts_ipc_and_etc_files() {
         assert!(err.is_empty(), "{}", String::from_utf8_lossy(&err));
         outputs.push(String::from_utf8(out).unwrap());
     }
-    assert_eq!(outputs[0], outputs[1], "containers of one pod see different namespaces");
+    assert_eq!(
+        outputs[0], outputs[1],
+        "containers of one pod see different namespaces"
+    );
     assert!(outputs[0].starts_with("pod-host\n"), "{}", outputs[0]);
     assert!(outputs[0].contains("10.1.2.3 pod-host"), "{}", outputs[0]);
-    assert!(outputs[0].contains("nameserver 10.0.0.10"), "{}", outputs[0]);
+    assert!(
+        outputs[0].contains("nameserver 10.0.0.10"),
+        "{}",
+        outputs[0]
+    );
 
     // A sandbox with containers cannot go away.
     let mut del = DestroySandboxRequest::new();
@@ -359,11 +489,15 @@ fn sandbox_containers_share_uts_ipc_and_etc_files() {
 fn pause_and_resume_freeze_the_container() {
     let h = Harness::start("pause", true);
     let Some(cg) = h.cgroup() else {
-        println!("SKIPPED pause_and_resume_freeze_the_container: no cgroup v2 mount on this host");
+        skip("pause_and_resume_freeze_the_container: no cgroup v2 mount on this host");
         return;
     };
     let cg_dir = cg.containers().join("ticker");
-    let s = spec(&["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i; sleep 0.02; done"]);
+    let s = spec(&[
+        "sh",
+        "-c",
+        "i=0; while :; do i=$((i+1)); echo $i; sleep 0.02; done",
+    ]);
     let io = h.stdio(false, true, false);
     h.create("ticker", &s, &io).unwrap();
     let (_, out, _) = io.accept_raw();
@@ -386,13 +520,20 @@ fn pause_and_resume_freeze_the_container() {
     req.container_id = "ticker".into();
     h.client.pause_container(ctx(10), &req).unwrap();
     let paused_at = Instant::now();
-    assert_eq!(std::fs::read_to_string(cg_dir.join("cgroup.freeze")).unwrap().trim(), "1");
+    assert_eq!(
+        std::fs::read_to_string(cg_dir.join("cgroup.freeze"))
+            .unwrap()
+            .trim(),
+        "1"
+    );
     let events = std::fs::read_to_string(cg_dir.join("cgroup.events")).unwrap();
     assert!(events.contains("frozen 1"), "{events}");
     std::thread::sleep(Duration::from_millis(500));
     let resumed_at = Instant::now();
     h.client.resume_container(ctx(10), &req).unwrap();
-    assert!(std::fs::read_to_string(cg_dir.join("cgroup.events")).unwrap().contains("frozen 0"));
+    assert!(std::fs::read_to_string(cg_dir.join("cgroup.events"))
+        .unwrap()
+        .contains("frozen 0"));
     std::thread::sleep(Duration::from_millis(300));
     h.signal("ticker", "", libc::SIGKILL, false).unwrap();
     assert_eq!(h.wait("ticker", ""), 137);
@@ -416,38 +557,62 @@ fn pause_and_resume_freeze_the_container() {
 fn cgroup_limits_are_applied_or_refused_precisely() {
     let h = Harness::start("limits", true);
     let Some(cg) = h.cgroup() else {
-        println!("SKIPPED cgroup_limits_are_applied_or_refused_precisely: no cgroup v2 mount on this host");
+        skip("cgroup_limits_are_applied_or_refused_precisely: no cgroup v2 mount on this host");
         return;
     };
     let controllers = cg.controllers();
-    let mut s = spec(&["sh", "-c", "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 5 & done; wait; echo done"]);
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 5 & done; wait; echo done",
+    ]);
     s["linux"]["resources"] = json!({"pids": {"limit": 6}, "memory": {"limit": 67108864}, "cpu": {"quota": 50000, "period": 100000}});
-    if !(controllers.iter().any(|c| c == "pids") && controllers.iter().any(|c| c == "memory") && controllers.iter().any(|c| c == "cpu")) {
+    if !(controllers.iter().any(|c| c == "pids")
+        && controllers.iter().any(|c| c == "memory")
+        && controllers.iter().any(|c| c == "cpu"))
+    {
         // Here the host's memory/cpu/pids controllers are bound to cgroup v1,
         // so cgroup v2 cannot enforce them: the agent must say so precisely.
-        println!(
-            "SKIPPED enforcement part of cgroup_limits: cgroup v2 here only offers {controllers:?} (memory, cpu, pids are bound to cgroup v1); checking the refusal instead"
-        );
-        let e = h.create("limited", &s, &h.stdio(false, false, false)).unwrap_err();
+        skip(&format!(
+            "cgroup_limits_are_applied_or_refused_precisely: enforcement of memory/cpu/pids limits and the OOM event not tested: cgroup v2 here only offers {controllers:?} (memory, cpu, pids are bound to cgroup v1); checked the agent's precise refusal instead"
+        ));
+        let e = h
+            .create("limited", &s, &h.stdio(false, false, false))
+            .unwrap_err();
         let msg = rpc_message(&e);
         assert_eq!(rpc_code(&e), ttrpc::Code::INVALID_ARGUMENT, "{msg}");
         assert!(msg.contains("spec field linux.resources."), "{msg}");
         assert!(msg.contains("controller is not enabled"), "{msg}");
-        assert!(!cg.containers().join("limited").exists(), "cgroup left behind");
+        assert!(
+            !cg.containers().join("limited").exists(),
+            "cgroup left behind"
+        );
         return;
     }
     let r = h.run("limited", &s, None);
-    assert!(r.err().contains("can't fork") || r.err().contains("Resource temporarily unavailable"), "{}", r.err());
+    assert!(
+        r.err().contains("can't fork") || r.err().contains("Resource temporarily unavailable"),
+        "{}",
+        r.err()
+    );
     let cgdir = cg.containers();
     assert!(!cgdir.join("limited").exists());
 
     // OOM: the kill is reported as an event before the exit.
-    let mut s = spec(&["sh", "-c", "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived"]);
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived",
+    ]);
     s["linux"]["resources"] = json!({"memory": {"limit": 33554432, "swap": 33554432}});
     let r = h.run("oom", &s, None);
     assert_eq!(r.status, 137, "{} {}", r.out(), r.err());
     let evs = h.events(0, 1000);
-    assert!(evs.iter().any(|e| e.has_oom() && e.oom().container_id == "oom"), "{evs:?}");
+    assert!(
+        evs.iter()
+            .any(|e| e.has_oom() && e.oom().container_id == "oom"),
+        "{evs:?}"
+    );
 }
 
 #[test]
@@ -465,7 +630,10 @@ fn control_connection_is_redialed_and_state_survives() {
     drop(old);
     h.reaccept();
     let health = h.client.health(ctx(10), &HealthRequest::new()).unwrap();
-    assert_eq!(health.protocol_version, thaw_agent_protocol::PROTOCOL_VERSION);
+    assert_eq!(
+        health.protocol_version,
+        thaw_agent_protocol::PROTOCOL_VERSION
+    );
     assert!(!health.pid1);
     assert!(health.uptime_ns > 0);
     // The container started before is still there.
@@ -481,25 +649,31 @@ fn guest_settings_calls() {
     t.unix_time_ns = 1_700_000_000_000_000_000;
     // Not PID 1: the agent refuses to touch this host's clock.
     let e = h.client.set_time(ctx(10), &t).unwrap_err();
-    assert_eq!(rpc_code(&e), ttrpc::Code::FAILED_PRECONDITION, "{}", rpc_message(&e));
+    assert_eq!(
+        rpc_code(&e),
+        ttrpc::Code::FAILED_PRECONDITION,
+        "{}",
+        rpc_message(&e)
+    );
     let mut ent = AddEntropyRequest::new();
     ent.data = vec![7u8; 64];
     h.client.add_entropy(ctx(10), &ent).unwrap();
     ent.data = vec![0u8; 5000];
-    assert_eq!(rpc_code(&h.client.add_entropy(ctx(10), &ent).unwrap_err()), ttrpc::Code::INVALID_ARGUMENT);
+    assert_eq!(
+        rpc_code(&h.client.add_entropy(ctx(10), &ent).unwrap_err()),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
     // Without cgroups, stats and pause say why they cannot work.
     let io = h.stdio(false, false, false);
     h.create("nocg", &spec(&["sleep", "1000"]), &io).unwrap();
     let mut req = ContainerRequest::new();
     req.container_id = "nocg".into();
     let e = h.client.stats(ctx(10), &req).unwrap_err();
-    assert_eq!(rpc_code(&e), ttrpc::Code::FAILED_PRECONDITION, "{}", rpc_message(&e));
+    assert_eq!(
+        rpc_code(&e),
+        ttrpc::Code::FAILED_PRECONDITION,
+        "{}",
+        rpc_message(&e)
+    );
     h.remove("nocg");
-}
-
-#[allow(dead_code)]
-fn read_all(mut s: impl Read) -> Vec<u8> {
-    let mut v = Vec::new();
-    let _ = s.read_to_end(&mut v);
-    v
 }

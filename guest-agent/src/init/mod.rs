@@ -53,8 +53,22 @@ pub fn field_fail(field: impl Into<String>, message: impl Into<String>) -> InitE
     }
 }
 
+/// The agent blocks SIGTERM/SIGINT and ignores SIGPIPE, and both survive
+/// fork and exec: give the container a clean slate.
+fn reset_signals() {
+    use nix::sys::signal::{signal, SigHandler, SigSet, Signal};
+    let _ = SigSet::empty().thread_set_mask();
+    for sig in Signal::iterator() {
+        if sig != Signal::SIGKILL && sig != Signal::SIGSTOP {
+            // SAFETY: restoring the default disposition installs no handler.
+            let _ = unsafe { signal(sig, SigHandler::SigDfl) };
+        }
+    }
+}
+
 /// Helper entry point; never returns.
 pub fn main() -> ! {
+    reset_signals();
     let sock = match std::env::var(FD_ENV)
         .ok()
         .and_then(|v| v.parse::<i32>().ok())
@@ -120,8 +134,8 @@ fn run(sock: &UnixStream) -> R<Infallible> {
 
     // The child waits until we have reported its pid, so our frame and its
     // frames never interleave on the channel.
-    let (release_r, release_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| fail(format!("pipe: {e}")))?;
+    let (release_r, release_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| fail(format!("pipe: {e}")))?;
     // SAFETY: this helper is single-threaded.
     match unsafe { fork() }.map_err(|e| fail(format!("fork: {e}")))? {
         ForkResult::Parent { child } => {
@@ -168,7 +182,8 @@ fn child(plan: Plan, sock: &UnixStream) -> R<Infallible> {
     let exe = process::resolve_exe(&plan.process)?;
     process::check_cwd(&plan.process)?;
 
-    channel::send(sock, &FromInit::Ready, None).map_err(|e| fail(format!("reporting ready: {e}")))?;
+    channel::send(sock, &FromInit::Ready, None)
+        .map_err(|e| fail(format!("reporting ready: {e}")))?;
     match channel::recv::<ToInit>(sock) {
         Ok(Some((ToInit::Start, _))) => {}
         // The agent dropped us before start (container removed): just go.

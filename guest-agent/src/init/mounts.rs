@@ -182,8 +182,14 @@ fn mount_one(root: &Path, m: &MountPlan) -> R<()> {
     let data = (!data.is_empty()).then_some(data.as_str());
     if bind {
         let flags = MsFlags::MS_BIND | (opts.flags & MsFlags::MS_REC);
-        mount(Some(m.source.as_str()), &dest, None::<&str>, flags, None::<&str>)
-            .map_err(|e| what(format!("bind mount of {}: {e}", m.source)))?;
+        mount(
+            Some(m.source.as_str()),
+            &dest,
+            None::<&str>,
+            flags,
+            None::<&str>,
+        )
+        .map_err(|e| what(format!("bind mount of {}: {e}", m.source)))?;
         // Bind mounts ignore most flags on creation: apply them by remount.
         let extra = opts.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_REMOUNT);
         if !extra.is_empty() {
@@ -197,13 +203,23 @@ fn mount_one(root: &Path, m: &MountPlan) -> R<()> {
             .map_err(|e| what(format!("remounting with {extra:?}: {e}")))?;
         }
     } else {
-        let source = if m.source.is_empty() { typ } else { m.source.as_str() };
+        let source = if m.source.is_empty() {
+            typ
+        } else {
+            m.source.as_str()
+        };
         mount(Some(source), &dest, Some(typ), opts.flags, data)
             .map_err(|e| what(format!("mount: {e}")))?;
     }
     if !opts.propagation.is_empty() {
-        mount(None::<&str>, &dest, None::<&str>, opts.propagation, None::<&str>)
-            .map_err(|e| what(format!("setting propagation: {e}")))?;
+        mount(
+            None::<&str>,
+            &dest,
+            None::<&str>,
+            opts.propagation,
+            None::<&str>,
+        )
+        .map_err(|e| what(format!("setting propagation: {e}")))?;
     }
     Ok(())
 }
@@ -215,7 +231,10 @@ fn is_mounted_at(root: &Path, dest: &str) -> bool {
     fs::read_to_string("/proc/self/mountinfo")
         .map(|info| {
             info.lines().any(|l| {
-                l.split(' ').nth(4).map(|mp| Path::new(mp) == target).unwrap_or(false)
+                l.split(' ')
+                    .nth(4)
+                    .map(|mp| Path::new(mp) == target)
+                    .unwrap_or(false)
             })
         })
         .unwrap_or(false)
@@ -414,7 +433,12 @@ pub fn bind_console(slave_path: &Path) -> R<()> {
         MsFlags::MS_BIND,
         None::<&str>,
     )
-    .map_err(|e| fail(format!("binding {} on /dev/console: {e}", slave_path.display())))
+    .map_err(|e| {
+        fail(format!(
+            "binding {} on /dev/console: {e}",
+            slave_path.display()
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -456,7 +480,9 @@ mod tests {
             "size=65536k".into(),
         ]);
         assert!(o.bind);
-        assert!(o.flags.contains(MsFlags::MS_NOSUID | MsFlags::MS_RDONLY | MsFlags::MS_REC));
+        assert!(o
+            .flags
+            .contains(MsFlags::MS_NOSUID | MsFlags::MS_RDONLY | MsFlags::MS_REC));
         assert_eq!(o.propagation, MsFlags::MS_SLAVE | MsFlags::MS_REC);
         assert_eq!(o.data, vec!["mode=755", "size=65536k"]);
         let o = parse_options(&["ro".into(), "rw".into()]);

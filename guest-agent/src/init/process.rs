@@ -59,7 +59,10 @@ pub fn resolve_exe(p: &ProcessPlan) -> R<PathBuf> {
 pub fn check_cwd(p: &ProcessPlan) -> R<()> {
     match std::fs::metadata(&p.cwd) {
         Ok(md) if md.is_dir() => Ok(()),
-        Ok(_) => Err(field_fail("process.cwd", format!("{}: not a directory", p.cwd))),
+        Ok(_) => Err(field_fail(
+            "process.cwd",
+            format!("{}: not a directory", p.cwd),
+        )),
         Err(e) => Err(field_fail("process.cwd", format!("{}: {e}", p.cwd))),
     }
 }
@@ -124,7 +127,11 @@ enum CapsStage {
 }
 
 fn set_identity(p: &ProcessPlan) -> R<()> {
-    let gids: Vec<Gid> = p.additional_gids.iter().map(|g| Gid::from_raw(*g)).collect();
+    let gids: Vec<Gid> = p
+        .additional_gids
+        .iter()
+        .map(|g| Gid::from_raw(*g))
+        .collect();
     nix::unistd::setgroups(&gids)
         .map_err(|e| field_fail("process.user.additionalGids", e.to_string()))?;
     let gid = Gid::from_raw(p.gid);
@@ -206,7 +213,7 @@ pub fn exec(p: &ProcessPlan, exe: &Path, sock: &UnixStream) -> R<Infallible> {
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     )
     .map_err(|e| fail(format!("fcntl: {e}")))?;
-    let err = nix::unistd::execve(&path, &args, &env).unwrap_err();
+    let Err(err) = nix::unistd::execve(&path, &args, &env);
     Err(field_fail(
         "process.args[0]",
         format!("exec {}: {err}", exe.display()),

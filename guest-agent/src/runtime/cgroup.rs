@@ -163,7 +163,12 @@ fn apply(dir: &Path, res: &LinuxResources) -> Result<()> {
             write(dir, "memory.max", &limit_str(limit), &format!("{f}.limit"))?;
         }
         if let Some(r) = m.reservation() {
-            write(dir, "memory.low", &limit_str(r), &format!("{f}.reservation"))?;
+            write(
+                dir,
+                "memory.low",
+                &limit_str(r),
+                &format!("{f}.reservation"),
+            )?;
         }
         if let Some(swap) = m.swap() {
             // OCI's swap is memory+swap; v2's swap.max is swap alone.
@@ -183,14 +188,22 @@ fn apply(dir: &Path, res: &LinuxResources) -> Result<()> {
             write(dir, "memory.swap.max", &v, &format!("{f}.swap"))?;
         }
         if m.disable_oom_killer() == Some(true) {
-            log::warn!("cgroup {}: disableOOMKiller has no cgroup v2 equivalent; ignored", dir.display());
+            log::warn!(
+                "cgroup {}: disableOOMKiller has no cgroup v2 equivalent; ignored",
+                dir.display()
+            );
         }
     }
     if let Some(c) = res.cpu() {
         let f = "linux.resources.cpu";
         if let Some(shares) = c.shares() {
             if shares > 0 {
-                write(dir, "cpu.weight", &shares_to_weight(shares).to_string(), &format!("{f}.shares"))?;
+                write(
+                    dir,
+                    "cpu.weight",
+                    &shares_to_weight(shares).to_string(),
+                    &format!("{f}.shares"),
+                )?;
             }
         }
         if c.quota().is_some() || c.period().is_some() {
@@ -199,7 +212,12 @@ fn apply(dir: &Path, res: &LinuxResources) -> Result<()> {
                 Some(q) if q > 0 => q.to_string(),
                 _ => "max".to_string(),
             };
-            write(dir, "cpu.max", &format!("{quota} {period}"), &format!("{f}.quota"))?;
+            write(
+                dir,
+                "cpu.max",
+                &format!("{quota} {period}"),
+                &format!("{f}.quota"),
+            )?;
         }
         if let Some(b) = c.burst() {
             write(dir, "cpu.max.burst", &b.to_string(), &format!("{f}.burst"))?;
@@ -221,7 +239,12 @@ fn apply(dir: &Path, res: &LinuxResources) -> Result<()> {
         }
     }
     if let Some(p) = res.pids() {
-        write(dir, "pids.max", &limit_str(if p.limit() > 0 { p.limit() } else { -1 }), "linux.resources.pids.limit")?;
+        write(
+            dir,
+            "pids.max",
+            &limit_str(if p.limit() > 0 { p.limit() } else { -1 }),
+            "linux.resources.pids.limit",
+        )?;
     }
     for (i, h) in res.hugepage_limits().iter().flatten().enumerate() {
         let file = format!("hugetlb.{}.max", h.page_size());
@@ -240,7 +263,10 @@ fn apply(dir: &Path, res: &LinuxResources) -> Result<()> {
         write(dir, key, value, &field)?;
     }
     if res.block_io().is_some() {
-        log::warn!("cgroup {}: blockIO limits are not applied in the guest", dir.display());
+        log::warn!(
+            "cgroup {}: blockIO limits are not applied in the guest",
+            dir.display()
+        );
     }
     Ok(())
 }
@@ -355,8 +381,7 @@ mod tests {
     #[test]
     fn missing_controller_file_names_field_and_controller() {
         let dir = tempfile::tempdir().unwrap();
-        let res: LinuxResources =
-            serde_json::from_str(r#"{"memory":{"limit":1048576}}"#).unwrap();
+        let res: LinuxResources = serde_json::from_str(r#"{"memory":{"limit":1048576}}"#).unwrap();
         // A plain directory has no memory.max, like a cgroup without the
         // memory controller.
         let sub = dir.path().join("nested-missing");

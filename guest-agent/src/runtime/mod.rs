@@ -189,7 +189,10 @@ impl Runtime {
     fn dial(&self, port: u32, field: &str) -> Result<HostStream> {
         self.cfg.host.dial(port).map_err(|e| {
             Error::io(
-                format!("stdio.{field} {port}: connecting to {}", self.cfg.host.describe(port)),
+                format!(
+                    "stdio.{field} {port}: connecting to {}",
+                    self.cfg.host.describe(port)
+                ),
                 e,
             )
         })
@@ -224,14 +227,18 @@ impl Runtime {
             } else {
                 let (r, w) = pipe()?;
                 setup.child.stdout = ChildFd::from(w);
-                setup.outputs.push((format!("{name}-stdout"), Some(r), stream));
+                setup
+                    .outputs
+                    .push((format!("{name}-stdout"), Some(r), stream));
             }
         }
         if ports.stderr_port != 0 && !terminal {
             let stream = self.dial(ports.stderr_port, "stderr_port")?;
             let (r, w) = pipe()?;
             setup.child.stderr = ChildFd::from(w);
-            setup.outputs.push((format!("{name}-stderr"), Some(r), stream));
+            setup
+                .outputs
+                .push((format!("{name}-stderr"), Some(r), stream));
         }
         Ok(setup)
     }
@@ -294,7 +301,13 @@ impl Runtime {
             });
         }
         let dir = self.cfg.run_dir.join("s").join(&req.sandbox_id);
-        let sb = Sandbox::create(&req.sandbox_id, dir, &req.hostname, &req.hosts, &req.resolv_conf)?;
+        let sb = Sandbox::create(
+            &req.sandbox_id,
+            dir,
+            &req.hostname,
+            &req.hosts,
+            &req.resolv_conf,
+        )?;
         let mut st = self.state();
         if st.sandboxes.contains_key(&req.sandbox_id) {
             drop(st);
@@ -333,7 +346,10 @@ impl Runtime {
         validate_id("container id", id)?;
         {
             let st = self.state();
-            if st.containers.contains_key(id) || st.reserved.contains(id) || st.premounted.contains_key(id) {
+            if st.containers.contains_key(id)
+                || st.reserved.contains(id)
+                || st.premounted.contains_key(id)
+            {
                 return Err(Error::AlreadyExists {
                     kind: "container rootfs",
                     id: id.to_string(),
@@ -364,14 +380,17 @@ impl Runtime {
                     id,
                 });
             }
-            let sandbox = if req.sandbox_id.is_empty() {
-                None
-            } else {
-                Some(st.sandboxes.get(&req.sandbox_id).cloned().ok_or_else(|| Error::NotFound {
-                    kind: "sandbox",
-                    id: req.sandbox_id.clone(),
-                })?)
-            };
+            let sandbox =
+                if req.sandbox_id.is_empty() {
+                    None
+                } else {
+                    Some(st.sandboxes.get(&req.sandbox_id).cloned().ok_or_else(|| {
+                        Error::NotFound {
+                            kind: "sandbox",
+                            id: req.sandbox_id.clone(),
+                        }
+                    })?)
+                };
             let init_pid = sandbox.as_ref().and_then(|sb| {
                 st.containers
                     .get(&sb.id)
@@ -385,7 +404,11 @@ impl Runtime {
             let state = self.state.clone();
             let id2 = id.clone();
             undo.push(move || {
-                state.lock().unwrap_or_else(|e| e.into_inner()).reserved.remove(&id2);
+                state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .reserved
+                    .remove(&id2);
             });
         }
 
@@ -564,7 +587,10 @@ impl Runtime {
             }
         }
         if c.init.is_reaped() {
-            return Err(Error::FailedPrecondition(format!("container {} has exited", c.id)));
+            return Err(Error::FailedPrecondition(format!(
+                "container {} has exited",
+                c.id
+            )));
         }
         if c.execs().contains_key(&req.exec_id) {
             return Err(Error::AlreadyExists {
@@ -581,7 +607,12 @@ impl Runtime {
             join_ns: c
                 .namespaces
                 .iter()
-                .map(|ns| (*ns, PathBuf::from(format!("/proc/{init_pid}/ns/{}", ns.proc_name()))))
+                .map(|ns| {
+                    (
+                        *ns,
+                        PathBuf::from(format!("/proc/{init_pid}/ns/{}", ns.proc_name())),
+                    )
+                })
                 .collect(),
             new_ns: Vec::new(),
             rootfs: None,
@@ -742,7 +773,9 @@ impl Runtime {
 
     fn cgroup_of(&self, id: &str) -> Result<PathBuf> {
         self.container(id)?.cgroup.clone().ok_or_else(|| {
-            Error::FailedPrecondition(format!("container {id} has no cgroup (agent runs without one)"))
+            Error::FailedPrecondition(format!(
+                "container {id} has no cgroup (agent runs without one)"
+            ))
         })
     }
 
@@ -788,8 +821,10 @@ impl Runtime {
 
     pub fn resize_tty(&self, id: &str, exec_id: &str, width: u32, height: u32) -> Result<()> {
         let p = self.process_handle(id, exec_id)?;
-        let w = u16::try_from(width).map_err(|_| Error::InvalidRequest("width too large".into()))?;
-        let h = u16::try_from(height).map_err(|_| Error::InvalidRequest("height too large".into()))?;
+        let w =
+            u16::try_from(width).map_err(|_| Error::InvalidRequest("width too large".into()))?;
+        let h =
+            u16::try_from(height).map_err(|_| Error::InvalidRequest("height too large".into()))?;
         match p.resize(w, h) {
             Ok(true) => Ok(()),
             Ok(false) => Err(Error::FailedPrecondition(format!(

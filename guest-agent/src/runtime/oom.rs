@@ -73,7 +73,8 @@ impl OomWatcher {
             _ => None,
         };
         let last = cgroup::oom_kills(&cgroup);
-        self.lock().insert(id.to_string(), Watched { wd, cgroup, last });
+        self.lock()
+            .insert(id.to_string(), Watched { wd, cgroup, last });
     }
 
     pub fn unwatch(&self, id: &str) {

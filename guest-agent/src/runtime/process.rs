@@ -127,12 +127,7 @@ impl Proc {
 
     /// Reaper callback: drain output, then publish the exit (on a thread of
     /// its own, so the reaper keeps reaping meanwhile).
-    pub fn on_exit(
-        self: &Arc<Self>,
-        exit: Exit,
-        events: Arc<EventLog>,
-        oom: Option<OomWatcher>,
-    ) {
+    pub fn on_exit(self: &Arc<Self>, exit: Exit, events: Arc<EventLog>, oom: Option<OomWatcher>) {
         self.reaped.store(true, Ordering::SeqCst);
         let me = self.clone();
         let finish = move || {

@@ -94,8 +94,19 @@ fn make_namespaces(hostname: &str, uts: &Path, ipc: &Path) -> Result<()> {
         }
         for (name, target) in [("uts", &uts2), ("ipc", &ipc2)] {
             let src = format!("/proc/thread-self/ns/{name}");
-            mount(Some(src.as_str()), target.as_path(), None::<&str>, MsFlags::MS_BIND, None::<&str>)
-                .map_err(|e| Error::errno(format!("pinning {name} namespace on {}", target.display()), e))?;
+            mount(
+                Some(src.as_str()),
+                target.as_path(),
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(|e| {
+                Error::errno(
+                    format!("pinning {name} namespace on {}", target.display()),
+                    e,
+                )
+            })?;
         }
         Ok(())
     });

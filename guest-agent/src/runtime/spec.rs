@@ -24,8 +24,19 @@ fn parse<T: DeserializeOwned>(json: &[u8], root: &str) -> Result<T> {
             ("", p) => p.to_string(),
             (r, p) => format!("{r}.{p}"),
         };
-        let field = if field.is_empty() { "spec".into() } else { field };
-        Error::spec(field, e.into_inner().to_string())
+        let field = if field.is_empty() {
+            "spec".into()
+        } else {
+            field
+        };
+        // serde_json appends "at line 1 column N", which says nothing
+        // once the field path is known.
+        let reason = e.into_inner().to_string();
+        let reason = match reason.rfind(" at line ") {
+            Some(i) if reason[i..].contains(" column ") => reason[..i].to_string(),
+            _ => reason,
+        };
+        Error::spec(field, reason)
     })
 }
 
@@ -64,7 +75,10 @@ fn cap_names(set: &Option<Capabilities>, field: &str) -> Result<Vec<String>> {
     for cap in set.iter().flatten() {
         let name = format!("CAP_{cap}");
         if caps::Capability::from_str(&name).is_err() {
-            return Err(Error::spec(field, format!("{name} is not a capability this agent knows")));
+            return Err(Error::spec(
+                field,
+                format!("{name} is not a capability this agent knows"),
+            ));
         }
         names.push(name);
     }
@@ -80,16 +94,28 @@ pub fn translate_process(p: &Process, f: &str) -> Result<(ProcessPlan, Option<(u
     }
     let cwd = p.cwd().to_string_lossy().to_string();
     if !p.cwd().is_absolute() {
-        return Err(Error::spec(format!("{f}.cwd"), format!("{cwd:?} must be an absolute path")));
+        return Err(Error::spec(
+            format!("{f}.cwd"),
+            format!("{cwd:?} must be an absolute path"),
+        ));
     }
     if p.scheduler().is_some() {
-        return Err(Error::spec(format!("{f}.scheduler"), "not supported by thaw's guest agent"));
+        return Err(Error::spec(
+            format!("{f}.scheduler"),
+            "not supported by thaw's guest agent",
+        ));
     }
     if p.io_priority().is_some() {
-        return Err(Error::spec(format!("{f}.ioPriority"), "not supported by thaw's guest agent"));
+        return Err(Error::spec(
+            format!("{f}.ioPriority"),
+            "not supported by thaw's guest agent",
+        ));
     }
     if p.exec_cpu_affinity().is_some() {
-        return Err(Error::spec(format!("{f}.execCPUAffinity"), "not supported by thaw's guest agent"));
+        return Err(Error::spec(
+            format!("{f}.execCPUAffinity"),
+            "not supported by thaw's guest agent",
+        ));
     }
     if let Some(profile) = p.apparmor_profile().as_deref().filter(|s| !s.is_empty()) {
         // The guest has no LSM; the VM is the isolation boundary.
@@ -100,7 +126,10 @@ pub fn translate_process(p: &Process, f: &str) -> Result<(ProcessPlan, Option<(u
     for (i, rl) in p.rlimits().iter().flatten().enumerate() {
         let field = format!("{f}.rlimits[{i}]");
         if rl.soft() > rl.hard() {
-            return Err(Error::spec(field, format!("soft limit {} exceeds hard limit {}", rl.soft(), rl.hard())));
+            return Err(Error::spec(
+                field,
+                format!("soft limit {} exceeds hard limit {}", rl.soft(), rl.hard()),
+            ));
         }
         if !seen.insert(rlimit_resource(rl.typ())) {
             return Err(Error::spec(field, format!("{:?} is given twice", rl.typ())));
@@ -123,9 +152,12 @@ pub fn translate_process(p: &Process, f: &str) -> Result<(ProcessPlan, Option<(u
         }),
     };
     let user = p.user();
-    let console = p
-        .console_size()
-        .map(|b| (b.height().min(u16::MAX as u64) as u16, b.width().min(u16::MAX as u64) as u16));
+    let console = p.console_size().map(|b| {
+        (
+            b.height().min(u16::MAX as u64) as u16,
+            b.width().min(u16::MAX as u64) as u16,
+        )
+    });
     Ok((
         ProcessPlan {
             args,
@@ -169,12 +201,19 @@ pub struct PodContext<'a> {
 fn namespaces(spec: &Spec, pod: &PodContext) -> Result<Namespaces> {
     let mut out = Namespaces::default();
     let mut seen = HashSet::new();
-    let list = spec.linux().as_ref().and_then(|l| l.namespaces().clone()).unwrap_or_default();
+    let list = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().clone())
+        .unwrap_or_default();
     for (i, ns) in list.iter().enumerate() {
         let field = format!("linux.namespaces[{i}]");
         let typ = ns.typ();
         if !seen.insert(typ as u32) {
-            return Err(Error::spec(field, format!("{typ:?} namespace listed twice")));
+            return Err(Error::spec(
+                field,
+                format!("{typ:?} namespace listed twice"),
+            ));
         }
         let kind = match typ {
             LinuxNamespaceType::Mount => Ns::Mount,
@@ -230,39 +269,67 @@ fn namespaces(spec: &Spec, pod: &PodContext) -> Result<Namespaces> {
         out.join.push((kind, joined));
     }
     if !out.has_new(Ns::Mount) {
-        return Err(Error::spec("linux.namespaces", "a new mount namespace is required"));
+        return Err(Error::spec(
+            "linux.namespaces",
+            "a new mount namespace is required",
+        ));
     }
     Ok(out)
 }
 
 fn default_devices() -> Vec<DevicePlan> {
-    [("/dev/null", 1, 3), ("/dev/zero", 1, 5), ("/dev/full", 1, 7), ("/dev/random", 1, 8), ("/dev/urandom", 1, 9), ("/dev/tty", 5, 0)]
-        .into_iter()
-        .map(|(path, major, minor)| DevicePlan {
-            path: path.into(),
-            kind: 'c',
-            major,
-            minor,
-            mode: 0o666,
-            uid: 0,
-            gid: 0,
-        })
-        .collect()
+    [
+        ("/dev/null", 1, 3),
+        ("/dev/zero", 1, 5),
+        ("/dev/full", 1, 7),
+        ("/dev/random", 1, 8),
+        ("/dev/urandom", 1, 9),
+        ("/dev/tty", 5, 0),
+    ]
+    .into_iter()
+    .map(|(path, major, minor)| DevicePlan {
+        path: path.into(),
+        kind: 'c',
+        major,
+        minor,
+        mode: 0o666,
+        uid: 0,
+        gid: 0,
+    })
+    .collect()
 }
 
 fn devices(spec: &Spec) -> Result<Vec<DevicePlan>> {
-    let mut by_path: HashMap<String, DevicePlan> = default_devices().into_iter().map(|d| (d.path.clone(), d)).collect();
-    for (i, d) in spec.linux().as_ref().and_then(|l| l.devices().clone()).unwrap_or_default().iter().enumerate() {
+    let mut by_path: HashMap<String, DevicePlan> = default_devices()
+        .into_iter()
+        .map(|d| (d.path.clone(), d))
+        .collect();
+    for (i, d) in spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.devices().clone())
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
         let field = format!("linux.devices[{i}]");
         let path = d.path().to_string_lossy().to_string();
         if !d.path().is_absolute() || !path.starts_with("/dev/") {
-            return Err(Error::spec(format!("{field}.path"), format!("{path:?} must be an absolute path under /dev")));
+            return Err(Error::spec(
+                format!("{field}.path"),
+                format!("{path:?} must be an absolute path under /dev"),
+            ));
         }
         let kind = match format!("{:?}", d.typ()).as_str() {
             "C" | "U" => 'c',
             "B" => 'b',
             "P" => 'p',
-            other => return Err(Error::spec(format!("{field}.type"), format!("unsupported device type {other}"))),
+            other => {
+                return Err(Error::spec(
+                    format!("{field}.type"),
+                    format!("unsupported device type {other}"),
+                ))
+            }
         };
         if d.major() < 0 || d.minor() < 0 {
             return Err(Error::spec(field, "major and minor must not be negative"));
@@ -295,15 +362,32 @@ fn mounts(spec: &Spec, etc: &EtcFiles, sandbox: Option<&Sandbox>) -> Result<Vec<
         let field = format!("mounts[{i}]");
         let dest = m.destination().to_string_lossy().to_string();
         if !m.destination().is_absolute() {
-            return Err(Error::spec(format!("{field}.destination"), format!("{dest:?} must be an absolute path")));
+            return Err(Error::spec(
+                format!("{field}.destination"),
+                format!("{dest:?} must be an absolute path"),
+            ));
         }
         let options = m.options().clone().unwrap_or_default();
         let typ = m.typ().clone().unwrap_or_default();
-        let source = m.source().as_ref().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        let source = m
+            .source()
+            .as_ref()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
         let bind = typ == "bind" || options.iter().any(|o| o == "bind" || o == "rbind");
-        let clean_dest = Path::new(&dest).components().collect::<PathBuf>().to_string_lossy().to_string();
+        let clean_dest = Path::new(&dest)
+            .components()
+            .collect::<PathBuf>()
+            .to_string_lossy()
+            .to_string();
         covered.insert(clean_dest.clone());
-        let mut plan = MountPlan { field: field.clone(), destination: dest.clone(), typ: typ.clone(), source: source.clone(), options };
+        let mut plan = MountPlan {
+            field: field.clone(),
+            destination: dest.clone(),
+            typ: typ.clone(),
+            source: source.clone(),
+            options,
+        };
         if bind && !Path::new(&source).exists() {
             // Host-side files (CRI's per-pod /etc files, /dev/shm) do not
             // exist in the guest: use the guest's own equivalents.
@@ -358,31 +442,60 @@ fn mounts(spec: &Spec, etc: &EtcFiles, sandbox: Option<&Sandbox>) -> Result<Vec<
 
 fn reject_unsupported(spec: &Spec) -> Result<()> {
     if let Some(h) = spec.hooks() {
-        let any = [h.prestart(), h.create_runtime(), h.create_container(), h.start_container(), h.poststart(), h.poststop()]
-            .iter()
-            .any(|l| l.as_ref().is_some_and(|v| !v.is_empty()));
+        let any = [
+            h.prestart(),
+            h.create_runtime(),
+            h.create_container(),
+            h.start_container(),
+            h.poststart(),
+            h.poststop(),
+        ]
+        .iter()
+        .any(|l| l.as_ref().is_some_and(|v| !v.is_empty()));
         if any {
-            return Err(Error::spec("hooks", "OCI hooks are host programs; the shim must run or remove them"));
+            return Err(Error::spec(
+                "hooks",
+                "OCI hooks are host programs; the shim must run or remove them",
+            ));
         }
     }
     if spec.domainname().as_ref().is_some_and(|d| !d.is_empty()) {
-        return Err(Error::spec("domainname", "not supported by thaw's guest agent"));
+        return Err(Error::spec(
+            "domainname",
+            "not supported by thaw's guest agent",
+        ));
     }
-    if spec.uid_mappings().as_ref().is_some_and(|m| !m.is_empty()) || spec.gid_mappings().as_ref().is_some_and(|m| !m.is_empty()) {
-        return Err(Error::spec("uidMappings", "user namespaces are not supported"));
+    if spec.uid_mappings().as_ref().is_some_and(|m| !m.is_empty())
+        || spec.gid_mappings().as_ref().is_some_and(|m| !m.is_empty())
+    {
+        return Err(Error::spec(
+            "uidMappings",
+            "user namespaces are not supported",
+        ));
     }
     if let Some(l) = spec.linux() {
-        if l.uid_mappings().as_ref().is_some_and(|m| !m.is_empty()) || l.gid_mappings().as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(Error::spec("linux.uidMappings", "user namespaces are not supported"));
+        if l.uid_mappings().as_ref().is_some_and(|m| !m.is_empty())
+            || l.gid_mappings().as_ref().is_some_and(|m| !m.is_empty())
+        {
+            return Err(Error::spec(
+                "linux.uidMappings",
+                "user namespaces are not supported",
+            ));
         }
         if l.intel_rdt().is_some() {
             return Err(Error::spec("linux.intelRdt", "not supported in the guest"));
         }
         if l.personality().is_some() {
-            return Err(Error::spec("linux.personality", "not supported by thaw's guest agent"));
+            return Err(Error::spec(
+                "linux.personality",
+                "not supported by thaw's guest agent",
+            ));
         }
         if l.time_offsets().as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(Error::spec("linux.timeOffsets", "time namespaces are not supported"));
+            return Err(Error::spec(
+                "linux.timeOffsets",
+                "time namespaces are not supported",
+            ));
         }
     }
     Ok(())
@@ -406,12 +519,18 @@ pub struct ContainerSpec {
 /// Validates `spec` completely (no side effects) and translates it.
 pub fn translate_container(spec: &Spec, pod: &PodContext, etc: &EtcFiles) -> Result<ContainerSpec> {
     reject_unsupported(spec)?;
-    let process = spec.process().as_ref().ok_or_else(|| Error::spec("process", "is required"))?;
+    let process = spec
+        .process()
+        .as_ref()
+        .ok_or_else(|| Error::spec("process", "is required"))?;
     let (mut process, console_size) = translate_process(process, "process")?;
     let namespaces = namespaces(spec, pod)?;
     let hostname = spec.hostname().clone().filter(|h| !h.is_empty());
     if hostname.is_some() && !namespaces.has_new(Ns::Uts) {
-        return Err(Error::spec("hostname", "setting a hostname needs a new UTS namespace"));
+        return Err(Error::spec(
+            "hostname",
+            "setting a hostname needs a new UTS namespace",
+        ));
     }
     let seccomp = match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
         Some(s) => seccomp::compile(s)?,
@@ -419,11 +538,19 @@ pub fn translate_container(spec: &Spec, pod: &PodContext, etc: &EtcFiles) -> Res
     };
     process.seccomp = seccomp.clone();
     let linux = spec.linux().clone().unwrap_or_default();
-    let mut sysctl: Vec<(String, String)> = linux.sysctl().clone().unwrap_or_default().into_iter().collect();
+    let mut sysctl: Vec<(String, String)> = linux
+        .sysctl()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     sysctl.sort();
     for (k, _) in &sysctl {
         if k.contains('/') || k.contains("..") || k.is_empty() {
-            return Err(Error::spec(format!("linux.sysctl.{k}"), "not a sysctl name"));
+            return Err(Error::spec(
+                format!("linux.sysctl.{k}"),
+                "not a sysctl name",
+            ));
         }
     }
     let root = spec.root().clone();
@@ -439,7 +566,10 @@ pub fn translate_container(spec: &Spec, pod: &PodContext, etc: &EtcFiles) -> Res
     };
     if let Some(p) = &rootfs.propagation {
         if crate::init::propagation_flags(p).is_none() {
-            return Err(Error::spec("linux.rootfsPropagation", format!("unknown value {p:?}")));
+            return Err(Error::spec(
+                "linux.rootfsPropagation",
+                format!("unknown value {p:?}"),
+            ));
         }
     }
     Ok(ContainerSpec {
@@ -459,7 +589,11 @@ mod tests {
     use super::*;
 
     fn etc() -> EtcFiles {
-        EtcFiles { hosts: "/run/x/hosts".into(), hostname: "/run/x/hostname".into(), resolv_conf: None }
+        EtcFiles {
+            hosts: "/run/x/hosts".into(),
+            hostname: "/run/x/hostname".into(),
+            resolv_conf: None,
+        }
     }
 
     fn minimal(extra_process: &str, extra: &str) -> Vec<u8> {
@@ -473,7 +607,14 @@ mod tests {
 
     fn translate(json: &[u8]) -> Result<ContainerSpec> {
         let spec = parse_spec(json)?;
-        translate_container(&spec, &PodContext { sandbox: None, sandbox_init_pid: None }, &etc())
+        translate_container(
+            &spec,
+            &PodContext {
+                sandbox: None,
+                sandbox_init_pid: None,
+            },
+            &etc(),
+        )
     }
 
     #[test]
@@ -485,18 +626,32 @@ mod tests {
         // network is the VM's own
         assert_eq!(c.namespaces.new.len(), 3);
         // agent-provided /etc/hosts and /etc/hostname
-        assert!(c.rootfs.mounts.iter().any(|m| m.destination == "/etc/hosts" && m.source == "/run/x/hosts"));
+        assert!(c
+            .rootfs
+            .mounts
+            .iter()
+            .any(|m| m.destination == "/etc/hosts" && m.source == "/run/x/hosts"));
         assert!(c.rootfs.devices.iter().any(|d| d.path == "/dev/null"));
     }
 
     #[test]
     fn type_errors_name_the_field() {
-        let e = translate(&minimal(r#","rlimits":[{"type":"RLIMIT_NOFILE","soft":"many","hard":1}]"#, "")).unwrap_err();
+        let e = translate(&minimal(
+            r#","rlimits":[{"type":"RLIMIT_NOFILE","soft":"many","hard":1}]"#,
+            "",
+        ))
+        .unwrap_err();
         assert!(e.to_string().contains("process.rlimits[0].soft"), "{e}");
-        let e = translate(br#"{"ociVersion":"1","process":{"cwd":"/","user":{"uid":"root","gid":0}}}"#).unwrap_err();
+        let e =
+            translate(br#"{"ociVersion":"1","process":{"cwd":"/","user":{"uid":"root","gid":0}}}"#)
+                .unwrap_err();
         assert!(e.to_string().contains("process.user.uid"), "{e}");
-        let e = translate(&minimal(r#","capabilities":{"bounding":["CAP_NOPE"]}"#, "")).unwrap_err();
-        assert!(e.to_string().contains("process.capabilities.bounding"), "{e}");
+        let e =
+            translate(&minimal(r#","capabilities":{"bounding":["CAP_NOPE"]}"#, "")).unwrap_err();
+        assert!(
+            e.to_string().contains("process.capabilities.bounding"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -514,7 +669,10 @@ mod tests {
         for (json, field) in cases {
             let e = translate(json).unwrap_err();
             assert!(matches!(e, Error::Spec { .. }), "{e}");
-            assert!(e.to_string().contains(&format!("spec field {field}:")), "want {field}: {e}");
+            assert!(
+                e.to_string().contains(&format!("spec field {field}:")),
+                "want {field}: {e}"
+            );
         }
     }
 
@@ -525,18 +683,34 @@ mod tests {
                       {"destination":"/dev/shm","type":"bind","source":"/run/containerd/x/shm","options":["rbind"]}],
             "linux":{"namespaces":[{"type":"mount"}]}}"#;
         let c = translate(json).unwrap();
-        let hosts: Vec<_> = c.rootfs.mounts.iter().filter(|m| m.destination == "/etc/hosts").collect();
+        let hosts: Vec<_> = c
+            .rootfs
+            .mounts
+            .iter()
+            .filter(|m| m.destination == "/etc/hosts")
+            .collect();
         assert_eq!(hosts.len(), 1);
         assert_eq!(hosts[0].source, "/run/x/hosts");
-        let shm = c.rootfs.mounts.iter().find(|m| m.destination == "/dev/shm").unwrap();
+        let shm = c
+            .rootfs
+            .mounts
+            .iter()
+            .find(|m| m.destination == "/dev/shm")
+            .unwrap();
         assert_eq!(shm.typ, "tmpfs");
     }
 
     #[test]
     fn capability_names_are_known_to_caps() {
-        let json = minimal(r#","capabilities":{"bounding":["CAP_NET_BIND_SERVICE","CAP_SYS_ADMIN","CAP_AUDIT_WRITE"]}"#, "");
+        let json = minimal(
+            r#","capabilities":{"bounding":["CAP_NET_BIND_SERVICE","CAP_SYS_ADMIN","CAP_AUDIT_WRITE"]}"#,
+            "",
+        );
         let c = translate(&json).unwrap();
         let caps = c.process.caps.unwrap();
-        assert_eq!(caps.bounding, vec!["CAP_AUDIT_WRITE", "CAP_NET_BIND_SERVICE", "CAP_SYS_ADMIN"]);
+        assert_eq!(
+            caps.bounding,
+            vec!["CAP_AUDIT_WRITE", "CAP_NET_BIND_SERVICE", "CAP_SYS_ADMIN"]
+        );
     }
 }

@@ -86,8 +86,8 @@ fn condition(
             (SeccompCmpOp::MaskedEq(value), value_two.unwrap_or(0))
         }
     };
-    let index = u8::try_from(index)
-        .map_err(|_| Error::spec(format!("{field}.index"), "must be 0..5"))?;
+    let index =
+        u8::try_from(index).map_err(|_| Error::spec(format!("{field}.index"), "must be 0..5"))?;
     SeccompCondition::new(index, SeccompCmpArgLen::Qword, op, value)
         .map_err(|e| Error::spec(format!("{field}.index"), e.to_string()))
 }
@@ -273,7 +273,8 @@ mod tests {
 
     #[test]
     fn wrong_architecture_is_rejected() {
-        let p = profile(r#"{"defaultAction":"SCMP_ACT_ALLOW","architectures":["SCMP_ARCH_AARCH64"]}"#);
+        let p =
+            profile(r#"{"defaultAction":"SCMP_ACT_ALLOW","architectures":["SCMP_ARCH_AARCH64"]}"#);
         let e = compile(&p).unwrap_err().to_string();
         assert!(e.contains("linux.seccomp.architectures"), "{e}");
     }

@@ -29,6 +29,14 @@ pub const AGENT: &str = env!("CARGO_BIN_EXE_thaw-agent");
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// Reports a skipped test (or part) on the real stderr, where it shows even
+/// though libtest captures the test's output.
+pub fn skip(reason: &str) {
+    let line = format!("SKIPPED: {reason}\n");
+    // SAFETY: write(2) on fd 2 with a valid buffer.
+    unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
+}
+
 pub fn ctx(secs: u64) -> ttrpc::context::Context {
     ttrpc::context::with_timeout(Duration::from_secs(secs).as_nanos() as i64)
 }
@@ -63,7 +71,11 @@ impl ScratchCgroup {
 
     /// Controllers the containers' cgroups can use.
     pub fn controllers(&self) -> Vec<String> {
-        let mount = self.base.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mount = self
+            .base
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
         fs::read_to_string(mount.join("cgroup.controllers"))
             .unwrap_or_default()
             .split_whitespace()
@@ -114,7 +126,16 @@ fn unmount_below(dir: &Path) {
 
 /// A busybox root filesystem in `dir`.
 pub fn busybox_rootfs(dir: &Path) {
-    for d in ["bin", "etc", "proc", "sys", "dev", "tmp", "home/user", "root"] {
+    for d in [
+        "bin",
+        "etc",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "home/user",
+        "root",
+    ] {
         fs::create_dir_all(dir.join(d)).unwrap();
     }
     fs::copy("/bin/busybox", dir.join("bin/busybox")).expect("busybox-static at /bin/busybox");
@@ -130,8 +151,11 @@ pub fn busybox_rootfs(dir: &Path) {
     )
     .unwrap();
     fs::write(dir.join("etc/group"), "root:x:0:\ntty:x:5:\nuser:x:1000:\n").unwrap();
-    fs::set_permissions(dir.join("tmp"), std::os::unix::fs::PermissionsExt::from_mode(0o1777))
-        .unwrap();
+    fs::set_permissions(
+        dir.join("tmp"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
 }
 
 /// The agent process and everything it may leave behind; cleaned on drop.
@@ -163,7 +187,10 @@ fn accept_timeout(l: &UnixListener, timeout: Duration) -> std::io::Result<UnixSt
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() > deadline {
-                    return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no connection"));
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no connection",
+                    ));
                 }
                 std::thread::sleep(Duration::from_millis(2));
             }
@@ -189,7 +216,9 @@ impl Harness {
         let cgroup = if with_cgroup {
             let cg = ScratchCgroup::create(&tag);
             if cg.is_none() {
-                println!("NOTE: no cgroup v2 mount on this host; running {name} without cgroups");
+                skip(&format!(
+                    "{name}: no cgroup v2 mount on this host; running without cgroups"
+                ));
             }
             cg
         } else {
@@ -288,7 +317,13 @@ impl Harness {
         self.create_in(id, "", spec, io)
     }
 
-    pub fn create_in(&self, id: &str, sandbox: &str, spec: &Value, io: &PendingIo) -> Result<u32, ttrpc::Error> {
+    pub fn create_in(
+        &self,
+        id: &str,
+        sandbox: &str,
+        spec: &Value,
+        io: &PendingIo,
+    ) -> Result<u32, ttrpc::Error> {
         let mut req = CreateContainerRequest::new();
         req.container_id = id.into();
         req.sandbox_id = sandbox.into();
@@ -311,7 +346,10 @@ impl Harness {
         let mut req = WaitProcessRequest::new();
         req.container_id = id.into();
         req.exec_id = exec_id.into();
-        self.client.wait_process(ctx(120), &req).expect("wait").exit_status
+        self.client
+            .wait_process(ctx(120), &req)
+            .expect("wait")
+            .exit_status
     }
 
     pub fn signal(&self, id: &str, exec_id: &str, sig: i32, all: bool) -> Result<(), ttrpc::Error> {
@@ -326,10 +364,18 @@ impl Harness {
     pub fn remove(&self, id: &str) {
         let mut req = RemoveContainerRequest::new();
         req.container_id = id.into();
-        self.client.remove_container(ctx(60), &req).expect("remove container");
+        self.client
+            .remove_container(ctx(60), &req)
+            .expect("remove container");
     }
 
-    pub fn exec(&self, id: &str, exec_id: &str, process: &Value, io: &PendingIo) -> Result<u32, ttrpc::Error> {
+    pub fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: &Value,
+        io: &PendingIo,
+    ) -> Result<u32, ttrpc::Error> {
         let mut req = ExecProcessRequest::new();
         req.container_id = id.into();
         req.exec_id = exec_id.into();
@@ -341,7 +387,8 @@ impl Harness {
     /// Create, start, feed stdin, wait: the common case.
     pub fn run(&self, id: &str, spec: &Value, stdin: Option<&[u8]>) -> RunResult {
         let io = self.stdio(stdin.is_some(), true, true);
-        self.create(id, spec, &io).unwrap_or_else(|e| panic!("create {id}: {e:?}\n{}", self.log()));
+        self.create(id, spec, &io)
+            .unwrap_or_else(|e| panic!("create {id}: {e:?}\n{}", self.log()));
         let mut streams = io.accept();
         self.start_proc(id, "").expect("start");
         if let Some(data) = stdin {
@@ -352,20 +399,31 @@ impl Harness {
         let status = self.wait(id, "");
         let (stdout, stderr) = streams.collect();
         self.remove(id);
-        RunResult { status, stdout, stderr }
+        RunResult {
+            status,
+            stdout,
+            stderr,
+        }
     }
 
     pub fn events(&self, after: u64, timeout_ms: u32) -> Vec<Event> {
         let mut req = GetEventsRequest::new();
         req.after_seq = after;
         req.timeout_ms = timeout_ms;
-        self.client.get_events(ctx(30), &req).expect("events").events
+        self.client
+            .get_events(ctx(30), &req)
+            .expect("events")
+            .events
     }
 
     /// Directory entries left in the agent's container state dir.
     pub fn leftover_container_dirs(&self) -> Vec<String> {
         fs::read_dir(self.dir.join("run/c"))
-            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -429,13 +487,17 @@ fn reader(s: UnixStream) -> JoinHandle<Vec<u8>> {
 impl PendingIo {
     /// Accepts the connections, unread: (stdin, stdout, stderr).
     pub fn accept_raw(self) -> (Option<UnixStream>, Option<UnixStream>, Option<UnixStream>) {
-        let acc = |l: Option<UnixListener>| l.map(|l| accept_timeout(&l, Duration::from_secs(10)).expect("stdio dial"));
+        let acc = |l: Option<UnixListener>| {
+            l.map(|l| accept_timeout(&l, Duration::from_secs(10)).expect("stdio dial"))
+        };
         (acc(self.stdin), acc(self.stdout), acc(self.stderr))
     }
 
     /// Accepts the connections the agent dialed during create/exec.
     pub fn accept(self) -> Streams {
-        let acc = |l: Option<UnixListener>| l.map(|l| accept_timeout(&l, Duration::from_secs(10)).expect("stdio dial"));
+        let acc = |l: Option<UnixListener>| {
+            l.map(|l| accept_timeout(&l, Duration::from_secs(10)).expect("stdio dial"))
+        };
         Streams {
             stdin: acc(self.stdin),
             stdout: acc(self.stdout).map(reader),
@@ -453,7 +515,8 @@ pub struct Streams {
 impl Streams {
     /// Output of both streams, read to EOF.
     pub fn collect(self) -> (Vec<u8>, Vec<u8>) {
-        let join = |h: Option<JoinHandle<Vec<u8>>>| h.map(|h| h.join().unwrap()).unwrap_or_default();
+        let join =
+            |h: Option<JoinHandle<Vec<u8>>>| h.map(|h| h.join().unwrap()).unwrap_or_default();
         (join(self.stdout), join(self.stderr))
     }
 }
@@ -475,9 +538,20 @@ impl RunResult {
 
 /// Capabilities Docker/containerd give containers by default.
 pub const DEFAULT_CAPS: &[&str] = &[
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
-    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
 ];
 
 /// A spec shaped like containerd's default for `ctr run`.
@@ -531,7 +605,8 @@ pub fn process(args: &[&str]) -> Value {
 
 /// Reads `stream` until `needle` has been seen or `timeout` passes.
 pub fn read_until(s: &mut UnixStream, needle: &str, timeout: Duration) -> String {
-    s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let deadline = Instant::now() + timeout;
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
