@@ -25,9 +25,10 @@ if [ -n "${THAW_AGENT_BIN:-}" ]; then
 else
     # Static glibc binary (no musl target here). RUSTFLAGS with an explicit
     # --target applies to the agent only, not to build scripts.
+    # Profile `agent` (workspace Cargo.toml): opt-level s, fat LTO, stripped.
     (cd "$repo" && RUSTFLAGS='-C target-feature=+crt-static' \
-        cargo build --release -p thaw-agent --target "$target" >&2)
-    agent="$repo/target/$target/release/thaw-agent"
+        cargo build --profile agent -p thaw-agent --target "$target" >&2)
+    agent="$repo/target/$target/agent/thaw-agent"
 fi
 if ! file "$agent" | grep -q 'static'; then
     echo "build-rootfs.sh: $agent is not statically linked" >&2
@@ -35,7 +36,7 @@ if ! file "$agent" | grep -q 'static'; then
 fi
 
 key=$( { sha256sum < "$agent"; sha256sum < "$here/build-rootfs.sh"; echo "busybox=$busybox";
-         [ "$busybox" = 1 ] && sha256sum < /bin/busybox; } | sha256sum | cut -c1-16)
+         if [ "$busybox" = 1 ]; then sha256sum < /bin/busybox; fi; } | sha256sum | cut -c1-16)
 out="$cache/rootfs/$key"
 if [ -f "$out/rootfs.erofs" ]; then
     echo "guest rootfs: cached ($key), $(stat -c %s "$out/rootfs.erofs") bytes" >&2
@@ -46,8 +47,10 @@ fi
 stage=$(mktemp -d)
 trap 'rm -rf "$stage" "$out.tmp"' EXIT
 mkdir -p "$stage"/{sbin,proc,sys,dev,run,tmp,mnt,etc,var,root}
+chmod 0755 "$stage"
 chmod 1777 "$stage/tmp"
-install -m 0755 "$agent" "$stage/sbin/thaw-agent"
+# Stripped: symbols are of no use in the guest and cost image bytes.
+install -m 0755 -s "$agent" "$stage/sbin/thaw-agent"
 ln -s thaw-agent "$stage/sbin/init"
 : > "$stage/etc/resolv.conf"
 printf 'root:x:0:0:root:/root:/bin/sh\n' > "$stage/etc/passwd"
@@ -63,5 +66,5 @@ mkdir -p "$out.tmp"
 mkfs.erofs --quiet -T0 --all-root -U 6c6f6f6b-7468-6177-2d72-6f6f74667300 \
     "$out.tmp/rootfs.erofs" "$stage" >&2
 rm -rf "$out" && mv "$out.tmp" "$out"
-echo "guest rootfs: $(stat -c %s "$out/rootfs.erofs") bytes, agent $(stat -c %s "$agent") bytes ($key)" >&2
+echo "guest rootfs: $(stat -c %s "$out/rootfs.erofs") bytes, agent $(stat -c %s "$stage/sbin/thaw-agent") bytes stripped ($key)" >&2
 echo "$out/rootfs.erofs"

@@ -196,6 +196,10 @@ pub fn main() -> ! {
     };
     let opts = match parse_args(&args, pid1) {
         Ok(o) => o,
+        Err(_) if !pid1 && args.iter().any(|a| a == "-h" || a == "--help") => {
+            print!("{USAGE}");
+            std::process::exit(0);
+        }
         Err(e) if !pid1 => {
             eprintln!("thaw-agent: {e}");
             std::process::exit(2);

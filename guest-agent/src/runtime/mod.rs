@@ -154,7 +154,16 @@ impl Runtime {
             let d = cfg.run_dir.join(sub);
             fs::create_dir_all(&d).map_err(|e| Error::path("creating", &d, e))?;
         }
-        let cgroups = cgroup::Cgroups::new(cfg.cgroup_root.clone())?;
+        let cgroups = match cgroup::Cgroups::new(cfg.cgroup_root.clone()) {
+            Ok(c) => c,
+            // As init there is no one to report to: serve without cgroups
+            // (limits then fail with a clear error) rather than not at all.
+            Err(e) if cfg.pid1 => {
+                log::error!("cgroups unavailable, containers get no resource limits: {e}");
+                cgroup::Cgroups::new(None)?
+            }
+            Err(e) => return Err(e),
+        };
         let events = Arc::new(EventLog::default());
         let oom = OomWatcher::start(events.clone());
         Ok(Runtime {
