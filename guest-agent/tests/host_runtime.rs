@@ -677,3 +677,154 @@ fn guest_settings_calls() {
     );
     h.remove("nocg");
 }
+
+/// The exit is published only after every byte of output and the stream's
+/// EOF have been handed to the host: read nothing until WaitProcess returns,
+/// then a non-blocking read must find all of it, ending in EOF, never
+/// "would block". A background child holding stdout open must not delay the
+/// exit (the container has no pid namespace, so it survives its parent).
+#[test]
+fn exit_is_reported_after_output_is_drained() {
+    let h = Harness::start("drain", true);
+    let data: Vec<u8> = (0..150_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(h.rootfs.join("data.bin"), &data).unwrap();
+    let mut s = spec(&["sh", "-c", "cat /data.bin; sleep 30 & exit 4"]);
+    s["linux"]["namespaces"] = json!([{"type": "mount"}, {"type": "ipc"}, {"type": "uts"}]);
+    let io = h.stdio(false, true, false);
+    h.create("drain", &s, &io).unwrap();
+    let (_, out, _) = io.accept_raw();
+    let mut out = out.unwrap();
+    let t0 = Instant::now();
+    h.start_proc("drain", "").unwrap();
+    assert_eq!(h.wait("drain", ""), 4);
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "exit held back by the background writer"
+    );
+    out.set_nonblocking(true).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match out.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!(
+                "after the exit, stdout still {e} with {} of {} bytes",
+                got.len(),
+                data.len()
+            ),
+        }
+    }
+    assert!(
+        got == data,
+        "output differs ({} bytes vs {})",
+        got.len(),
+        data.len()
+    );
+    h.remove("drain");
+}
+
+#[test]
+fn exec_with_a_terminal() {
+    let h = Harness::start("exectty", true);
+    let io = h.stdio(false, false, false);
+    h.create("box", &spec(&["sleep", "1000"]), &io).unwrap();
+    h.start_proc("box", "").unwrap();
+    let mut p = process(&["sh", "-c", "tty; stty size"]);
+    p["terminal"] = json!(true);
+    p["consoleSize"] = json!({"height": 10, "width": 20});
+    let io = h.stdio(false, true, false);
+    h.exec("box", "t", &p, &io)
+        .unwrap_or_else(|e| panic!("{}", rpc_message(&e)));
+    let streams = io.accept();
+    h.start_proc("box", "t").unwrap();
+    assert_eq!(h.wait("box", "t"), 0);
+    let (out, _) = streams.collect();
+    let out = String::from_utf8_lossy(&out).replace('\r', "");
+    assert!(out.starts_with("/dev/pts/"), "{out:?}");
+    assert!(out.contains("10 20\n"), "{out:?}");
+    h.remove("box");
+}
+
+/// The guest's real rootfs path: an erofs image on a block device (a loop
+/// device here, virtio-blk in the VM), mounted read-only under an overlay
+/// whose upper layer is tmpfs, through the MountRootfs call.
+#[test]
+fn erofs_block_device_rootfs_under_overlay() {
+    let h = Harness::start("erofs", true);
+    let image = h.dir.join("rootfs.erofs");
+    let st = std::process::Command::new("mkfs.erofs")
+        .arg("--quiet")
+        .arg(&image)
+        .arg(&h.rootfs)
+        .status()
+        .expect("mkfs.erofs");
+    assert!(st.success());
+    let loopdev = LoopDevice::attach(&image);
+    let mut req = MountRootfsRequest::new();
+    req.container_id = "ero".into();
+    let mut r = Rootfs::new();
+    r.source = loopdev.path.clone();
+    r.fstype = "erofs".into();
+    req.rootfs = protobuf::MessageField::some(r);
+    let merged = h
+        .client
+        .mount_rootfs(ctx(30), &req)
+        .unwrap_or_else(|e| panic!("{}", rpc_message(&e)))
+        .path;
+    assert!(merged.ends_with("/rootfs"), "{merged}");
+
+    // No rootfs in the create request: the mounted one is used.
+    let s = spec(&["sh", "-c", "echo written > /new-file && cat /new-file; grep ' / / ' /proc/self/mountinfo | sed 's/.* - //' | cut -d' ' -f1"]);
+    let io = h.stdio(false, true, true);
+    let mut creq = CreateContainerRequest::new();
+    creq.container_id = "ero".into();
+    creq.spec_json = serde_json::to_vec(&s).unwrap();
+    creq.stdio = protobuf::MessageField::some(io.proto.clone());
+    h.client
+        .create_container(ctx(60), &creq)
+        .unwrap_or_else(|e| panic!("{}", rpc_message(&e)));
+    let streams = io.accept();
+    h.start_proc("ero", "").unwrap();
+    assert_eq!(h.wait("ero", ""), 0);
+    let (out, err) = streams.collect();
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "written\noverlay\n",
+        "stderr: {}",
+        String::from_utf8_lossy(&err)
+    );
+    h.remove("ero");
+}
+
+/// A read-only loop device, detached on drop.
+struct LoopDevice {
+    path: String,
+}
+
+impl LoopDevice {
+    fn attach(image: &std::path::Path) -> LoopDevice {
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show", "--read-only"])
+            .arg(image)
+            .output()
+            .expect("losetup");
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopDevice {
+            path: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.path)
+            .status();
+    }
+}
