@@ -209,7 +209,7 @@ pub fn main() -> ! {
             log::error!("bad arguments, using defaults: {e}");
             match parse_args(&[], true) {
                 Ok(o) => o,
-                Err(_) => pid1::power_off(),
+                Err(_) => pid1::fatal_reset(),
             }
         }
     };
@@ -219,8 +219,8 @@ pub fn main() -> ! {
     }
     if pid1 {
         std::panic::set_hook(Box::new(|info| {
-            log::error!("fatal: {info}; powering off");
-            pid1::power_off();
+            log::error!("fatal: {info}; resetting the VM");
+            pid1::fatal_reset();
         }));
     }
     loop {

@@ -1,5 +1,5 @@
 //! What the agent does as the guest's init before serving: the early
-//! filesystems, the loopback interface, and a clean power-off when all else
+//! filesystems, the loopback interface, and a clean VM reset when all else
 //! fails (init must never exit: the kernel would panic).
 
 use std::fs;
@@ -163,13 +163,15 @@ pub fn cmdline_param(key: &str) -> Option<String> {
         .find_map(|w| w.strip_prefix(&prefix).map(str::to_string))
 }
 
-/// Last resort: flush and power the VM off, which the VMM sees as the VM
-/// exiting (the host then reports the sandbox's tasks as exited).
-pub fn power_off() -> ! {
+/// Last resort: flush and reset the VM. The guest boots with `reboot=k`
+/// (no ACPI, so a power-off would only halt the CPU and look alive to the
+/// host); the reset reaches the VMM, which ends the VM, and the host reports
+/// the sandbox's tasks as exited.
+pub fn fatal_reset() -> ! {
     nix::unistd::sync();
     // SAFETY: reboot(2) with a documented command; it does not return on
     // success.
-    unsafe { libc::reboot(libc::RB_POWER_OFF) };
+    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
     loop {
         std::thread::sleep(std::time::Duration::from_secs(3600));
     }

@@ -828,3 +828,34 @@ impl Drop for LoopDevice {
             .status();
     }
 }
+
+/// Create + start + exit of `true` through the agent on this host (no VM):
+/// the agent's own share of a container start.
+#[test]
+fn measure_create_start_exit_of_true() {
+    let h = Harness::start("measure", true);
+    let mut times = Vec::new();
+    for i in 0..10 {
+        let id = format!("t{i}");
+        let io = h.stdio(false, true, true);
+        let t0 = Instant::now();
+        h.create(&id, &spec(&["true"]), &io).unwrap();
+        let streams = io.accept();
+        h.start_proc(&id, "").unwrap();
+        let status = h.wait(&id, "");
+        let (out, err) = streams.collect();
+        times.push(t0.elapsed());
+        assert_eq!((status, out.len(), err.len()), (0, 0, 0));
+        h.remove(&id);
+    }
+    times.sort();
+    report(&format!(
+        "MEASURED {}: agent spawn to control connection {:?}; create+start+exit of `true` (cgroup {}): median {:?}, min {:?}, max {:?}",
+        agent_bin(),
+        h.ready_after,
+        if h.cgroup().is_some() { "on" } else { "off" },
+        times[times.len() / 2],
+        times[0],
+        times[times.len() - 1]
+    ));
+}

@@ -118,7 +118,7 @@ fn agent_as_pid1_boots_serves_and_reaps() {
             "boot",
         ])
         .arg(dir.join("root"))
-        .arg(AGENT)
+        .arg(agent_bin())
         .arg(&scratch)
         .arg(format!("/sys/fs/cgroup/{cg_name}"))
         .stdin(Stdio::null())

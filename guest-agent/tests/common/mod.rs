@@ -27,12 +27,25 @@ use thaw_agent_protocol::ttrpc;
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_thaw-agent");
 
+/// The agent binary under test: `THAW_AGENT_BIN` (e.g. the static one that
+/// goes into the guest image) or the one cargo just built.
+pub fn agent_bin() -> String {
+    std::env::var("THAW_AGENT_BIN").unwrap_or_else(|_| AGENT.to_string())
+}
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// Reports a skipped test (or part) on the real stderr, where it shows even
 /// though libtest captures the test's output.
 pub fn skip(reason: &str) {
     let line = format!("SKIPPED: {reason}\n");
+    // SAFETY: write(2) on fd 2 with a valid buffer.
+    unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
+}
+
+/// Prints a measurement where it shows despite output capture.
+pub fn report(line: &str) {
+    let line = format!("{line}\n");
     // SAFETY: write(2) on fd 2 with a valid buffer.
     unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
 }
@@ -173,6 +186,8 @@ pub struct Harness {
     prefix: PathBuf,
     control_listener: UnixListener,
     next_port: AtomicU32,
+    /// From spawning the agent to its control connection arriving.
+    pub ready_after: Duration,
     pub env: Env,
 }
 
@@ -227,7 +242,7 @@ impl Harness {
         let prefix = dir.join("vsock.sock");
         let control_listener = UnixListener::bind(host_socket_path(&prefix, 1024)).unwrap();
         let log = fs::File::create(dir.join("agent.log")).unwrap();
-        let mut cmd = Command::new(AGENT);
+        let mut cmd = Command::new(agent_bin());
         cmd.arg("--host")
             .arg(format!("unix://{}", prefix.display()))
             .arg("--run-dir")
@@ -243,6 +258,7 @@ impl Harness {
         cmd.stdin(ProcStdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        let spawned_at = Instant::now();
         let agent = cmd.spawn().expect("start thaw-agent");
         if let Some(cg) = &cgroup {
             fs::write(cg.base.join("agent/cgroup.procs"), agent.id().to_string()).unwrap();
@@ -256,7 +272,9 @@ impl Harness {
             Ok(s) => s,
             Err(e) => panic!("agent never dialed in: {e}\n{}", env.log()),
         };
+        let ready_after = spawned_at.elapsed();
         Harness {
+            ready_after,
             client: sync_client(stream).unwrap(),
             dir,
             rootfs,
