@@ -859,3 +859,59 @@ fn measure_create_start_exit_of_true() {
         times[times.len() - 1]
     ));
 }
+
+#[test]
+fn sysctl_is_applied_inside_the_container() {
+    let h = Harness::start("sysctl", true);
+    let mut s = spec(&["sh", "-c", "cat /proc/sys/kernel/domainname; echo x > /proc/sys/kernel/domainname || echo still-readonly"]);
+    // kernel.domainname belongs to the container's own UTS namespace.
+    s["linux"]["sysctl"] = json!({"kernel.domainname": "thaw.example"});
+    let r = h.run("sysctl", &s, None);
+    assert_eq!(
+        r.out(),
+        "thaw.example\nstill-readonly\n",
+        "stderr: {}",
+        r.err()
+    );
+    // The host's own value is untouched.
+    assert_ne!(
+        std::fs::read_to_string("/proc/sys/kernel/domainname")
+            .unwrap()
+            .trim(),
+        "thaw.example"
+    );
+}
+
+#[test]
+fn stats_report_the_containers_cpu_time() {
+    let h = Harness::start("stats", true);
+    if h.cgroup().is_none() {
+        skip("stats_report_the_containers_cpu_time: no cgroup v2 mount on this host");
+        return;
+    }
+    let s = spec(&[
+        "sh",
+        "-c",
+        "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; echo busy-done; exec sleep 1000",
+    ]);
+    let io = h.stdio(false, true, false);
+    h.create("busy", &s, &io).unwrap();
+    let (_, out, _) = io.accept_raw();
+    let mut out = out.unwrap();
+    h.start_proc("busy", "").unwrap();
+    assert_eq!(
+        read_until(&mut out, "busy-done\n", Duration::from_secs(60)),
+        "busy-done\n"
+    );
+    let mut req = ContainerRequest::new();
+    req.container_id = "busy".into();
+    let stats = h.client.stats(ctx(10), &req).unwrap();
+    // cpu.stat is part of cgroup v2's core, so it is there even without the
+    // cpu controller; memory/pids figures need their controllers.
+    let cpu = stats.cpu.as_ref().unwrap();
+    assert!(cpu.usage_usec > 10_000, "{cpu:?}");
+    assert!(cpu.user_usec > 0, "{cpu:?}");
+    h.signal("busy", "", libc::SIGKILL, true).unwrap();
+    assert_eq!(h.wait("busy", ""), 137);
+    h.remove("busy");
+}

@@ -169,13 +169,6 @@ fn child(plan: Plan, sock: &UnixStream) -> R<Infallible> {
     if let Some(name) = &plan.hostname {
         nix::unistd::sethostname(name).map_err(|e| field_fail("hostname", e.to_string()))?;
     }
-    if let Some(rootfs) = &plan.rootfs {
-        for (key, value) in &rootfs.sysctl {
-            let path = format!("/proc/sys/{}", key.replace('.', "/"));
-            std::fs::write(&path, value)
-                .map_err(|e| field_fail(format!("linux.sysctl.{key}"), e.to_string()))?;
-        }
-    }
     if plan.process.terminal {
         tty::setup(sock, plan.rootfs.is_some())?;
     }

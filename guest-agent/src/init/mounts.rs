@@ -393,6 +393,12 @@ pub fn setup(r: &RootfsPlan) -> R<()> {
 
     pivot(root)?;
 
+    // Before the read-only paths: /proc/sys is usually one of them.
+    for (key, value) in &r.sysctl {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        fs::write(&path, value)
+            .map_err(|e| field_fail(format!("linux.sysctl.{key}"), e.to_string()))?;
+    }
     for p in &r.masked_paths {
         mask(p)?;
     }
