@@ -140,7 +140,7 @@ async fn blocking<T: Send + 'static>(
 ) -> ttrpc::Result<T> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(|e| {
-            log::warn!("request failed: {e}");
+            log::info!("request failed: {e}");
             e.into()
         }),
         Err(e) => Err(Error::Internal(format!("worker failed: {e}")).into()),
