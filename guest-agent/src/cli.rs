@@ -94,6 +94,9 @@ pub fn parse_args(args: &[String], pid1: bool) -> Result<Options> {
                     .ok_or_else(|| usage_error(format!("--log-level: unknown level {v:?}")))?;
             }
             "-h" | "--help" => return Err(usage_error("")),
+            // The kernel hands init every command-line word it does not
+            // know (e.g. `thaw_pvm`): as init, ignore them.
+            _ if pid1 => {}
             other => return Err(usage_error(format!("unknown argument {other:?}"))),
         }
     }
@@ -262,5 +265,13 @@ mod tests {
         assert_eq!(o.port, 7);
         assert!(o.cgroup_root.is_none());
         assert!(parse_args(&args(&["--bogus"]), false).is_err());
+    }
+
+    #[test]
+    fn init_ignores_stray_kernel_words() {
+        let o = parse_args(&args(&["thaw_pvm", "noxsave", "--port", "9"]), true).unwrap();
+        assert_eq!(o.port, 9);
+        assert_eq!(o.host, HostAddr::Vsock { cid: 2 });
+        assert_eq!(o.cgroup_root, Some(PathBuf::from("/sys/fs/cgroup/thaw")));
     }
 }

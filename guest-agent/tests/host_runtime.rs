@@ -658,7 +658,10 @@ fn guest_settings_calls() {
     let mut ent = AddEntropyRequest::new();
     // Real random bytes: this reaches the host's own RNG.
     ent.data = vec![0u8; 64];
-    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut ent.data).unwrap();
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut ent.data)
+        .unwrap();
     h.client.add_entropy(ctx(10), &ent).unwrap();
     ent.data = vec![0u8; 5000];
     assert_eq!(

@@ -85,7 +85,7 @@ mount --bind /usr "$R/usr"; mount -o remount,bind,ro "$R/usr"
 cp "$AGENT" "$R/sbin/thaw-agent"; ln -s thaw-agent "$R/sbin/init"
 mount --bind "$SCRATCH" "$R/mnt"
 mount -o remount,ro "$R"
-exec chroot "$R" /sbin/init --host unix:///mnt/vsock.sock --cgroup-root "$CG" --log-level warn
+exec chroot "$R" /sbin/init thaw_pvm --host unix:///mnt/vsock.sock --cgroup-root "$CG" --log-level warn
 "#;
 
 #[test]
