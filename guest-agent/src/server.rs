@@ -7,6 +7,7 @@
 //! (at boot, after a snapshot restore reset vsock, after a shim restart).
 
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -16,7 +17,8 @@ use async_trait::async_trait;
 use thaw_agent_protocol::agent::*;
 use thaw_agent_protocol::agent_ttrpc_async::{create_agent, Agent};
 use thaw_agent_protocol::PROTOCOL_VERSION;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::sync::oneshot;
 use ttrpc::r#async::transport::Listener;
 use ttrpc::r#async::TtrpcContext;
@@ -111,20 +113,69 @@ async fn dial_until_connected(host: &HostAddr, port: u32) -> Inner {
     }
 }
 
+/// A second handle on a vsock control connection that wakes on socket
+/// errors. A transport reset (every snapshot restore) only sets EPOLLERR on
+/// the guest's socket; tokio wakes a reader on readable or read-closed, not
+/// on errors, so ttrpc's read would wait forever and the agent would never
+/// dial again.
+fn reset_watch(inner: &Inner) -> Option<AsyncFd<OwnedFd>> {
+    let Inner::Vsock(s) = inner else {
+        // A reset Unix socket reports a hang-up, which readers do see.
+        return None;
+    };
+    let watch = s.as_fd().try_clone_to_owned().and_then(|fd| {
+        // SAFETY: an OwnedFd stays open and unchanged until the AsyncFd
+        // that owns it is dropped.
+        unsafe { AsyncFd::register_with_interest(fd, Interest::ERROR) }.map_err(io::Error::from)
+    });
+    match watch {
+        Ok(w) => Some(w),
+        Err(e) => {
+            log::warn!("cannot watch the control connection for resets: {e}");
+            None
+        }
+    }
+}
+
+/// Resolves when ttrpc has dropped the connection. On a socket error it
+/// shuts the socket down first: the hang-up wakes ttrpc's reader, which
+/// then drops the connection.
+async fn wait_closed(mut closed: oneshot::Receiver<()>, watch: Option<AsyncFd<OwnedFd>>) {
+    if let Some(fd) = watch {
+        tokio::select! {
+            _ = &mut closed => return,
+            ready = fd.ready(Interest::ERROR) => {
+                if ready.is_ok() {
+                    log::info!("control connection reset; closing it");
+                    let _ = nix::sys::socket::shutdown(
+                        fd.as_raw_fd(),
+                        nix::sys::socket::Shutdown::Both,
+                    );
+                }
+            }
+        }
+        // Dropped before waiting: this handle alone would keep the socket open.
+        drop(fd);
+    }
+    let _ = closed.await;
+}
+
+type Previous = Option<(oneshot::Receiver<()>, Option<AsyncFd<OwnedFd>>)>;
+
 /// A ttrpc listener that dials out, one connection at a time.
 pub fn dialing_listener(host: HostAddr, port: u32) -> Listener {
     let stream = futures::stream::unfold(
-        (host, None::<oneshot::Receiver<()>>),
-        move |(host, previous)| async move {
-            if let Some(closed) = previous {
-                // Resolves when ttrpc drops the previous connection.
-                let _ = closed.await;
+        (host, Previous::None),
+        move |(host, previous): (HostAddr, Previous)| async move {
+            if let Some((closed, watch)) = previous {
+                wait_closed(closed, watch).await;
                 log::info!("control connection closed; dialing again");
             }
             let inner = dial_until_connected(&host, port).await;
+            let watch = reset_watch(&inner);
             let (tx, rx) = oneshot::channel();
             let conn = ControlStream { inner, _closed: tx };
-            Some((Ok::<_, io::Error>(conn), (host, Some(rx))))
+            Some((Ok::<_, io::Error>(conn), (host, Some((rx, watch)))))
         },
     );
     Listener::new(stream)
