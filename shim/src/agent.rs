@@ -61,6 +61,33 @@ impl Agent {
             .map_err(|e| map_err("Health", e))
     }
 
+    pub fn set_time(&self, t: std::time::SystemTime) -> Result<()> {
+        let mut r = agent::SetTimeRequest::new();
+        r.unix_time_ns = t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        self.client
+            .set_time(self.ctx(), &r)
+            .map(|_| ())
+            .map_err(|e| map_err("SetTime", e))
+    }
+
+    /// Sends 64 bytes from the host's RNG for the guest to mix in.
+    pub fn add_entropy(&self) -> Result<()> {
+        let mut buf = vec![0u8; 64];
+        let mut f = std::fs::File::open("/dev/urandom")
+            .map_err(|e| Error::io("opening /dev/urandom", e))?;
+        std::io::Read::read_exact(&mut f, &mut buf)
+            .map_err(|e| Error::io("reading /dev/urandom", e))?;
+        let mut r = agent::AddEntropyRequest::new();
+        r.data = buf;
+        self.client
+            .add_entropy(self.ctx(), &r)
+            .map(|_| ())
+            .map_err(|e| map_err("AddEntropy", e))
+    }
+
     pub fn create_sandbox(&self, req: &agent::CreateSandboxRequest) -> Result<()> {
         self.client
             .create_sandbox(self.ctx(), req)

@@ -65,6 +65,11 @@ pub struct VmConfig {
     pub boot_timeout_secs: u64,
     /// "none", "stdout" or a file path for the guest console.
     pub serial: String,
+    /// Start VMs by restoring a snapshot of a booted template (built with
+    /// one cold boot on first use, then shared); false: always cold boot.
+    pub templates: bool,
+    /// Where templates are kept (`thaw-vmm template --store`).
+    pub template_store: PathBuf,
     /// Upper bounds for annotation overrides.
     pub max_vcpus: u32,
     pub max_memory_mib: u32,
@@ -132,6 +137,8 @@ impl Default for VmConfig {
             spare_disks: 8,
             boot_timeout_secs: 120,
             serial: "none".into(),
+            templates: true,
+            template_store: PathBuf::from("/var/lib/thaw/templates"),
             max_vcpus: 8,
             max_memory_mib: 16384,
         }
@@ -239,6 +246,7 @@ impl Config {
         abs("vm.vmm", &self.vm.vmm)?;
         abs("vm.kernel", &self.vm.kernel)?;
         abs("vm.root_image", &self.vm.root_image)?;
+        abs("vm.template_store", &self.vm.template_store)?;
         abs("host.agent", &self.host.agent)?;
         if !["error", "warn", "info", "debug", "trace"].contains(&self.log_level.as_str()) {
             return Err((

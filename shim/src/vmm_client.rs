@@ -52,6 +52,46 @@ pub fn command(vm: &VmConfig, paths: &VmPaths) -> Command {
     c
 }
 
+/// `thaw-vmm template build`: boots the template once (or finds it built)
+/// and prints its snapshot directory on the last line.
+pub fn template_build_command(vm: &VmConfig, timeout_secs: u64) -> Command {
+    let mut c = Command::new(&vm.vmm);
+    c.arg("template")
+        .arg("build")
+        .arg("--kernel")
+        .arg(&vm.kernel)
+        .arg("--disk")
+        .arg(&vm.root_image)
+        .arg("--spare-disks")
+        .arg(vm.spare_disks.to_string())
+        .arg("--vcpus")
+        .arg(vm.vcpus.to_string())
+        .arg("--memory-mib")
+        .arg(vm.memory_mib.to_string())
+        .arg("--timeout")
+        .arg(timeout_secs.to_string())
+        .arg("--store")
+        .arg(&vm.template_store);
+    c
+}
+
+/// The `thaw-vmm` invocation resuming a template snapshot: new sockets,
+/// the same root disk; the spare slots come from the snapshot.
+pub fn restore_command(vm: &VmConfig, template: &Path, paths: &VmPaths) -> Command {
+    let mut c = Command::new(&vm.vmm);
+    c.arg("--restore")
+        .arg(template)
+        .arg("--disk")
+        .arg(format!("{},ro", vm.root_image.display()))
+        .arg("--vsock-uds")
+        .arg(&paths.vsock_uds)
+        .arg("--serial")
+        .arg(&paths.serial)
+        .arg("--api-sock")
+        .arg(&paths.api_sock);
+    c
+}
+
 /// The guest device name of spare disk `slot` (disk 0 is /dev/vda).
 pub fn guest_device(slot: u32) -> String {
     let n = slot + 1;
@@ -228,6 +268,38 @@ mod tests {
         assert!(c.status().is_err());
         assert!(start.elapsed() < Duration::from_secs(2));
         t.join().unwrap();
+    }
+
+    #[test]
+    fn template_commands_match_the_vmm_cli() {
+        let vm = VmConfig::default();
+        let args = |c: Command| -> String {
+            c.get_args()
+                .map(|a| a.to_string_lossy().to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let b = args(template_build_command(&vm, 90));
+        assert!(b.starts_with("template build --kernel"), "{b}");
+        assert!(
+            b.contains("--spare-disks 8") && b.contains("--timeout 90"),
+            "{b}"
+        );
+        assert!(b.contains("--store /var/lib/thaw/templates"), "{b}");
+        let p = VmPaths {
+            vsock_uds: "/r/v.sock".into(),
+            api_sock: "/r/api.sock".into(),
+            serial: "none".into(),
+        };
+        let r = args(restore_command(&vm, Path::new("/t/abc"), &p));
+        assert!(
+            r.starts_with("--restore /t/abc --disk /usr/local/share/thaw/root.img,ro"),
+            "{r}"
+        );
+        assert!(
+            r.contains("--vsock-uds /r/v.sock") && r.contains("--api-sock /r/api.sock"),
+            "{r}"
+        );
     }
 
     #[test]

@@ -107,6 +107,9 @@ pub struct RunResult {
     pub exit_status: u32,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+    /// How long each call took, in order: create, start, output EOF,
+    /// wait, remove.
+    pub phases: [Duration; 5],
 }
 
 /// The agent's control connection plus the stdio ports of one VM.
@@ -167,7 +170,14 @@ impl AgentConn {
         req.spec_json = serde_json::to_vec(spec).expect("spec json");
         req.rootfs = protobuf::MessageField::some(rootfs);
         req.stdio = protobuf::MessageField::some(stdio);
+        let mut phases = [Duration::ZERO; 5];
+        let mut t = Instant::now();
+        let mut lap = |i: usize| {
+            phases[i] = t.elapsed();
+            t = Instant::now();
+        };
         let created = self.client.create_container(ctx(120), &req);
+        lap(0);
         // The agent dialed the stdio ports during the call; accept them
         // before judging it, so the listeners go either way.
         let out = accept_within(&out_l, Duration::from_secs(10));
@@ -190,8 +200,10 @@ impl AgentConn {
         self.client
             .start_process(ctx(120), &req)
             .unwrap_or_else(|e| panic!("StartProcess {id}: {e:?}"));
+        lap(1);
         let stdout = out.join().expect("stdout reader");
         let stderr = err.join().expect("stderr reader");
+        lap(2);
         let mut req = WaitProcessRequest::new();
         req.container_id = id.into();
         let exit_status = self
@@ -199,15 +211,18 @@ impl AgentConn {
             .wait_process(ctx(120), &req)
             .unwrap_or_else(|e| panic!("WaitProcess {id}: {e:?}"))
             .exit_status;
+        lap(3);
         let mut req = RemoveContainerRequest::new();
         req.container_id = id.into();
         self.client
             .remove_container(ctx(120), &req)
             .unwrap_or_else(|e| panic!("RemoveContainer {id}: {e:?}"));
+        lap(4);
         RunResult {
             exit_status,
             stdout,
             stderr,
+            phases,
         }
     }
 }

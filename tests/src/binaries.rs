@@ -136,28 +136,44 @@ pub fn vm_assets() -> &'static VmAssets {
     })
 }
 
+/// VM templates shared by all test runs (keyed by their inputs, so a new
+/// kernel or root image gets a new one): one cold boot, then restores.
+pub fn template_store() -> PathBuf {
+    target_dir().join("thaw-e2e/templates")
+}
+
 fn build_root_image() -> PathBuf {
     let triple = "x86_64-unknown-linux-gnu";
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut c = Command::new(cargo);
     c.current_dir(workspace_root())
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .args(["build", "-p", "thaw-agent", "--target", triple]);
+        // Release: the guest pages the agent in through an emulated kernel
+        // on slow hosts; a debug binary is ten times the size.
+        .args(["build", "--release", "-p", "thaw-agent", "--target", triple]);
     let out = cmd::run(&mut c, Duration::from_secs(1800));
     assert!(
         out.success(),
         "building the static agent: {}",
         out.describe()
     );
-    let agent = target_dir().join(triple).join("debug/thaw-agent");
+    let agent = target_dir().join(triple).join("release/thaw-agent");
     let dir = target_dir().join("thaw-e2e");
+    let image = dir.join("root.img");
+    // Reuse the image while the agent is unchanged, so VM templates built
+    // from it stay valid across test runs.
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let (Some(img), Some(ag)) = (mtime(&image), mtime(&agent)) {
+        if img > ag {
+            return image;
+        }
+    }
     let root = dir.join("rootfs");
     let _ = std::fs::remove_dir_all(&root);
     for d in ["sbin", "proc", "sys", "dev", "run", "tmp", "etc", "mnt"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
     std::fs::copy(&agent, root.join("sbin/init")).unwrap();
-    let image = dir.join("root.img");
     let _ = std::fs::remove_file(&image);
     let out = cmd::run(
         Command::new("mkfs.erofs")

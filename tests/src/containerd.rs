@@ -75,12 +75,13 @@ pub fn host_config(state: &Path, agent: &Path) -> String {
 pub fn vm_config(state: &Path, vmm: &Path, kernel: &Path, root: &Path) -> String {
     let boot = std::env::var("THAW_E2E_BOOT_TIMEOUT").unwrap_or_else(|_| "600".into());
     format!(
-        "backend = \"vm\"\nstate_dir = \"{}\"\nrun_dir = \"{}/run\"\nlog_level = \"debug\"\n\n[vm]\nvmm = \"{}\"\nkernel = \"{}\"\nroot_image = \"{}\"\nvcpus = 1\nmemory_mib = 256\nboot_timeout_secs = {boot}\nserial = \"console.log\"\n\n[image_cache]\nkeep_unused_mib = 64\n",
+        "backend = \"vm\"\nstate_dir = \"{}\"\nrun_dir = \"{}/run\"\nlog_level = \"debug\"\n\n[vm]\nvmm = \"{}\"\nkernel = \"{}\"\nroot_image = \"{}\"\nvcpus = 1\nmemory_mib = 256\nboot_timeout_secs = {boot}\nserial = \"console.log\"\ntemplate_store = \"{}\"\n\n[image_cache]\nkeep_unused_mib = 64\n",
         state.display(),
         state.display(),
         vmm.display(),
         kernel.display(),
         root.display(),
+        crate::binaries::template_store().display(),
     )
 }
 
@@ -446,6 +447,7 @@ fn spawn_containerd(dir: &Path) -> Child {
         .arg(dir.join("containerd.toml"))
         .env("PATH", path)
         .env(CONFIG_ENV, dir.join("thaw.toml"))
+        .envs(std::env::var_os("THAW_KEEP_SANDBOX_LOGS").map(|v| ("THAW_KEEP_SANDBOX_LOGS", v)))
         .stdin(Stdio::null())
         .stdout(logf.try_clone().unwrap())
         .stderr(logf)

@@ -32,6 +32,10 @@ use crate::error::{Error, IoContext, Result};
 pub use host::{kill_cgroup, HostBackend};
 pub use vm::VmBackend;
 
+/// When set (in containerd's environment), a directory where stopped
+/// sandboxes leave copies of their logs.
+pub const KEEP_LOGS_ENV: &str = "THAW_KEEP_SANDBOX_LOGS";
+
 /// A disk image made visible to the guest.
 #[derive(Debug)]
 pub struct Attached {
@@ -64,6 +68,11 @@ pub trait Backend: Send + Sync {
     fn request_stop(&self, pid: u32);
     /// The spec as this backend's agent can honour it.
     fn adapt_spec(&self, spec: &serde_json::Value) -> Result<serde_json::Value>;
+    /// Whether the guest resumed from a snapshot (its clock and entropy
+    /// are stale and need the agent's fix-ups).
+    fn restored(&self) -> bool {
+        false
+    }
     /// Runs once the sandbox process has exited, however it ended.
     fn after_exit(&self) {}
     fn describe(&self) -> String;
@@ -130,6 +139,12 @@ pub fn sandbox_dir(run_dir: &Path, namespace: &str, id: &str) -> PathBuf {
     h.update(id.as_bytes());
     let hex = format!("{:x}", h.finalize());
     run_dir.join("sandboxes").join(&hex[..20])
+}
+
+/// The last non-empty lines of `text`, joined for one log line.
+pub fn last_lines(text: &str, n: usize) -> String {
+    let v: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    v[v.len().saturating_sub(n)..].join(" | ")
 }
 
 /// The last lines of a log file, for error messages.
@@ -248,6 +263,16 @@ impl Sandbox {
                 return Err(e);
             }
         };
+        if backend.restored() {
+            // A resumed guest wakes with the template's clock and the
+            // template's RNG state, shared by every VM made from it.
+            if let Err(e) = agent.set_time(std::time::SystemTime::now()) {
+                log::warn!("sandbox {id}: setting the guest clock: {e}");
+            }
+            if let Err(e) = agent.add_entropy() {
+                log::warn!("sandbox {id}: reseeding the guest RNG: {e}");
+            }
+        }
         let spare = match cfg.backend {
             BackendKind::Vm => cfg.vm.spare_disks,
             BackendKind::HostUnisolated => 64,
@@ -355,6 +380,14 @@ impl Sandbox {
     /// Stops the sandbox process and removes its directory.
     pub fn stop(&self) {
         stop_process(&*self.backend, self.pid, &self.life, &self.stopping);
+        // Debug aid: keep the logs (console, VMM stderr) of stopped sandboxes.
+        if let Some(keep) = std::env::var_os(KEEP_LOGS_ENV) {
+            let dest = PathBuf::from(keep).join(self.dir.file_name().unwrap_or_default());
+            let _ = fs::create_dir_all(&dest);
+            for f in ["sandbox.log", "console.log"] {
+                let _ = fs::copy(self.dir.join(f), dest.join(f));
+            }
+        }
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

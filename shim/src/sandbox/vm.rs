@@ -14,14 +14,62 @@ use crate::vmm_client::{self, VmPaths, VmmClient};
 
 pub struct VmBackend {
     vm: VmConfig,
+    boot_timeout_secs: u64,
     api_sock: std::sync::Mutex<Option<std::path::PathBuf>>,
+    /// The template snapshot to restore, when there is one.
+    template: std::sync::Mutex<Option<std::path::PathBuf>>,
 }
 
 impl VmBackend {
     pub fn new(vm: VmConfig) -> Self {
         VmBackend {
+            boot_timeout_secs: vm.boot_timeout_secs,
             vm,
             api_sock: std::sync::Mutex::new(None),
+            template: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Finds or builds the template for this VM shape; None means cold
+    /// boot (templates off, a custom command line, or the build failed).
+    fn template(&self) -> Option<std::path::PathBuf> {
+        if !self.vm.templates {
+            return None;
+        }
+        if !self.vm.kernel_append.is_empty() {
+            log::info!(
+                "vm.kernel_append is set: cold boot (templates use the default command line)"
+            );
+            return None;
+        }
+        let mut cmd = vmm_client::template_build_command(&self.vm, self.boot_timeout_secs);
+        let started = std::time::Instant::now();
+        let wait = Duration::from_secs(self.boot_timeout_secs + 30);
+        match crate::child::run(&mut cmd, wait) {
+            Ok(f) if f.code == 0 => {
+                let dir = f.stdout.lines().last().unwrap_or("").trim().to_string();
+                if dir.is_empty() || !Path::new(&dir).is_dir() {
+                    log::warn!(
+                        "template build printed no directory ({:?}); cold boot",
+                        f.stdout
+                    );
+                    return None;
+                }
+                log::info!("template {dir} ready after {:?}", started.elapsed());
+                Some(std::path::PathBuf::from(dir))
+            }
+            Ok(f) => {
+                log::warn!(
+                    "template build failed (exit {}): {}; cold boot",
+                    f.code,
+                    crate::sandbox::last_lines(&f.stderr, 4)
+                );
+                None
+            }
+            Err(e) => {
+                log::warn!("template build: {e}; cold boot");
+                None
+            }
         }
     }
 
@@ -77,6 +125,14 @@ impl Backend for VmBackend {
         Ok(())
     }
 
+    fn prepare(&self, _dir: &Path) -> Result<Option<std::path::PathBuf>> {
+        let t = self.template();
+        if let Ok(mut g) = self.template.lock() {
+            *g = t;
+        }
+        Ok(None)
+    }
+
     fn command(&self, uds: &Path, dir: &Path) -> Command {
         let api_sock = dir.join("api.sock");
         if let Ok(mut g) = self.api_sock.lock() {
@@ -87,14 +143,15 @@ impl Backend for VmBackend {
             // A relative name goes next to the sandbox's other files.
             other => dir.join(other).display().to_string(),
         };
-        vmm_client::command(
-            &self.vm,
-            &VmPaths {
-                vsock_uds: uds.to_path_buf(),
-                api_sock,
-                serial,
-            },
-        )
+        let paths = VmPaths {
+            vsock_uds: uds.to_path_buf(),
+            api_sock,
+            serial,
+        };
+        match self.template.lock().ok().and_then(|g| g.clone()) {
+            Some(t) => vmm_client::restore_command(&self.vm, &t, &paths),
+            None => vmm_client::command(&self.vm, &paths),
+        }
     }
 
     fn attach(&self, slot: u32, image: &Path) -> Result<(proto::Rootfs, Attached)> {
@@ -130,7 +187,18 @@ impl Backend for VmBackend {
         }
     }
 
+    fn restored(&self) -> bool {
+        self.template.lock().map(|g| g.is_some()).unwrap_or(false)
+    }
+
     fn describe(&self) -> String {
-        format!("thaw-vmm ({})", self.vm.vmm.display())
+        match self.template.lock().ok().and_then(|g| g.clone()) {
+            Some(t) => format!(
+                "thaw-vmm ({}, restoring {})",
+                self.vm.vmm.display(),
+                t.display()
+            ),
+            None => format!("thaw-vmm ({}, cold boot)", self.vm.vmm.display()),
+        }
     }
 }
