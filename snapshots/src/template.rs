@@ -47,6 +47,10 @@ pub struct TemplateInputs {
     pub vcpus: u8,
     pub memory_mib: u32,
     pub spare_disks: u8,
+    /// The VMM's own guest command line: it is baked into the snapshot, so
+    /// a change must give a new template.
+    #[serde(default)]
+    pub guest_cmdline: String,
 }
 
 /// The hex SHA-256 of a template's inputs; also its directory name.
@@ -69,6 +73,9 @@ impl TemplateKey {
         h.update(b"M");
         h.update(inputs.memory_mib.to_le_bytes());
         h.update([b'S', inputs.spare_disks]);
+        h.update(b"L");
+        h.update((inputs.guest_cmdline.len() as u64).to_le_bytes());
+        h.update(inputs.guest_cmdline.as_bytes());
         let version = env!("CARGO_PKG_VERSION").as_bytes();
         h.update(b"V");
         h.update((version.len() as u64).to_le_bytes());
@@ -422,6 +429,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 128,
             spare_disks: 1,
+            guest_cmdline: "console=ttyS0".into(),
         }
     }
 
@@ -471,6 +479,11 @@ mod tests {
         keys.push(TemplateKey::compute(&base).unwrap());
         std::fs::write(&base.root_image, b"root image bytes, rebuilt").unwrap();
         keys.push(TemplateKey::compute(&base).unwrap());
+        let other_cmdline = TemplateInputs {
+            guest_cmdline: "console=ttyS0 quiet".into(),
+            ..base.clone()
+        };
+        keys.push(TemplateKey::compute(&other_cmdline).unwrap());
         let mut unique = keys.clone();
         unique.sort();
         unique.dedup();

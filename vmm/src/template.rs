@@ -457,6 +457,8 @@ fn parse(args: &[String]) -> Result<(Subcommand, Store), UsageError> {
                     vcpus,
                     memory_mib,
                     spare_disks,
+                    // The child VMM boots with `--pvm auto`.
+                    guest_cmdline: crate::vm::default_guest_cmdline(crate::vm::host_is_pvm()),
                 },
                 probe,
                 ready_port: ready_port.unwrap_or(match probe {
@@ -600,6 +602,7 @@ mod tests {
                     vcpus: 2,
                     memory_mib: 512,
                     spare_disks: 2,
+                    guest_cmdline: crate::vm::default_guest_cmdline(crate::vm::host_is_pvm()),
                 },
                 probe: ReadyProbe::TestInit,
                 ready_port: TEST_INIT_PORT,
