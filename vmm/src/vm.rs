@@ -35,6 +35,26 @@ const PVM_CMDLINE: &str = include_str!("../../kernel-config/cmdline-pvm.txt");
 const SERIAL_PORT: u64 = 0x3f8;
 const I8042_PORT: u64 = 0x60;
 
+/// A kernel-config/cmdline*.txt file as one line: `#` lines are comments.
+fn cmdline_words(file: &str) -> String {
+    let words = file
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .flat_map(str::split_whitespace);
+    words.collect::<Vec<_>>().join(" ")
+}
+
+/// thaw's own part of the guest command line on this host (what a
+/// template's snapshot has baked in, so it is part of the template key).
+pub fn default_guest_cmdline(pvm_quirks: bool) -> String {
+    let mut c = cmdline_words(BASE_CMDLINE);
+    if pvm_quirks {
+        c += " ";
+        c += &cmdline_words(PVM_CMDLINE);
+    }
+    c
+}
+
 /// Is this host's KVM the PVM flavour (guest kernel emulated)?
 pub fn host_is_pvm() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
@@ -291,11 +311,7 @@ impl Vm {
     /// The full guest command line: thaw's base, PVM workarounds, devices,
     /// root disk, then what the user appended (which wins where it repeats).
     pub fn guest_cmdline(&self) -> String {
-        let mut c = BASE_CMDLINE.trim().to_string();
-        if self.pvm_quirks() {
-            c += " ";
-            c += PVM_CMDLINE.trim();
-        }
+        let mut c = default_guest_cmdline(self.pvm_quirks());
         c += &self.cmdline;
         if !self.config.disks.is_empty() && !self.config.append.contains("root=") {
             c += " root=/dev/vda ro";
@@ -454,4 +470,33 @@ pub fn build(config: VmConfig) -> Result<Vm, Error> {
     vm.load_kernel()?;
     vm.create_vcpus()?;
     Ok(vm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_files_drop_comments_and_join_words() {
+        let text = "# why\na=1  b\n  # indented comment\n\nc=3\n";
+        assert_eq!(cmdline_words(text), "a=1 b c=3");
+        for file in [BASE_CMDLINE, PVM_CMDLINE] {
+            let words = cmdline_words(file);
+            assert!(!words.contains('#'), "{words}");
+            assert!(!words.is_empty());
+        }
+    }
+
+    #[test]
+    fn clearcpuid_fits_the_kernels_buffer() {
+        // cpu_parse_early_param() copies clearcpuid= into char[128] and
+        // silently cuts the rest, features included.
+        let words = cmdline_words(PVM_CMDLINE);
+        let list = words
+            .split(' ')
+            .find_map(|w| w.strip_prefix("clearcpuid="))
+            .expect("cmdline-pvm.txt clears CPU features");
+        assert!(list.len() <= 127, "{} characters: {list}", list.len());
+        assert!(list.split(',').any(|f| f == "erms"), "{list}");
+    }
 }
