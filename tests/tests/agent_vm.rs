@@ -2,7 +2,9 @@
 //! into a template (temporary store), a restore from it, a busybox erofs
 //! image attached as /dev/vdb, and containers run through the agent's ttrpc
 //! API from the host, exactly as the shim drives it. Reports boot → agent
-//! ready, restore → agent ready and create+start+exit of `true`.
+//! ready, restore → agent ready and create+start+exit of `true` (with the
+//! time of each call). `THAW_AGENT_VM_CONSOLE=1` also prints the guest's
+//! console after the restore (agent warnings).
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -138,10 +140,12 @@ fn busybox_runs_in_the_vm_through_the_agent() {
     assert!(r.stdout.is_empty());
 
     let mut runs = Vec::new();
+    let mut phases = Vec::new();
     for i in 0..5 {
         let started = Instant::now();
         let r = agent.run(&format!("true{i}"), "/dev/vdb", &agent::spec(&["true"]));
         runs.push(started.elapsed());
+        phases.push(r.phases);
         assert_eq!(r.exit_status, 0);
     }
     let true_median = median(runs.clone());
@@ -171,6 +175,23 @@ fn busybox_runs_in_the_vm_through_the_agent() {
          (builder's own build_ms {})",
         record["build_ms"]
     );
+    eprintln!(
+        "  guest uptime at the first Health after restore (guest clock: boot -> ready, \
+         plus snapshot/restore): {:.1?}",
+        Duration::from_nanos(health.uptime_ns)
+    );
     eprintln!("  restore -> agent ready (host-side): {restore_ready:.1?}");
     eprintln!("  create+start+exit of `true`: median {true_median:.1?} of {runs:.1?}");
+    for p in &phases {
+        eprintln!(
+            "    create {:.1?}, start {:.1?}, output EOF {:.1?}, wait {:.1?}, remove {:.1?}",
+            p[0], p[1], p[2], p[3], p[4]
+        );
+    }
+    if std::env::var_os("THAW_AGENT_VM_CONSOLE").is_some() {
+        eprintln!(
+            "---- guest console after restore ----\n{}",
+            std::fs::read_to_string(dir.join("vm.console")).unwrap_or_default()
+        );
+    }
 }
