@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod profile;
 pub mod snapshot;
 pub mod template;
 pub mod vcpu;

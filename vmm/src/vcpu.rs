@@ -3,7 +3,7 @@
 
 use std::cell::Cell;
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::boot_marker::BootTimes;
 use crate::devices::{Bus, DeviceRequest};
+use crate::profile::{RipSampler, SAMPLE_INTERVAL};
 
 /// Why the VM stopped running.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,6 +59,8 @@ pub struct RunControl {
     state: Mutex<ControlState>,
     cond: Condvar,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Set when THAW_VMM_PROFILE asks for guest RIP samples (see profile.rs).
+    sampler: OnceLock<Arc<RipSampler>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +86,7 @@ impl RunControl {
             }),
             cond: Condvar::new(),
             threads: Mutex::new(Vec::new()),
+            sampler: OnceLock::new(),
         })
     }
 
@@ -184,6 +188,36 @@ impl RunControl {
                 let _ = t.join();
             }
         }
+        if let Some(s) = self.sampler.get() {
+            match s.write_file() {
+                Ok(n) => eprintln!("thaw-vmm: profile: {n} samples in {}", s.path().display()),
+                Err(e) => eprintln!("thaw-vmm: profile {}: {e}", s.path().display()),
+            }
+        }
+    }
+
+    /// Kicks vCPU 0 every SAMPLE_INTERVAL until the VM stops; the vCPU
+    /// records its RIP on each kick (`run_loop`).
+    fn start_sampler(self: &Arc<Self>, sampler: RipSampler) -> Result<(), VcpuError> {
+        if self.sampler.set(Arc::new(sampler)).is_err() {
+            return Ok(());
+        }
+        let ctl = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("rip-sampler".into())
+            .spawn(move || loop {
+                std::thread::sleep(SAMPLE_INTERVAL);
+                let Some(ctl) = ctl.upgrade() else { return };
+                if ctl.lock().run == RunState::Stopping {
+                    return;
+                }
+                let threads = ctl.threads.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(t) = threads.first() {
+                    let _ = t.kill(SIGRTMIN());
+                }
+            })
+            .map_err(VcpuError::Spawn)?;
+        Ok(())
     }
 
     fn stop_requested(&self) {
@@ -232,6 +266,7 @@ enum Step {
 impl Vcpu {
     pub fn spawn(self, control: Arc<RunControl>, exits: Sender<VmExit>) -> Result<(), VcpuError> {
         let ctl = control.clone();
+        let first_vcpu = self.id == 0;
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{}", self.id))
             .spawn(move || {
@@ -248,6 +283,11 @@ impl Vcpu {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(handle);
+        if first_vcpu {
+            if let Some(sampler) = RipSampler::from_env() {
+                control.start_sampler(sampler)?;
+            }
+        }
         Ok(())
     }
 
@@ -271,6 +311,11 @@ impl Vcpu {
                 Ok(exit) => self.handle_exit(exit),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     fd.set_kvm_immediate_exit(0);
+                    if let Some(s) = control.sampler.get().filter(|_| self.id == 0) {
+                        if let Ok(regs) = fd.get_regs() {
+                            s.record(regs.rip);
+                        }
+                    }
                     Step::Continue
                 }
                 Err(e) => Step::Exit(VmExit::Error(format!("vCPU {}: KVM_RUN: {e}", self.id))),
