@@ -4,6 +4,8 @@ set -euo pipefail
 pkgs=(
     linux-source-6.1 build-essential bc flex bison libelf-dev libssl-dev cpio xz-utils kmod
     erofs-utils e2fsprogs busybox-static containerd runc protobuf-compiler
+    # The boot benchmark's baseline (benches/benches/boot.rs).
+    qemu-system-x86
 )
 missing=()
 for p in "${pkgs[@]}"; do

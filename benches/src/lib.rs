@@ -1,12 +1,36 @@
-//! Shared helpers for the benchmarks: run counts from the environment and
-//! percentiles of measured durations.
+//! Shared helpers for the benchmarks: run counts from the environment,
+//! percentiles of measured durations, and one timed boot under thaw-vmm or
+//! QEMU (`run`).
 
 use std::time::Duration;
+
+pub mod run;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{var}={value:?} is not a positive whole number")]
     BadCount { var: String, value: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A VM did not boot as the benchmark needs.
+    #[error("{0}")]
+    Boot(String),
+}
+
+impl Error {
+    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let what = what.into();
+        move |source| Error::Io { what, source }
+    }
+}
+
+/// Is this host's KVM the PVM flavour (guest kernel code emulated)?
+pub fn host_is_pvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
 }
 
 /// A run count from environment variable `var`, `default` when unset.
@@ -27,6 +51,11 @@ pub fn count_from_env(var: &str, default: usize) -> Result<usize, Error> {
 /// smallest sample with at least p% of the samples at or below it. It is
 /// always a measured value; with 20 samples p99 is the slowest run.
 pub fn percentile(samples: &[Duration], p: f64) -> Option<Duration> {
+    percentile_of(samples, p)
+}
+
+/// `percentile` for any ordered figure (memory sizes, counts).
+pub fn percentile_of<T: Ord + Copy>(samples: &[T], p: f64) -> Option<T> {
     if samples.is_empty() || !(p > 0.0 && p <= 100.0) {
         return None;
     }
@@ -104,6 +133,14 @@ mod tests {
         assert_eq!(percentile(&s, 0.0), None);
         assert_eq!(percentile(&s, 101.0), None);
         assert_eq!(percentile(&s, f64::NAN), None);
+    }
+
+    #[test]
+    fn percentiles_of_other_figures() {
+        let kib: Vec<u64> = vec![2100, 1900, 2500];
+        assert_eq!(percentile_of(&kib, 50.0), Some(2100));
+        assert_eq!(percentile_of(&kib, 99.0), Some(2500));
+        assert_eq!(percentile_of::<u64>(&[], 50.0), None);
     }
 
     #[test]
