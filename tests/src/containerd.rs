@@ -74,8 +74,11 @@ pub fn host_config(state: &Path, agent: &Path) -> String {
 /// TOML for the shim with the VM backend.
 pub fn vm_config(state: &Path, vmm: &Path, kernel: &Path, root: &Path) -> String {
     let boot = std::env::var("THAW_E2E_BOOT_TIMEOUT").unwrap_or_else(|_| "600".into());
+    // On PVM hosts every guest kernel instruction is emulated: creating a
+    // container takes ~10 s on a quiet machine and minutes on a loaded one.
+    let agent = std::env::var("THAW_E2E_AGENT_TIMEOUT").unwrap_or_else(|_| "600".into());
     format!(
-        "backend = \"vm\"\nstate_dir = \"{}\"\nrun_dir = \"{}/run\"\nlog_level = \"debug\"\n\n[vm]\nvmm = \"{}\"\nkernel = \"{}\"\nroot_image = \"{}\"\nvcpus = 1\nmemory_mib = 256\nboot_timeout_secs = {boot}\nserial = \"console.log\"\ntemplate_store = \"{}\"\n\n[image_cache]\nkeep_unused_mib = 64\n",
+        "backend = \"vm\"\nstate_dir = \"{}\"\nrun_dir = \"{}/run\"\nlog_level = \"debug\"\n\n[vm]\nvmm = \"{}\"\nkernel = \"{}\"\nroot_image = \"{}\"\nvcpus = 1\nmemory_mib = 256\nboot_timeout_secs = {boot}\nserial = \"console.log\"\ntemplate_store = \"{}\"\n\n[agent]\nrequest_timeout_secs = {agent}\n\n[image_cache]\nkeep_unused_mib = 64\n",
         state.display(),
         state.display(),
         vmm.display(),
