@@ -8,7 +8,7 @@
 //! 5. the ratios of 2-4.
 //!
 //! p50/p99 over THAW_BENCH_RUNS runs (default 20); the cold boots, which
-//! take 30-70 s each under PVM, over THAW_BENCH_COLD_RUNS (default the
+//! take one to three minutes each under PVM, over THAW_BENCH_COLD_RUNS (default the
 //! same). The `ctr run` figures share one private containerd and one shim
 //! image cache and are interleaved round by round, so they see the same
 //! machine load. The VMM and shim are release builds.
@@ -476,7 +476,11 @@ fn print_report(runs: usize, cold_runs: usize, restore: &Figure, ctr: &CtrFigure
     if cold_runs < 20 {
         println!(
             "  note: only {cold_runs} cold boots ({COLD_RUNS_ENV}={cold_runs}), fewer than 20: \
-             each takes 30-70 s on this PVM host"
+             a cold boot takes minutes on this PVM host{}",
+            ctr.cold
+                .summary()
+                .map(|s| format!(" (p50 {} in this run)", fmt_duration(s.p50)))
+                .unwrap_or_default()
         );
     }
     println!(
@@ -509,12 +513,13 @@ fn print_report(runs: usize, cold_runs: usize, restore: &Figure, ctr: &CtrFigure
     }
     println!();
     println!("What these mean on this host (KVM is PVM here: guest kernel code is emulated, guest user code native):");
-    println!("- restore -> agent ready and thaw-restore/runc are meaningful: restoring is mostly host-side");
-    println!("  (mapping the memory file, recreating vCPU and device state); the guest kernel work after");
-    println!("  restore (vsock reset, agent re-dial, mounting the image, starting the container) is emulated");
-    println!("  and costs more here than on hardware KVM, so these are upper bounds.");
-    println!("- thaw-cold and thaw-cold/runc, thaw-cold/thaw-restore only mean something on hardware KVM:");
-    println!("  a cold boot is almost all guest kernel work, emulated here (30-70 s instead of well under 1 s).");
+    println!("- restore -> agent ready is the meaningful figure: mostly host-side work (mapping the memory");
+    println!("  file, recreating vCPU and device state) plus a short emulated vsock reset and agent re-dial.");
+    println!("- the thaw `ctr run` figures are dominated by emulated guest kernel work (mounting the image,");
+    println!("  creating namespaces, exec and page faults of `true`, teardown), which takes seconds here and");
+    println!("  milliseconds on hardware KVM: thaw-restore, thaw-cold and every ratio only mean something");
+    println!("  on hardware KVM; here they are upper bounds. runc is native and meaningful.");
+    println!("- the machine is shared: other people's builds and VMs ran during this benchmark.");
     if !ctr.leaks.is_empty() {
         println!("LEAKS after the ctr runs:");
         for l in &ctr.leaks {
