@@ -53,6 +53,9 @@ chmod 1777 "$stage/tmp"
 install -m 0755 -s "$agent" "$stage/sbin/thaw-agent"
 ln -s thaw-agent "$stage/sbin/init"
 : > "$stage/etc/resolv.conf"
+# The image is read-only; the agent writes the id the host gives it
+# (SetIdentity) to its /run tmpfs.
+ln -s ../run/machine-id "$stage/etc/machine-id"
 printf 'root:x:0:0:root:/root:/bin/sh\n' > "$stage/etc/passwd"
 printf 'root:x:0:\ntty:x:5:\n' > "$stage/etc/group"
 if [ "$busybox" = 1 ]; then

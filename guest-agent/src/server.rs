@@ -206,7 +206,14 @@ impl Agent for AgentService {
         r.protocol_version = PROTOCOL_VERSION;
         r.uptime_ns = guest::boottime_ns();
         r.pid1 = self.rt.config().pid1;
+        (r.hostname, r.machine_id) = guest::identity();
         Ok(r)
+    }
+
+    async fn set_identity(&self, _: &TtrpcContext, req: SetIdentityRequest) -> ttrpc::Result<Empty> {
+        let pid1 = self.rt.config().pid1;
+        blocking(move || guest::set_identity(&req.hostname, &req.machine_id, pid1)).await?;
+        Ok(Empty::new())
     }
 
     async fn set_time(&self, _: &TtrpcContext, req: SetTimeRequest) -> ttrpc::Result<Empty> {

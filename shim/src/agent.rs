@@ -88,6 +88,17 @@ impl Agent {
             .map_err(|e| map_err("AddEntropy", e))
     }
 
+    /// Gives the guest its own hostname and machine id.
+    pub fn set_identity(&self, hostname: &str, machine_id: &str) -> Result<()> {
+        let mut r = agent::SetIdentityRequest::new();
+        r.hostname = hostname.into();
+        r.machine_id = machine_id.into();
+        self.client
+            .set_identity(self.ctx(), &r)
+            .map(|_| ())
+            .map_err(|e| map_err("SetIdentity", e))
+    }
+
     pub fn create_sandbox(&self, req: &agent::CreateSandboxRequest) -> Result<()> {
         self.client
             .create_sandbox(self.ctx(), req)

@@ -42,7 +42,7 @@ pub fn busybox_rootfs(dir: &Path) {
         std::fs::create_dir_all(dir.join(d)).expect("creating rootfs dir");
     }
     std::fs::copy("/bin/busybox", dir.join("bin/busybox")).expect("busybox-static at /bin/busybox");
-    for applet in ["echo", "true", "sh"] {
+    for applet in ["echo", "true", "sh", "hostname", "head", "od", "cat"] {
         std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet))
             .expect("applet symlink");
     }
@@ -117,13 +117,15 @@ pub struct AgentConn {
     pub client: AgentClient,
     uds: PathBuf,
     next_port: u32,
+    /// How long `run` waits for the process to exit.
+    pub exit_timeout: Duration,
 }
 
-fn reader(s: UnixStream) -> JoinHandle<Vec<u8>> {
+fn reader(s: UnixStream, limit: Duration) -> JoinHandle<Vec<u8>> {
     std::thread::spawn(move || {
         let mut s = s;
         // A stalled guest must not hang the test forever.
-        let _ = s.set_read_timeout(Some(Duration::from_secs(300)));
+        let _ = s.set_read_timeout(Some(limit));
         let mut out = Vec::new();
         let _ = s.read_to_end(&mut out);
         out
@@ -138,6 +140,7 @@ impl AgentConn {
             client: sync_client(control).expect("ttrpc client"),
             uds: uds.to_path_buf(),
             next_port: FIRST_STDIO_PORT,
+            exit_timeout: Duration::from_secs(300),
         }
     }
 
@@ -192,8 +195,8 @@ impl AgentConn {
         if let Err(e) = created {
             panic!("CreateContainer {id}: {e:?}");
         }
-        let out = reader(out.expect("stdout dial"));
-        let err = reader(err.expect("stderr dial"));
+        let out = reader(out.expect("stdout dial"), self.exit_timeout);
+        let err = reader(err.expect("stderr dial"), self.exit_timeout);
 
         let mut req = StartProcessRequest::new();
         req.container_id = id.into();
@@ -208,7 +211,7 @@ impl AgentConn {
         req.container_id = id.into();
         let exit_status = self
             .client
-            .wait_process(ctx(120), &req)
+            .wait_process(ctx(self.exit_timeout.as_secs().max(1)), &req)
             .unwrap_or_else(|e| panic!("WaitProcess {id}: {e:?}"))
             .exit_status;
         lap(3);

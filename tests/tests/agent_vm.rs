@@ -9,8 +9,10 @@
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use thaw_agent_protocol::agent::HealthResponse;
 use thaw_tests::agent::{self, AgentConn};
 use thaw_tests::guest::{self, accept_or_exit, control, wait_with_deadline};
 
@@ -42,36 +44,82 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-#[test]
-fn busybox_runs_in_the_vm_through_the_agent() {
-    let kernel = guest::kernel();
-    let root_img = agent::root_image();
+/// One template for all tests in this file, built by a single cold boot.
+struct Template {
+    /// Keeps the store and the busybox image alive for the whole run.
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    busybox_img: PathBuf,
+    build_took: Duration,
+    build_ms: serde_json::Value,
+}
+
+fn template() -> &'static Template {
+    static T: OnceLock<Template> = OnceLock::new();
+    T.get_or_init(|| {
+        let kernel = guest::kernel();
+        let root_img = agent::root_image();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        agent::busybox_rootfs(&dir.join("busybox"));
+        let busybox_img = dir.join("busybox.erofs");
+        guest::erofs_image(&dir.join("busybox"), &busybox_img);
+
+        // The template builder waits for the agent's dial.
+        let started = Instant::now();
+        let out = Command::new(guest::vmm_binary())
+            .args(["template", "build", "--kernel"])
+            .arg(kernel)
+            .arg("--disk")
+            .arg(&root_img)
+            .args(["--spare-disks", "2", "--vcpus", "1", "--memory-mib", "128"])
+            .args(["--ready", "agent", "--timeout", "600", "--store"])
+            .arg(dir.join("store"))
+            .output()
+            .unwrap();
+        let build_took = started.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "template build failed:\n{stderr}");
+        let tdir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(tdir.join("template.json")).unwrap()).unwrap();
+        Template {
+            dir: tdir,
+            busybox_img,
+            build_took,
+            build_ms: record["build_ms"].clone(),
+            _tmp: tmp,
+        }
+    })
+}
+
+/// A VM restored from the template, with the busybox image in the first
+/// spare slot (/dev/vdb) and the agent connected.
+struct RestoredVm {
+    vmm: Vmm,
+    agent: AgentConn,
+    tmp: tempfile::TempDir,
+    listener: UnixListener,
+    restore_ready: Duration,
+    health: HealthResponse,
+}
+
+impl RestoredVm {
+    fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+    fn api(&self) -> PathBuf {
+        self.dir().join("vm.api")
+    }
+    fn console(&self) -> String {
+        std::fs::read_to_string(self.dir().join("vm.console")).unwrap_or_default()
+    }
+}
+
+fn restore() -> RestoredVm {
+    let t = template();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    agent::busybox_rootfs(&dir.join("busybox"));
-    let busybox_img = dir.join("busybox.erofs");
-    guest::erofs_image(&dir.join("busybox"), &busybox_img);
-
-    // One cold boot: the template builder waits for the agent's dial.
-    let store = dir.join("store");
-    let started = Instant::now();
-    let out = Command::new(guest::vmm_binary())
-        .args(["template", "build", "--kernel"])
-        .arg(kernel)
-        .arg("--disk")
-        .arg(&root_img)
-        .args(["--spare-disks", "2", "--vcpus", "1", "--memory-mib", "128"])
-        .args(["--ready", "agent", "--timeout", "600", "--store"])
-        .arg(&store)
-        .output()
-        .unwrap();
-    let build_took = started.elapsed();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "template build failed:\n{stderr}");
-    let tdir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    let record: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(tdir.join("template.json")).unwrap()).unwrap();
-
     // Restore; the agent re-dials the control port on the new socket.
     let uds = dir.join("vm.vsock");
     let api = dir.join("vm.api");
@@ -81,7 +129,7 @@ fn busybox_runs_in_the_vm_through_the_agent() {
     let mut vmm = Vmm(Some(
         Command::new(guest::vmm_binary())
             .arg("--restore")
-            .arg(&tdir)
+            .arg(&t.dir)
             .arg("--vsock-uds")
             .arg(&uds)
             .arg("--api-sock")
@@ -98,24 +146,49 @@ fn busybox_runs_in_the_vm_through_the_agent() {
         Instant::now() + Duration::from_secs(120),
     );
     let restore_ready = started.elapsed();
-    let mut agent = AgentConn::new(conn, &uds);
-
+    let agent = AgentConn::new(conn, &uds);
     let health = agent.health();
     assert!(health.pid1, "the agent is not PID 1: {health:?}");
     assert_eq!(
         health.protocol_version,
         thaw_agent_protocol::PROTOCOL_VERSION
     );
-
-    // The busybox image goes into the first spare slot: /dev/vdb.
     let reply = control(
         &api,
         &serde_json::json!({
-            "op": "attach_disk", "slot": 0, "path": busybox_img, "read_only": true
+            "op": "attach_disk", "slot": 0, "path": t.busybox_img, "read_only": true
         })
         .to_string(),
     );
     assert!(reply.starts_with(r#"{"ok":true"#), "attach_disk: {reply}");
+    RestoredVm {
+        vmm,
+        agent,
+        tmp,
+        listener,
+        restore_ready,
+        health,
+    }
+}
+
+#[test]
+fn busybox_runs_in_the_vm_through_the_agent() {
+    let t = template();
+    let vm = restore();
+    let RestoredVm {
+        mut vmm,
+        mut agent,
+        tmp,
+        listener,
+        restore_ready,
+        health,
+    } = vm;
+    let dir = tmp.path();
+    let uds = dir.join("vm.vsock");
+    let api = dir.join("vm.api");
+    let control_path = dir.join("vm.vsock_1024");
+    let (build_took, build_ms) = (t.build_took, &t.build_ms);
+
 
     let r = agent.run(
         "echo",
@@ -173,7 +246,7 @@ fn busybox_runs_in_the_vm_through_the_agent() {
     eprintln!(
         "  cold boot -> agent ready (template build, incl. snapshot of 128 MiB): {build_took:.1?} \
          (builder's own build_ms {})",
-        record["build_ms"]
+        build_ms
     );
     eprintln!(
         "  guest uptime at the first Health after restore (guest clock: boot -> ready, \
@@ -194,4 +267,103 @@ fn busybox_runs_in_the_vm_through_the_agent() {
             std::fs::read_to_string(dir.join("vm.console")).unwrap_or_default()
         );
     }
+}
+
+impl RestoredVm {
+    /// Stops the VMM through its control socket and checks that it exits
+    /// cleanly.
+    fn stop(mut self) {
+        assert_eq!(control(&self.api(), r#"{"op":"stop"}"#).trim(), r#"{"ok":true}"#);
+        let mut child = self.vmm.0.take().unwrap();
+        let status = wait_with_deadline(&mut child, Duration::from_secs(30));
+        assert_eq!(status.code(), Some(0));
+    }
+}
+
+/// A container over its memory limit is OOM-killed inside the guest (exit
+/// 137, as runc reports it) and the agent reports an OOM event for it.
+#[test]
+fn memory_limit_in_the_vm_ends_in_an_oom_kill_and_event() {
+    let mut vm = restore();
+    let mut spec = agent::spec(&["sh", "-c", "x=0123456789; while true; do x=$x$x; done"]);
+    spec["linux"]["resources"] = serde_json::json!({"memory": {"limit": 16u64 << 20}});
+    vm.agent.exit_timeout = Duration::from_secs(
+        std::env::var("THAW_AGENT_VM_OOM_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(900),
+    );
+    let started = Instant::now();
+    let r = vm.agent.run("oom", "/dev/vdb", &spec);
+    let took = started.elapsed();
+    let console = vm.console();
+    eprintln!("OOM run took {took:.1?}; guest console:\n{console}");
+    assert_eq!(
+        r.exit_status,
+        137,
+        "stderr: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let mut req = thaw_agent_protocol::agent::GetEventsRequest::new();
+    req.after_seq = 0;
+    let evs = vm.agent.client.get_events(agent::ctx(60), &req).unwrap();
+    assert!(
+        evs.events
+            .iter()
+            .any(|e| e.has_oom() && e.oom().container_id == "oom"),
+        "no OOM event for the container: {:?}",
+        evs.events
+    );
+    vm.stop();
+}
+
+/// What one clone reports about itself from inside a container that shares
+/// the guest's UTS namespace.
+fn clone_report(vm: &mut RestoredVm, hostname: &str, machine_id: &str) -> (String, String) {
+    // The fix-ups the shim makes after every restore.
+    let mut entropy = vec![0u8; 64];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").unwrap(),
+        &mut entropy,
+    )
+    .unwrap();
+    let mut req = thaw_agent_protocol::agent::AddEntropyRequest::new();
+    req.data = entropy;
+    vm.agent.client.add_entropy(agent::ctx(60), &req).unwrap();
+    let mut req = thaw_agent_protocol::agent::SetIdentityRequest::new();
+    req.hostname = hostname.into();
+    req.machine_id = machine_id.into();
+    vm.agent.client.set_identity(agent::ctx(60), &req).unwrap();
+
+    let health = vm.agent.health();
+    assert_eq!(
+        (health.hostname.as_str(), health.machine_id.as_str()),
+        (hostname, machine_id)
+    );
+    let mut spec = agent::spec(&["sh", "-c", "hostname; head -c 32 /dev/urandom | od -An -tx1"]);
+    spec["linux"]["namespaces"] = serde_json::json!([{"type": "pid"}, {"type": "mount"}]);
+    spec.as_object_mut().unwrap().remove("hostname");
+    let r = vm.agent.run("report", "/dev/vdb", &spec);
+    let out = String::from_utf8_lossy(&r.stdout).into_owned();
+    assert_eq!(r.exit_status, 0, "stderr: {}", String::from_utf8_lossy(&r.stderr));
+    let (host, random) = out.split_once('\n').unwrap_or_default();
+    (host.to_string(), random.split_whitespace().collect())
+}
+
+/// Two VMs restored from one template: each gets the identity the host
+/// gives it, and their kernels' RNG output differs after the reseed.
+#[test]
+fn clones_of_one_template_get_their_own_rng_and_identity() {
+    let (mut a, mut b) = std::thread::scope(|s| {
+        let a = s.spawn(restore);
+        let b = s.spawn(restore);
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let (host_a, rand_a) = clone_report(&mut a, "clone-a", "0123456789abcdef0123456789abcdef");
+    let (host_b, rand_b) = clone_report(&mut b, "clone-b", "fedcba9876543210fedcba9876543210");
+    assert_eq!((host_a.as_str(), host_b.as_str()), ("clone-a", "clone-b"));
+    assert_eq!(rand_a.len(), 64, "32 random bytes in hex: {rand_a:?}");
+    assert_ne!(rand_a, rand_b, "two clones read the same /dev/urandom bytes");
+    a.stop();
+    b.stop();
 }

@@ -78,6 +78,47 @@ pub trait Backend: Send + Sync {
     fn describe(&self) -> String;
 }
 
+/// Fix-ups before a guest's first use. A resumed guest wakes with the
+/// template's clock, RNG state and identity, shared by every VM made from
+/// it. A guest whose RNG output may match its siblings' must not run
+/// anything, so a failed reseed fails the start; a stale clock only warns.
+fn prepare_guest(agent: &Agent, id: &str, restored: bool, kind: BackendKind) -> Result<()> {
+    if restored {
+        if let Err(e) = agent.set_time(std::time::SystemTime::now()) {
+            log::warn!("sandbox {id}: setting the guest clock: {e}");
+        }
+        agent
+            .add_entropy()
+            .map_err(|e| Error::Sandbox(format!("reseeding the restored guest's RNG: {e}")))?;
+    }
+    // The host-unisolated test backend shares the host's hostname.
+    if kind == BackendKind::Vm {
+        let (hostname, machine_id) = guest_identity(id)?;
+        agent.set_identity(&hostname, &machine_id).map_err(|e| {
+            Error::Sandbox(format!("setting the guest's identity ({hostname}): {e}"))
+        })?;
+    }
+    Ok(())
+}
+
+/// The guest's hostname (the sandbox id, made a valid hostname) and a fresh
+/// random machine id.
+fn guest_identity(id: &str) -> Result<(String, String)> {
+    let mut hostname: String = id
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
+        .take(64)
+        .collect();
+    if hostname.is_empty() {
+        hostname = "thaw".into();
+    }
+    let mut raw = [0u8; 16];
+    let mut f = File::open("/dev/urandom").ctx(|| "opening /dev/urandom".into())?;
+    std::io::Read::read_exact(&mut f, &mut raw).ctx(|| "reading /dev/urandom".into())?;
+    let machine_id = raw.iter().map(|b| format!("{b:02x}")).collect();
+    Ok((hostname, machine_id))
+}
+
 /// How the sandbox process ended.
 #[derive(Debug, Default)]
 struct Life {
@@ -263,15 +304,9 @@ impl Sandbox {
                 return Err(e);
             }
         };
-        if backend.restored() {
-            // A resumed guest wakes with the template's clock and the
-            // template's RNG state, shared by every VM made from it.
-            if let Err(e) = agent.set_time(std::time::SystemTime::now()) {
-                log::warn!("sandbox {id}: setting the guest clock: {e}");
-            }
-            if let Err(e) = agent.add_entropy() {
-                log::warn!("sandbox {id}: reseeding the guest RNG: {e}");
-            }
+        if let Err(e) = prepare_guest(&agent, id, backend.restored(), cfg.backend) {
+            stop_process(&*backend, pid, &life, &stopping);
+            return Err(e);
         }
         let spare = match cfg.backend {
             BackendKind::Vm => cfg.vm.spare_disks,
@@ -520,5 +555,23 @@ fn supervise(
         Err(_) => Err(Error::Sandbox(format!(
             "starting {what}: supervisor thread died"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_guest_gets_a_valid_hostname_and_its_own_machine_id() {
+        let (h, a) = guest_identity("k8s_pod/default:web#1").unwrap();
+        assert_eq!(h, "k8s-pod-default-web-1");
+        let (long, b) = guest_identity(&"f".repeat(80)).unwrap();
+        assert_eq!(long.len(), 64);
+        for id in [&a, &b] {
+            assert_eq!(id.len(), 32);
+            assert!(id.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        }
+        assert_ne!(a, b);
     }
 }
