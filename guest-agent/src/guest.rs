@@ -158,7 +158,13 @@ mod tests {
             let e = set_identity(bad, id, true).unwrap_err();
             assert!(e.to_string().contains("hostname"), "{bad:?}: {e}");
         }
-        for bad in ["", "0123", &"0".repeat(32), &"A".repeat(32), &"g".repeat(32)] {
+        for bad in [
+            "",
+            "0123",
+            &"0".repeat(32),
+            &"A".repeat(32),
+            &"g".repeat(32),
+        ] {
             let e = set_identity("pod-1", bad, true).unwrap_err();
             assert!(e.to_string().contains("machine_id"), "{bad:?}: {e}");
         }

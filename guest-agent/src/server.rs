@@ -210,7 +210,11 @@ impl Agent for AgentService {
         Ok(r)
     }
 
-    async fn set_identity(&self, _: &TtrpcContext, req: SetIdentityRequest) -> ttrpc::Result<Empty> {
+    async fn set_identity(
+        &self,
+        _: &TtrpcContext,
+        req: SetIdentityRequest,
+    ) -> ttrpc::Result<Empty> {
         let pid1 = self.rt.config().pid1;
         blocking(move || guest::set_identity(&req.hostname, &req.machine_id, pid1)).await?;
         Ok(Empty::new())

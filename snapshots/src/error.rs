@@ -32,3 +32,12 @@ pub enum Error {
     #[error("building template {key}: {reason}")]
     Build { key: String, reason: String },
 }
+
+/// Wraps an I/O error with what was being done and to which path.
+pub(crate) fn io(
+    what: &'static str,
+    path: &std::path::Path,
+) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.display().to_string();
+    move |source| Error::Io { what, path, source }
+}

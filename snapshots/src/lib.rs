@@ -8,6 +8,7 @@
 //! - `memory`: guest RAM, byte for byte, mapped copy-on-write at restore.
 
 pub mod cpu;
+pub mod digest;
 pub mod error;
 pub mod format;
 pub mod template;

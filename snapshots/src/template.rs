@@ -11,14 +11,17 @@
 //! <store>/<key>/{state,memory,template.json}   complete templates only
 //! <store>/<key>.lock                           flock taken while building/removing
 //! <store>/.build-<key>-<pid>                   a build in progress (or a crashed one)
+//! <store>/.digests/<id>                        cached input file digests
 //! ```
 //! A build writes into its own temporary directory and renames it to
 //! `<key>` once complete, under the key's lock: readers never see half a
 //! template, and concurrent builders of one key build it once.
 
+use crate::digest::{DigestCache, FileDigest};
+use crate::error::io;
 use crate::Error;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -32,11 +35,7 @@ pub const DEFAULT_STORE: &str = "/var/lib/thaw/templates";
 /// The record of a template's inputs, next to its state and memory.
 pub const RECORD_FILE: &str = "template.json";
 const BUILD_PREFIX: &str = ".build-";
-
-fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
-    let path = path.display().to_string();
-    move |source| Error::Io { what, path, source }
-}
+const DIGEST_DIR: &str = ".digests";
 
 /// What a template is booted from. Paths are read for their contents; the
 /// key does not depend on where the files are.
@@ -59,15 +58,26 @@ pub struct TemplateInputs {
 pub struct TemplateKey(String);
 
 impl TemplateKey {
-    /// Hashes the inputs: file contents (streamed), then the parameters.
+    /// Hashes the inputs: file contents (read in full), then the
+    /// parameters. [`Store::key`] gives the same key without rereading
+    /// unchanged files.
+    pub fn compute(inputs: &TemplateInputs) -> Result<Self, Error> {
+        Self::compute_with(inputs, FileDigest::of)
+    }
+
     /// Every field is length- or tag-prefixed so no two inputs collide by
     /// concatenation.
-    pub fn compute(inputs: &TemplateInputs) -> Result<Self, Error> {
+    fn compute_with(
+        inputs: &TemplateInputs,
+        digest: impl Fn(&Path) -> Result<FileDigest, Error>,
+    ) -> Result<Self, Error> {
         let mut h = Sha256::new();
-        h.update(b"thaw-template-v1\0");
+        h.update(b"thaw-template-v2\0");
         for (tag, path) in [(b'K', &inputs.kernel), (b'R', &inputs.root_image)] {
+            let d = digest(path)?;
             h.update([tag]);
-            hash_file(&mut h, path)?;
+            h.update(d.len.to_le_bytes());
+            h.update(d.sha256);
         }
         h.update([b'C', inputs.vcpus]);
         h.update(b"M");
@@ -122,36 +132,6 @@ impl From<TemplateKey> for String {
     }
 }
 
-/// Streams a file's length and contents into the hash.
-fn hash_file(h: &mut Sha256, path: &Path) -> Result<u64, Error> {
-    let mut f = File::open(path).map_err(io("opening template input", path))?;
-    let len = f
-        .metadata()
-        .map_err(io("reading template input", path))?
-        .len();
-    h.update(len.to_le_bytes());
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(io("reading template input", path))?;
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-        h.update(&buf[..n]);
-    }
-    if total != len {
-        return Err(Error::Io {
-            what: "reading template input",
-            path: path.display().to_string(),
-            source: std::io::Error::other("file changed size while being hashed"),
-        });
-    }
-    Ok(len)
-}
-
 /// `template.json`: what a template was built from, for `list` and `gc`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TemplateRecord {
@@ -192,6 +172,15 @@ impl Store {
 
     fn dir(&self, key: &TemplateKey) -> PathBuf {
         self.root.join(key.as_str())
+    }
+
+    /// The key of `inputs`, as [`TemplateKey::compute`] gives it, but
+    /// rereading an input file only when it changed since the last key
+    /// (see [`DigestCache`]): every sandbox start asks for a key, and the
+    /// kernel alone is ~17 MB.
+    pub fn key(&self, inputs: &TemplateInputs) -> Result<TemplateKey, Error> {
+        let cache = DigestCache::new(self.root.join(DIGEST_DIR));
+        TemplateKey::compute_with(inputs, |p| cache.digest(p))
     }
 
     /// The template's directory if it is complete (all three files present).
@@ -397,7 +386,7 @@ impl Store {
         let mut removed = Vec::new();
         for key in keys {
             let stale = match self.record(&key) {
-                Ok(r) => TemplateKey::compute(&r.inputs).map_or(true, |k| k != key),
+                Ok(r) => self.key(&r.inputs).map_or(true, |k| k != key),
                 Err(_) => true,
             };
             if stale {
@@ -495,6 +484,23 @@ mod tests {
         };
         let e = TemplateKey::compute(&missing).unwrap_err().to_string();
         assert!(e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn the_store_gives_the_same_key_and_follows_a_rebuilt_input() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("store"));
+        let inp = inputs(tmp.path());
+        let k0 = TemplateKey::compute(&inp).unwrap();
+        assert_eq!(store.key(&inp).unwrap(), k0);
+        assert_eq!(store.key(&inp).unwrap(), k0, "from the digest cache");
+        std::fs::write(&inp.kernel, b"kernel bytes, rebuilt").unwrap();
+        let k1 = store.key(&inp).unwrap();
+        assert_ne!(k1, k0);
+        assert_eq!(k1, TemplateKey::compute(&inp).unwrap());
+        // The cache directory is not a template.
+        assert!(store.list().unwrap().is_empty());
+        assert!(store.gc().unwrap().is_empty());
     }
 
     #[test]

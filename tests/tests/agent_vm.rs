@@ -189,7 +189,6 @@ fn busybox_runs_in_the_vm_through_the_agent() {
     let control_path = dir.join("vm.vsock_1024");
     let (build_took, build_ms) = (t.build_took, &t.build_ms);
 
-
     let r = agent.run(
         "echo",
         "/dev/vdb",
@@ -273,7 +272,10 @@ impl RestoredVm {
     /// Stops the VMM through its control socket and checks that it exits
     /// cleanly.
     fn stop(mut self) {
-        assert_eq!(control(&self.api(), r#"{"op":"stop"}"#).trim(), r#"{"ok":true}"#);
+        assert_eq!(
+            control(&self.api(), r#"{"op":"stop"}"#).trim(),
+            r#"{"ok":true}"#
+        );
         let mut child = self.vmm.0.take().unwrap();
         let status = wait_with_deadline(&mut child, Duration::from_secs(30));
         assert_eq!(status.code(), Some(0));
@@ -340,12 +342,21 @@ fn clone_report(vm: &mut RestoredVm, hostname: &str, machine_id: &str) -> (Strin
         (health.hostname.as_str(), health.machine_id.as_str()),
         (hostname, machine_id)
     );
-    let mut spec = agent::spec(&["sh", "-c", "hostname; head -c 32 /dev/urandom | od -An -tx1"]);
+    let mut spec = agent::spec(&[
+        "sh",
+        "-c",
+        "hostname; head -c 32 /dev/urandom | od -An -tx1",
+    ]);
     spec["linux"]["namespaces"] = serde_json::json!([{"type": "pid"}, {"type": "mount"}]);
     spec.as_object_mut().unwrap().remove("hostname");
     let r = vm.agent.run("report", "/dev/vdb", &spec);
     let out = String::from_utf8_lossy(&r.stdout).into_owned();
-    assert_eq!(r.exit_status, 0, "stderr: {}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(
+        r.exit_status,
+        0,
+        "stderr: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
     let (host, random) = out.split_once('\n').unwrap_or_default();
     (host.to_string(), random.split_whitespace().collect())
 }
@@ -363,7 +374,10 @@ fn clones_of_one_template_get_their_own_rng_and_identity() {
     let (host_b, rand_b) = clone_report(&mut b, "clone-b", "fedcba9876543210fedcba9876543210");
     assert_eq!((host_a.as_str(), host_b.as_str()), ("clone-a", "clone-b"));
     assert_eq!(rand_a.len(), 64, "32 random bytes in hex: {rand_a:?}");
-    assert_ne!(rand_a, rand_b, "two clones read the same /dev/urandom bytes");
+    assert_ne!(
+        rand_a, rand_b,
+        "two clones read the same /dev/urandom bytes"
+    );
     a.stop();
     b.stop();
 }

@@ -162,7 +162,7 @@ fn vm_oom_is_reported() {
     let start = Instant::now();
     let ev = events.spawn().unwrap();
     let id = c.new_id("vmoom");
-    let mut args = c.run_args(&["--rm", "--memory-limit", "8388608"]);
+    let mut args = c.run_args(&["--rm", "--memory-limit", "16777216"]);
     args.extend([
         BUSYBOX_REF,
         id.as_str(),

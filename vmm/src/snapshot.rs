@@ -114,6 +114,24 @@ pub enum SnapshotError {
     Pause(String),
     #[error("snapshot does not match: {0}")]
     Mismatch(String),
+    #[error("cannot snapshot this VM: {0}")]
+    Unsupported(String),
+}
+
+/// KVM_GET_XSAVE copies 4 KiB. A guest needs more only with dynamic XSAVE
+/// features (AMX), which thaw never asks KVM to permit and hides from the
+/// guest's CPUID; if a kernel hands them out anyway, refuse rather than
+/// save a truncated FPU state. `needed` is KVM_CAP_XSAVE2 (0 when the
+/// kernel predates it).
+fn check_xsave_fits(needed: i32) -> Result<(), SnapshotError> {
+    let room = std::mem::size_of::<kvm_xsave>();
+    if usize::try_from(needed).unwrap_or(0) > room {
+        return Err(SnapshotError::Unsupported(format!(
+            "the guest's XSAVE state needs {needed} bytes and KVM_GET_XSAVE holds {room} \
+             (dynamic features such as AMX are enabled)"
+        )));
+    }
+    Ok(())
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SnapshotError {
@@ -274,6 +292,7 @@ impl VmHandle {
             .to_vec();
         let regs = fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
         let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        check_xsave_fits(self.vm_fd.check_extension_int(kvm_ioctls::Cap::Xsave2))?;
         let xsave = fd.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?;
         let xcrs = fd.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?;
         let debug_regs = fd.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
@@ -563,4 +582,21 @@ fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), SnapshotError> {
     // Fails when the guest has not enabled kvmclock: nothing to tell then.
     let _ = fd.kvmclock_ctrl();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xsave_state_over_4k_is_refused_by_name() {
+        assert!(
+            check_xsave_fits(0).is_ok(),
+            "kernels without KVM_CAP_XSAVE2"
+        );
+        assert!(check_xsave_fits(2696).is_ok());
+        assert!(check_xsave_fits(4096).is_ok());
+        let e = check_xsave_fits(11008).unwrap_err().to_string();
+        assert!(e.contains("11008") && e.contains("AMX"), "{e}");
+    }
 }

@@ -522,7 +522,7 @@ fn run(cmd: Subcommand, store: &Store) -> Result<(), Error> {
             ready_port,
             timeout,
         } => {
-            let key = TemplateKey::compute(&inputs).map_err(store_err)?;
+            let key = store.key(&inputs).map_err(store_err)?;
             if let Some(dir) = store.get(&key) {
                 eprintln!("thaw-vmm template: {key} already built");
                 println!("{}", dir.display());

@@ -106,7 +106,13 @@ fn prepare_guest(agent: &Agent, id: &str, restored: bool, kind: BackendKind) -> 
 fn guest_identity(id: &str) -> Result<(String, String)> {
     let mut hostname: String = id
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
         .take(64)
         .collect();
     if hostname.is_empty() {
@@ -570,7 +576,9 @@ mod tests {
         assert_eq!(long.len(), 64);
         for id in [&a, &b] {
             assert_eq!(id.len(), 32);
-            assert!(id.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+            assert!(id
+                .bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         }
         assert_ne!(a, b);
     }
