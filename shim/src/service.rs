@@ -210,6 +210,50 @@ impl Service {
             }),
         }
     }
+
+    /// Pause (freeze) or resume a running container's processes: the same
+    /// state check, agent call, state change and event either way.
+    fn set_paused(&self, id: &str, pause: bool) -> Result<api::Empty> {
+        let c = self.inner.container(id)?;
+        let sb = self
+            .inner
+            .live_sandbox()
+            .ok_or_else(|| Error::Sandbox("the sandbox is not running".into()))?;
+        let mut st = lock(&c.init.st);
+        let (from, to, from_name) = if pause {
+            (Status::RUNNING, Status::PAUSED, "running")
+        } else {
+            (Status::PAUSED, Status::RUNNING, "paused")
+        };
+        if st.status != from {
+            return Err(Error::FailedPrecondition(format!(
+                "container {id} is not {from_name}"
+            )));
+        }
+        let container_id = id.to_string();
+        if pause {
+            sb.agent().pause(id)?;
+            st.status = to;
+            self.inner.events.publish(
+                topics::TASK_PAUSED_EVENT_TOPIC,
+                ev::TaskPaused {
+                    container_id,
+                    ..Default::default()
+                },
+            );
+        } else {
+            sb.agent().resume(id)?;
+            st.status = to;
+            self.inner.events.publish(
+                topics::TASK_RESUMED_EVENT_TOPIC,
+                ev::TaskResumed {
+                    container_id,
+                    ..Default::default()
+                },
+            );
+        }
+        Ok(api::Empty::new())
+    }
 }
 
 impl Inner {
@@ -1017,59 +1061,11 @@ impl Task for Service {
     }
 
     fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        let r = (|| {
-            let c = self.inner.container(&req.id)?;
-            let sb = self
-                .inner
-                .live_sandbox()
-                .ok_or_else(|| Error::Sandbox("the sandbox is not running".into()))?;
-            let mut st = lock(&c.init.st);
-            if st.status != Status::RUNNING {
-                return Err(Error::FailedPrecondition(format!(
-                    "container {} is not running",
-                    req.id
-                )));
-            }
-            sb.agent().pause(&req.id)?;
-            st.status = Status::PAUSED;
-            self.inner.events.publish(
-                topics::TASK_PAUSED_EVENT_TOPIC,
-                ev::TaskPaused {
-                    container_id: req.id.clone(),
-                    ..Default::default()
-                },
-            );
-            Ok(api::Empty::new())
-        })();
-        rpc("pause", r)
+        rpc("pause", self.set_paused(&req.id, true))
     }
 
     fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
-        let r = (|| {
-            let c = self.inner.container(&req.id)?;
-            let sb = self
-                .inner
-                .live_sandbox()
-                .ok_or_else(|| Error::Sandbox("the sandbox is not running".into()))?;
-            let mut st = lock(&c.init.st);
-            if st.status != Status::PAUSED {
-                return Err(Error::FailedPrecondition(format!(
-                    "container {} is not paused",
-                    req.id
-                )));
-            }
-            sb.agent().resume(&req.id)?;
-            st.status = Status::RUNNING;
-            self.inner.events.publish(
-                topics::TASK_RESUMED_EVENT_TOPIC,
-                ev::TaskResumed {
-                    container_id: req.id.clone(),
-                    ..Default::default()
-                },
-            );
-            Ok(api::Empty::new())
-        })();
-        rpc("resume", r)
+        rpc("resume", self.set_paused(&req.id, false))
     }
 
     fn checkpoint(

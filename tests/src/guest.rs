@@ -196,3 +196,14 @@ pub fn control(api: &Path, request: &str) -> String {
         .expect("writing a control request");
     read_line(&mut std::io::BufReader::new(s))
 }
+
+/// How many live processes have `path` in their command line.
+pub fn processes_mentioning(path: &Path) -> usize {
+    let needle = path.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|c| String::from_utf8_lossy(c).contains(&needle))
+        .count()
+}

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use thaw_agent_protocol::agent::HealthResponse;
 use thaw_tests::agent::{self, AgentConn};
-use thaw_tests::guest::{self, accept_or_exit, control, wait_with_deadline};
+use thaw_tests::guest::{self, accept_or_exit, control, processes_mentioning, wait_with_deadline};
 
 /// Kills the VMM if the test fails before stopping it.
 struct Vmm(Option<Child>);
@@ -26,17 +26,6 @@ impl Drop for Vmm {
             let _ = c.wait();
         }
     }
-}
-
-/// How many live processes have `path` in their command line.
-fn processes_mentioning(path: &Path) -> usize {
-    let needle = path.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter(|c| String::from_utf8_lossy(c).contains(&needle))
-        .count()
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -380,4 +369,42 @@ fn clones_of_one_template_get_their_own_rng_and_identity() {
     );
     a.stop();
     b.stop();
+}
+
+/// The spec's memory, pids and CPU limits reach the guest kernel's cgroup
+/// files, as the container itself reads them.
+#[test]
+fn cgroup_limits_apply_in_the_vm() {
+    let mut vm = restore();
+    let mut spec = agent::spec(&[
+        "sh",
+        "-c",
+        "cg=/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup); \
+         cat $cg/memory.max $cg/pids.max $cg/cpu.max $cg/cpu.weight",
+    ]);
+    spec["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+            "options": ["nosuid", "noexec", "nodev", "ro"]
+        }));
+    spec["linux"]["resources"] = serde_json::json!({
+        "memory": {"limit": 48u64 << 20},
+        "pids": {"limit": 32},
+        "cpu": {"quota": 50000, "period": 100000, "shares": 2048}
+    });
+    let r = vm.agent.run("limits", "/dev/vdb", &spec);
+    assert_eq!(
+        r.exit_status,
+        0,
+        "stderr: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    // cpu.weight from shares 2048: 1 + (2048 - 2) * 9999 / 262142 = 79.
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        format!("{}\n32\n50000 100000\n79\n", 48u64 << 20)
+    );
+    vm.stop();
 }

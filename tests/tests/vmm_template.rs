@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use thaw_tests::guest::{self, accept_or_exit, read_line, wait_with_deadline};
+use thaw_tests::guest::{
+    self, accept_or_exit, processes_mentioning, read_line, wait_with_deadline,
+};
 
 fn template(args: &[&str], store: &Path) -> Output {
     Command::new(guest::vmm_binary())
@@ -284,15 +286,4 @@ fn a_guest_that_never_gets_ready_is_killed_at_the_deadline() {
         0,
         "socket directory leaked"
     );
-}
-
-/// How many live processes have `path` in their command line.
-fn processes_mentioning(path: &Path) -> usize {
-    let needle = path.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter(|c| String::from_utf8_lossy(c).contains(&needle))
-        .count()
 }
