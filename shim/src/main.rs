@@ -20,5 +20,15 @@ mod vmm_client;
 pub const RUNTIME_ID: &str = "io.containerd.thaw.v2";
 
 fn main() {
+    // containerd-shim catches SIGPIPE only to log it, and its log is a pipe
+    // to containerd: with containerd down, each such log line raises the
+    // next SIGPIPE and the shim spins. Blocked in every thread (all are
+    // spawned after this), writes just fail with EPIPE. Children start
+    // with an empty mask (std's spawn resets it).
+    let mut pipe = nix::sys::signal::SigSet::empty();
+    pipe.add(nix::sys::signal::Signal::SIGPIPE);
+    if let Err(e) = pipe.thread_block() {
+        eprintln!("containerd-shim-thaw-v2: blocking SIGPIPE: {e}");
+    }
     containerd_shim::run::<shim::ThawShim>(RUNTIME_ID, None);
 }

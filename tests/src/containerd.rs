@@ -187,11 +187,21 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
     /// Stops containerd (SIGTERM; shims keep running, as in production)
     /// and starts it again on the same state.
     pub fn restart_containerd(&mut self) {
+        self.stop_containerd();
+        self.start_containerd();
+    }
+
+    /// Stops containerd only; its shims keep running.
+    pub fn stop_containerd(&mut self) {
         if let Some(mut child) = self.child.take() {
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
             let _ = child.wait();
         }
+    }
+
+    /// Starts containerd on the same state after [`Self::stop_containerd`].
+    pub fn start_containerd(&mut self) {
         self.child = Some(spawn_containerd(&self.dir));
         let ready = cmd::wait_for(Duration::from_secs(30), || {
             self.ctr(&["version"]).success().then_some(())

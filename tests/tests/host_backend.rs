@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use thaw_tests::binaries::require_agent;
 use thaw_tests::cmd::{self, wait_for};
+use thaw_tests::containerd::processes_matching;
 use thaw_tests::image::{BUSYBOX_REF, CORRUPT_REF, TEST_GID, TEST_UID, TEST_USER};
 use thaw_tests::{Backend, PrivateContainerd};
 
@@ -717,11 +718,43 @@ fn native_snapshotter_and_plain_rootfs_dirs_work() {
     c.assert_no_leaks();
 }
 
+/// User + system CPU time of a process so far.
+fn cpu_time(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesized command name; utime and stime are the
+    // 14th and 15th fields of the line, in clock ticks.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis((f[0] + f[1]) * 1000 / hz)
+}
+
 #[test]
 fn tasks_survive_a_containerd_restart_and_still_report_exits() {
     let mut c = setup();
     let id = detached(&c, "restart", &["sleep", "600"]);
-    c.restart_containerd();
+    // While containerd is down the shim's log pipe has no reader: the shim
+    // must wait quietly, not spin on SIGPIPE.
+    let shim = processes_matching(&format!("-id {id} "), "-")
+        .into_iter()
+        .find(|(_, cmdline)| cmdline.contains("containerd-shim-thaw-v2"))
+        .map(|(pid, _)| pid)
+        .expect("the task's shim process");
+    c.stop_containerd();
+    let busy = cpu_time(shim);
+    std::thread::sleep(Duration::from_secs(2));
+    let busy = cpu_time(shim) - busy;
+    assert!(
+        busy < Duration::from_millis(500),
+        "the shim used {busy:?} of CPU in 2 s without containerd"
+    );
+    c.start_containerd();
     assert_eq!(
         task_status(&c, &id),
         "RUNNING",
