@@ -565,11 +565,15 @@ impl Inner {
         creq.stdio = MessageField::some(pending.ports());
         let pid = agent.create_container(&creq)?;
         {
-            let (sb, id) = (sb.clone(), id.clone());
+            let (sb, id, a) = (sb.clone(), id.clone(), attached.clone());
             undo.push(move || {
                 if !sb.is_dead() {
                     if let Err(e) = sb.agent().remove_container(&id) {
-                        log::warn!("removing half-created container {id}: {e}");
+                        log::warn!(
+                            "removing half-created container {id}: {e}; its disk slot stays reserved"
+                        );
+                        // The detach below then finds nothing to free.
+                        lock(&a).take();
                     }
                 }
             });

@@ -408,3 +408,51 @@ fn cgroup_limits_apply_in_the_vm() {
     );
     vm.stop();
 }
+
+/// A pod runs containers one after another in one VM, so a disk slot is
+/// refilled with another image once its container is removed. The next
+/// container must see the new image, even when both are the same size (the
+/// guest then sees no capacity change to invalidate anything by).
+#[test]
+fn a_refilled_disk_slot_shows_the_new_image() {
+    let mut vm = restore();
+    let dir = vm.dir().to_path_buf();
+    let mut images = Vec::new();
+    for name in ["one", "two"] {
+        let root = dir.join(name);
+        agent::busybox_rootfs(&root);
+        std::fs::write(root.join("etc/which"), format!("{name}\n")).unwrap();
+        let img = dir.join(format!("{name}.erofs"));
+        guest::erofs_image(&root, &img);
+        images.push(img);
+    }
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+    assert_eq!(
+        size(&images[0]),
+        size(&images[1]),
+        "the images must match in size"
+    );
+
+    let spec = agent::spec(&["cat", "/etc/which"]);
+    for (i, img) in images.iter().enumerate() {
+        let reply = control(
+            &vm.api(),
+            &serde_json::json!({
+                "op": "attach_disk", "slot": 1, "path": img, "read_only": true
+            })
+            .to_string(),
+        );
+        assert!(reply.starts_with(r#"{"ok":true"#), "attach_disk: {reply}");
+        // RemoveContainer (inside run) returns only once /dev/vdc is free.
+        let r = vm.agent.run(&format!("which{i}"), "/dev/vdc", &spec);
+        assert_eq!(
+            r.exit_status,
+            0,
+            "stderr: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        let expected = if i == 0 { "one\n" } else { "two\n" };
+        assert_eq!(String::from_utf8_lossy(&r.stdout), expected);
+    }
+    vm.stop();
+}

@@ -473,8 +473,10 @@ pub fn restore(opts: &RestoreOptions) -> Result<Vm, Error> {
             |reason: String| Error::Device(format!("{} from snapshot: {reason}", slot.name));
         match &slot.device {
             DeviceState::Block(b) => {
-                // Spare slots come back empty (a disk attached to the
-                // template is not carried over); disks get their paths.
+                // Disks get their paths. Spare slots come back empty; one
+                // that held a disk when saved has no path to reopen, so the
+                // restore is refused (MissingPath) rather than pulling a
+                // mounted filesystem from under the guest.
                 let path = if slot.name.starts_with("disk") {
                     let p = config.disks.get(disk_index).map(|d| d.path.clone());
                     disk_index += 1;

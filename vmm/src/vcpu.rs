@@ -96,6 +96,10 @@ impl RunControl {
 
     /// Called by a vCPU before each `KVM_RUN`. Blocks while paused; returns
     /// false once the VM is stopping.
+    fn pause_requested(&self) -> bool {
+        self.lock().run == RunState::Paused
+    }
+
     fn checkpoint(&self) -> bool {
         let mut s = self.lock();
         if s.run == RunState::Paused {
@@ -298,7 +302,20 @@ impl Vcpu {
             KVM_RUN_PTR.with(|p| p.set(ptr));
         }
         let mut first = self.id == 0;
+        // The last exit was port or MMIO I/O, which KVM completes (result
+        // into the registers, RIP past the instruction) on the next entry.
+        let mut io_pending = false;
         loop {
+            if io_pending && control.pause_requested() {
+                // A snapshot taken now would replay the access after restore
+                // (a second read of a read-to-clear register, say). An entry
+                // with immediate_exit completes it without running the guest.
+                let mut fd = self.fd.lock().unwrap_or_else(|e| e.into_inner());
+                fd.set_kvm_immediate_exit(1);
+                let _ = fd.run();
+                fd.set_kvm_immediate_exit(0);
+                io_pending = false;
+            }
             if !control.checkpoint() {
                 return None;
             }
@@ -308,8 +325,19 @@ impl Vcpu {
                 first = false;
             }
             let step = match fd.run() {
-                Ok(exit) => self.handle_exit(exit),
+                Ok(exit) => {
+                    io_pending = matches!(
+                        exit,
+                        VcpuExit::IoIn(..)
+                            | VcpuExit::IoOut(..)
+                            | VcpuExit::MmioRead(..)
+                            | VcpuExit::MmioWrite(..)
+                    );
+                    self.handle_exit(exit)
+                }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    // Any pending I/O was completed on the way in.
+                    io_pending = false;
                     fd.set_kvm_immediate_exit(0);
                     if let Some(s) = control.sampler.get().filter(|_| self.id == 0) {
                         if let Ok(regs) = fd.get_regs() {

@@ -434,7 +434,9 @@ impl Runtime {
         if let Some(m) = mounted.clone() {
             undo.push(move || {
                 let mut m = m;
-                m.unmount();
+                if let Err(e) = m.unmount() {
+                    log::warn!("{e}");
+                }
             });
         }
 
@@ -463,7 +465,9 @@ impl Runtime {
             let m2 = m.clone();
             undo.push(move || {
                 let mut m = m2;
-                m.unmount();
+                if let Err(e) = m.unmount() {
+                    log::warn!("{e}");
+                }
             });
             mounted = Some(m);
         }
@@ -764,7 +768,9 @@ impl Runtime {
             }
         }
         if let Some(mut m) = c.rootfs.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            m.unmount();
+            if let Err(e) = m.unmount() {
+                errors.push(e.to_string());
+            }
         }
         rootfs::unmount_below(&c.dir);
         if let Err(e) = fs::remove_dir_all(&c.dir) {
@@ -857,7 +863,9 @@ impl Runtime {
         }
         let pre: Vec<MountedRootfs> = self.state().premounted.drain().map(|(_, m)| m).collect();
         for mut m in pre {
-            m.unmount();
+            if let Err(e) = m.unmount() {
+                log::warn!("{e}");
+            }
         }
     }
 
