@@ -42,7 +42,17 @@ pub fn busybox_rootfs(dir: &Path) {
         std::fs::create_dir_all(dir.join(d)).expect("creating rootfs dir");
     }
     std::fs::copy("/bin/busybox", dir.join("bin/busybox")).expect("busybox-static at /bin/busybox");
-    for applet in ["echo", "true", "sh", "hostname", "head", "od", "cat", "cut"] {
+    for applet in [
+        "echo",
+        "true",
+        "sh",
+        "hostname",
+        "head",
+        "od",
+        "cat",
+        "cut",
+        "sha256sum",
+    ] {
         std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet))
             .expect("applet symlink");
     }
