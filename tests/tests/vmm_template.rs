@@ -28,12 +28,13 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Store entries other than lock files (a build must leave no debris).
+/// Store entries other than lock files and the input digest cache (a build
+/// must leave no debris).
 fn store_entries(store: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(store)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.ends_with(".lock"))
+        .filter(|n| !n.ends_with(".lock") && n != ".digests")
         .collect();
     v.sort();
     v
