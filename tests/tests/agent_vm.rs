@@ -386,9 +386,6 @@ fn clone_report(vm: &mut RestoredVm, hostname: &str, machine_id: &str) -> (Strin
 /// Two VMs restored from one template: each gets the identity the host
 /// gives it, and their kernels' RNG output differs after the reseed.
 #[test]
-#[ignore = "opt-in (--ignored): in 3 of ~12 runs on this PVM host the agent of one clone \
-            died (general protection fault on corrupted stack data in a tokio worker); \
-            cause not found yet, see README"]
 fn clones_of_one_template_get_their_own_rng_and_identity() {
     let _one = one_test_at_a_time();
     let (mut a, mut b) = std::thread::scope(|s| {
@@ -482,7 +479,7 @@ fn a_refilled_disk_slot_shows_the_new_image() {
             .to_string(),
         );
         assert!(reply.starts_with(r#"{"ok":true"#), "attach_disk: {reply}");
-        // RemoveContainer (inside run) returns only once /dev/vdc is free.
+        // The previous container was removed (inside run) before this attach.
         let r = vm.agent.run(&format!("which{i}"), "/dev/vdc", &spec);
         assert_eq!(
             r.exit_status,

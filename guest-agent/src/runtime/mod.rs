@@ -434,9 +434,7 @@ impl Runtime {
         if let Some(m) = mounted.clone() {
             undo.push(move || {
                 let mut m = m;
-                if let Err(e) = m.unmount() {
-                    log::warn!("{e}");
-                }
+                m.unmount();
             });
         }
 
@@ -465,9 +463,7 @@ impl Runtime {
             let m2 = m.clone();
             undo.push(move || {
                 let mut m = m2;
-                if let Err(e) = m.unmount() {
-                    log::warn!("{e}");
-                }
+                m.unmount();
             });
             mounted = Some(m);
         }
@@ -768,9 +764,7 @@ impl Runtime {
             }
         }
         if let Some(mut m) = c.rootfs.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            if let Err(e) = m.unmount() {
-                errors.push(e.to_string());
-            }
+            m.unmount();
         }
         rootfs::unmount_below(&c.dir);
         if let Err(e) = fs::remove_dir_all(&c.dir) {
@@ -863,9 +857,7 @@ impl Runtime {
         }
         let pre: Vec<MountedRootfs> = self.state().premounted.drain().map(|(_, m)| m).collect();
         for mut m in pre {
-            if let Err(e) = m.unmount() {
-                log::warn!("{e}");
-            }
+            m.unmount();
         }
     }
 

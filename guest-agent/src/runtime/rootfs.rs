@@ -3,9 +3,7 @@
 //! whose upper layer is a tmpfs, so the image itself is never written.
 
 use std::fs;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use serde::{Deserialize, Serialize};
@@ -20,41 +18,6 @@ pub struct MountedRootfs {
     pub merged: PathBuf,
     /// Mount points in mount order.
     pub mounts: Vec<PathBuf>,
-    /// The block device under the lower layer, when the image is one. The
-    /// host refills its disk slot with another image once the container is
-    /// gone, so it must be released (and its page cache dropped) first.
-    #[serde(default)]
-    pub device: Option<PathBuf>,
-}
-
-/// How long an unmounted device may stay busy before removal fails.
-const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Waits until nothing holds `dev` open exclusively (a mounted filesystem
-/// does), then opens and closes it: closing the last opener drops the
-/// device's page cache, so a new image in the same slot is read afresh.
-fn wait_released(dev: &Path, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_EXCL)
-            .open(dev)
-        {
-            Ok(_) => return Ok(()),
-            // Gone already: nothing can read stale data from it.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => {
-                return Err(Error::Internal(format!(
-                    "rootfs device {} is still in use after unmounting: {e}",
-                    dev.display()
-                )))
-            }
-        }
-    }
 }
 
 fn check_overlay_path(p: &Path, field: &str) -> Result<String> {
@@ -83,14 +46,11 @@ impl MountedRootfs {
         let mut done = MountedRootfs {
             merged: dir.join("rootfs"),
             mounts: Vec::new(),
-            device: None,
         };
         match done.mount_inner(dir, r) {
             Ok(()) => Ok(done),
             Err(e) => {
-                if let Err(e2) = done.unmount() {
-                    log::warn!("{e2}");
-                }
+                done.unmount();
                 Err(e)
             }
         }
@@ -129,7 +89,6 @@ impl MountedRootfs {
                 )
             })?;
             self.mounts.push(lower.clone());
-            self.device = Some(PathBuf::from(&r.source));
             lower
         };
         let scratch = dir.join("scratch");
@@ -167,17 +126,12 @@ impl MountedRootfs {
     }
 
     /// Unmounts everything (lazily: container namespaces may still hold
-    /// copies; unmount errors are only logged), then waits for the block
-    /// device to be released. Fails only if it is not.
-    pub fn unmount(&mut self) -> Result<()> {
+    /// copies); errors are logged, never fatal.
+    pub fn unmount(&mut self) {
         while let Some(m) = self.mounts.pop() {
             if let Err(e) = umount2(&m, MntFlags::MNT_DETACH) {
                 log::warn!("unmounting {}: {e}", m.display());
             }
-        }
-        match self.device.take() {
-            Some(dev) => wait_released(&dev, RELEASE_TIMEOUT),
-            None => Ok(()),
         }
     }
 }
