@@ -75,13 +75,8 @@ impl Agent {
 
     /// Sends 64 bytes from the host's RNG for the guest to mix in.
     pub fn add_entropy(&self) -> Result<()> {
-        let mut buf = vec![0u8; 64];
-        let mut f = std::fs::File::open("/dev/urandom")
-            .map_err(|e| Error::io("opening /dev/urandom", e))?;
-        std::io::Read::read_exact(&mut f, &mut buf)
-            .map_err(|e| Error::io("reading /dev/urandom", e))?;
         let mut r = agent::AddEntropyRequest::new();
-        r.data = buf;
+        r.data = host_random(64)?;
         self.client
             .add_entropy(self.ctx(), &r)
             .map(|_| ())
@@ -235,4 +230,14 @@ impl Agent {
             .get_events(ctx, &r)
             .map_err(|e| map_err("GetEvents", e))
     }
+}
+
+/// `len` bytes from the host's RNG.
+pub fn host_random(len: usize) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let mut f =
+        std::fs::File::open("/dev/urandom").map_err(|e| Error::io("opening /dev/urandom", e))?;
+    std::io::Read::read_exact(&mut f, &mut buf)
+        .map_err(|e| Error::io("reading /dev/urandom", e))?;
+    Ok(buf)
 }

@@ -131,6 +131,16 @@ impl RestoredVm {
     }
 }
 
+/// Puts `img` read-only into spare disk slot `slot` (slot 0 is /dev/vdb).
+fn attach(api: &Path, slot: u32, img: &Path) {
+    let reply = control(
+        api,
+        &serde_json::json!({"op": "attach_disk", "slot": slot, "path": img, "read_only": true})
+            .to_string(),
+    );
+    assert!(reply.starts_with(r#"{"ok":true"#), "attach_disk: {reply}");
+}
+
 fn restore() -> RestoredVm {
     let t = template();
     let tmp = tempfile::tempdir().unwrap();
@@ -169,14 +179,7 @@ fn restore() -> RestoredVm {
         health.protocol_version,
         thaw_agent_protocol::PROTOCOL_VERSION
     );
-    let reply = control(
-        &api,
-        &serde_json::json!({
-            "op": "attach_disk", "slot": 0, "path": t.busybox_img, "read_only": true
-        })
-        .to_string(),
-    );
-    assert!(reply.starts_with(r#"{"ok":true"#), "attach_disk: {reply}");
+    attach(&api, 0, &t.busybox_img);
     RestoredVm {
         _logs: logs,
         vmm,
@@ -471,14 +474,7 @@ fn a_refilled_disk_slot_shows_the_new_image() {
 
     let spec = agent::spec(&["cat", "/etc/which"]);
     for (i, img) in images.iter().enumerate() {
-        let reply = control(
-            &vm.api(),
-            &serde_json::json!({
-                "op": "attach_disk", "slot": 1, "path": img, "read_only": true
-            })
-            .to_string(),
-        );
-        assert!(reply.starts_with(r#"{"ok":true"#), "attach_disk: {reply}");
+        attach(&vm.api(), 1, img);
         // The previous container was removed (inside run) before this attach.
         let r = vm.agent.run(&format!("which{i}"), "/dev/vdc", &spec);
         assert_eq!(
@@ -516,12 +512,7 @@ fn disk_reads_in_a_restored_vm_are_intact_under_memory_pressure() {
         .collect();
     let img = dir.join("big.erofs");
     guest::erofs_image(&root, &img);
-    let reply = control(
-        &vm.api(),
-        &serde_json::json!({"op": "attach_disk", "slot": 1, "path": img, "read_only": true})
-            .to_string(),
-    );
-    assert!(reply.starts_with(r#"{"ok":true"#), "attach_disk: {reply}");
+    attach(&vm.api(), 1, &img);
 
     let mut spec = agent::spec(&["sh", "-c", "for i in 1 2 3; do sha256sum /noise; done"]);
     spec["linux"]["resources"] = serde_json::json!({"memory": {"limit": 16u64 << 20}});

@@ -118,10 +118,10 @@ fn guest_identity(id: &str) -> Result<(String, String)> {
     if hostname.is_empty() {
         hostname = "thaw".into();
     }
-    let mut raw = [0u8; 16];
-    let mut f = File::open("/dev/urandom").ctx(|| "opening /dev/urandom".into())?;
-    std::io::Read::read_exact(&mut f, &mut raw).ctx(|| "reading /dev/urandom".into())?;
-    let machine_id = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let machine_id = crate::agent::host_random(16)?
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     Ok((hostname, machine_id))
 }
 
