@@ -48,13 +48,6 @@ fn main() {
 fn run() -> Result<(), String> {
     let runs = count_from_env(RUNS_ENV, 20).map_err(|e| e.to_string())?;
     let cold_runs = count_from_env(COLD_RUNS_ENV, runs).map_err(|e| e.to_string())?;
-    // The harness only sets up the VM backend with THAW_E2E_VM=1. The guest
-    // root image is the agent image of guest-agent/build-rootfs.sh unless
-    // THAW_E2E_ROOT_IMAGE names another; set before anything reads them.
-    std::env::set_var("THAW_E2E_VM", "1");
-    if std::env::var_os("THAW_E2E_ROOT_IMAGE").is_none() {
-        std::env::set_var("THAW_E2E_ROOT_IMAGE", agent_root_image()?);
-    }
     let assets = vm_assets();
     // Debug builds for the harness's own needs; the measured binaries are
     // release builds.
@@ -173,16 +166,6 @@ fn release_binaries() -> Result<Release, String> {
 }
 
 /// The agent root image: the last line guest-agent/build-rootfs.sh prints.
-fn agent_root_image() -> Result<PathBuf, String> {
-    let script = workspace_root().join("guest-agent/build-rootfs.sh");
-    let out = cmd::run(&mut Command::new(&script), Duration::from_secs(1800));
-    let path = PathBuf::from(out.stdout.lines().last().unwrap_or_default().trim());
-    if !out.success() || !path.is_file() {
-        return Err(format!("build-rootfs.sh:\n{}", out.describe()));
-    }
-    Ok(path)
-}
-
 /// `thaw-vmm template build` with the shim's arguments (so the shim finds
 /// the same template): one cold boot, or the stored template at once.
 fn build_template(vmm: &Path, kernel: &Path, root: &Path, store: &Path) -> Result<PathBuf, String> {

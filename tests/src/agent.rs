@@ -5,7 +5,6 @@
 use std::io::Read;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -15,25 +14,9 @@ use thaw_agent_protocol::agent_ttrpc::AgentClient;
 use thaw_agent_protocol::transport::{host_socket_path, sync_client};
 use thaw_agent_protocol::{protobuf, ttrpc, FIRST_STDIO_PORT};
 
-use crate::binaries::workspace_root;
-use crate::cmd;
-
 /// The agent's root image: whatever the cached build script prints.
 pub fn root_image() -> PathBuf {
-    let script = workspace_root().join("guest-agent/build-rootfs.sh");
-    let out = cmd::run(&mut Command::new(&script), Duration::from_secs(1800));
-    assert!(
-        out.success(),
-        "agent root image build failed:\n{}",
-        out.describe()
-    );
-    let path = PathBuf::from(out.stdout.lines().last().unwrap_or_default().trim());
-    assert!(
-        path.is_file(),
-        "build-rootfs.sh printed no image path:\n{}",
-        out.describe()
-    );
-    path
+    crate::binaries::vm_assets().root_image.clone()
 }
 
 /// A busybox root filesystem: busybox-static and the applets the tests use.

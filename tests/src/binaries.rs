@@ -16,8 +16,7 @@ pub struct Binaries {
     /// Why the agent could not be built (it is another crate, possibly
     /// mid-change); tests that run it fail with this message.
     pub agent_error: Option<String>,
-    /// Only built when VM tests are enabled.
-    pub vmm: Option<PathBuf>,
+    pub vmm: PathBuf,
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -27,13 +26,24 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
+/// Whether everything was built before the tests started
+/// (`THAW_TEST_PREBUILT=1`, set by scripts/test.sh): then the harness runs
+/// no cargo and no build script, which matters inside the emulated-SVM
+/// guest, where a build would run 10-50x slower.
+pub fn prebuilt() -> bool {
+    std::env::var("THAW_TEST_PREBUILT").is_ok_and(|v| v == "1")
+}
+
 fn build(package: &str) -> Result<(), String> {
+    if prebuilt() {
+        return Ok(());
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut c = Command::new(cargo);
     c.current_dir(workspace_root())
@@ -51,13 +61,6 @@ fn build(package: &str) -> Result<(), String> {
     }
 }
 
-/// Whether end-to-end tests through a real VM are enabled.
-pub fn vm_tests_enabled() -> bool {
-    std::env::var("THAW_E2E_VM")
-        .map(|v| v == "1")
-        .unwrap_or(false)
-}
-
 /// Panics with the agent's build failure, for tests that run the agent.
 pub fn require_agent() {
     if let Some(e) = &binaries().agent_error {
@@ -65,73 +68,68 @@ pub fn require_agent() {
     }
 }
 
-/// Builds the shim and agent (and the VMM when VM tests are on) with the
-/// same cargo that runs the tests, once per process.
+/// Builds the shim, the agent and the VMM with the same cargo that runs
+/// the tests, once per process (or finds them prebuilt).
 pub fn binaries() -> &'static Binaries {
     static BINS: OnceLock<Binaries> = OnceLock::new();
     BINS.get_or_init(|| {
-        let vm = vm_tests_enabled();
         if let Err(e) = build("containerd-shim-thaw-v2") {
             panic!("{e}");
         }
         let agent_error = build("thaw-agent").err();
-        if vm {
-            if let Err(e) = build("thaw-vmm") {
-                panic!("THAW_E2E_VM=1 but {e}");
-            }
+        if let Err(e) = build("thaw-vmm") {
+            panic!("{e}");
         }
         let dir = target_dir().join("debug");
         let bins = Binaries {
             shim: dir.join("containerd-shim-thaw-v2"),
             agent: dir.join("thaw-agent"),
             agent_error,
-            vmm: vm.then(|| dir.join("thaw-vmm")),
+            vmm: dir.join("thaw-vmm"),
         };
-        assert!(bins.shim.exists(), "{} missing", bins.shim.display());
+        for b in [&bins.shim, &bins.vmm] {
+            assert!(b.exists(), "{} missing", b.display());
+        }
         bins
     })
 }
 
-/// The guest kernel and root image for VM tests: THAW_E2E_KERNEL and
-/// THAW_E2E_ROOT_IMAGE, or built here (the kernel with
-/// kernel-config/build.sh, cached; the root image as an erofs whose
-/// /sbin/init is a static thaw-agent).
+/// The guest kernel and root image for VM tests: `THAW_KERNEL` and
+/// `THAW_ROOT_IMAGE`, or what the cached build scripts print (the kernel
+/// from kernel-config/build.sh, the root image from
+/// guest-agent/build-rootfs.sh: the one recipe `make install` uses too).
 #[derive(Debug, Clone)]
 pub struct VmAssets {
     pub kernel: PathBuf,
     pub root_image: PathBuf,
 }
 
+/// Runs a build script that prints its product's path on its last line.
+fn built_by(script: &str, what: &str) -> PathBuf {
+    assert!(
+        !prebuilt(),
+        "THAW_TEST_PREBUILT=1 but the {what} is not given; scripts/test.sh sets it"
+    );
+    let out = cmd::run(
+        &mut Command::new(workspace_root().join(script)),
+        Duration::from_secs(3600),
+    );
+    assert!(out.success(), "building the {what}: {}", out.describe());
+    PathBuf::from(out.stdout.lines().last().unwrap_or("").trim())
+}
+
 pub fn vm_assets() -> &'static VmAssets {
     static ASSETS: OnceLock<VmAssets> = OnceLock::new();
     ASSETS.get_or_init(|| {
-        let kernel = match std::env::var_os("THAW_E2E_KERNEL") {
-            Some(k) => PathBuf::from(k),
-            None => {
-                let script = workspace_root().join("kernel-config/build.sh");
-                let out = cmd::run(&mut Command::new(&script), Duration::from_secs(3600));
-                assert!(
-                    out.success(),
-                    "building the guest kernel: {}",
-                    out.describe()
-                );
-                PathBuf::from(out.stdout.lines().last().unwrap_or("").trim())
-            }
-        };
-        assert!(
-            kernel.is_file(),
-            "guest kernel {} missing",
-            kernel.display()
-        );
-        let root_image = match std::env::var_os("THAW_E2E_ROOT_IMAGE") {
-            Some(r) => PathBuf::from(r),
-            None => build_root_image(),
-        };
-        assert!(
-            root_image.is_file(),
-            "guest root image {} missing",
-            root_image.display()
-        );
+        let kernel = std::env::var_os("THAW_KERNEL")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| built_by("kernel-config/build.sh", "guest kernel"));
+        let root_image = std::env::var_os("THAW_ROOT_IMAGE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| built_by("guest-agent/build-rootfs.sh", "guest root image"));
+        for (what, p) in [("guest kernel", &kernel), ("guest root image", &root_image)] {
+            assert!(p.is_file(), "{what} {} missing", p.display());
+        }
         VmAssets { kernel, root_image }
     })
 }
@@ -140,49 +138,4 @@ pub fn vm_assets() -> &'static VmAssets {
 /// kernel or root image gets a new one): one cold boot, then restores.
 pub fn template_store() -> PathBuf {
     target_dir().join("thaw-e2e/templates")
-}
-
-fn build_root_image() -> PathBuf {
-    let triple = "x86_64-unknown-linux-gnu";
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut c = Command::new(cargo);
-    c.current_dir(workspace_root())
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        // Release: the guest pages the agent in through an emulated kernel
-        // on slow hosts; a debug binary is ten times the size.
-        .args(["build", "--release", "-p", "thaw-agent", "--target", triple]);
-    let out = cmd::run(&mut c, Duration::from_secs(1800));
-    assert!(
-        out.success(),
-        "building the static agent: {}",
-        out.describe()
-    );
-    let agent = target_dir().join(triple).join("release/thaw-agent");
-    let dir = target_dir().join("thaw-e2e");
-    let image = dir.join("root.img");
-    // Reuse the image while the agent is unchanged, so VM templates built
-    // from it stay valid across test runs.
-    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    if let (Some(img), Some(ag)) = (mtime(&image), mtime(&agent)) {
-        if img > ag {
-            return image;
-        }
-    }
-    let root = dir.join("rootfs");
-    let _ = std::fs::remove_dir_all(&root);
-    for d in ["sbin", "proc", "sys", "dev", "run", "tmp", "etc", "mnt"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy(&agent, root.join("sbin/init")).unwrap();
-    let _ = std::fs::remove_file(&image);
-    let out = cmd::run(
-        Command::new("mkfs.erofs")
-            .arg("--quiet")
-            .arg("--all-root")
-            .arg(&image)
-            .arg(&root),
-        Duration::from_secs(300),
-    );
-    assert!(out.success(), "mkfs.erofs root image: {}", out.describe());
-    image
 }

@@ -29,7 +29,7 @@ pub const CONFIG_ENV: &str = "THAW_CONFIG";
 pub enum Backend {
     /// The agent runs as a host process: no VM, no isolation (tests only).
     Host,
-    /// A real micro-VM via thaw-vmm (needs THAW_E2E_VM=1 and VM assets).
+    /// A real micro-VM via thaw-vmm.
     Vm,
 }
 
@@ -73,10 +73,10 @@ pub fn host_config(state: &Path, agent: &Path) -> String {
 
 /// TOML for the shim with the VM backend.
 pub fn vm_config(state: &Path, vmm: &Path, kernel: &Path, root: &Path) -> String {
-    let boot = std::env::var("THAW_E2E_BOOT_TIMEOUT").unwrap_or_else(|_| "600".into());
+    let boot = std::env::var("THAW_TEST_BOOT_TIMEOUT").unwrap_or_else(|_| "600".into());
     // On PVM hosts every guest kernel instruction is emulated: creating a
     // container takes ~10 s on a quiet machine and minutes on a loaded one.
-    let agent = std::env::var("THAW_E2E_AGENT_TIMEOUT").unwrap_or_else(|_| "600".into());
+    let agent = std::env::var("THAW_TEST_AGENT_TIMEOUT").unwrap_or_else(|_| "600".into());
     format!(
         "backend = \"vm\"\nstate_dir = \"{}\"\nrun_dir = \"{}/run\"\nlog_level = \"debug\"\n\n[vm]\nvmm = \"{}\"\nkernel = \"{}\"\nroot_image = \"{}\"\nvcpus = 1\nmemory_mib = 256\nboot_timeout_secs = {boot}\nserial = \"console.log\"\ntemplate_store = \"{}\"\n\n[agent]\nrequest_timeout_secs = {agent}\n\n[image_cache]\nkeep_unused_mib = 64\n",
         state.display(),
@@ -114,20 +114,10 @@ impl PrivateContainerd {
 
         let base = match backend {
             Backend::Host => host_config(&thaw_state, &bins.agent),
-            // Without THAW_E2E_VM the VM backend is only used by tests that
-            // fail before a VM would start; they override these paths.
-            Backend::Vm => match &bins.vmm {
-                Some(vmm) => {
-                    let a = crate::binaries::vm_assets();
-                    vm_config(&thaw_state, vmm, &a.kernel, &a.root_image)
-                }
-                None => vm_config(
-                    &thaw_state,
-                    Path::new("/usr/local/bin/thaw-vmm"),
-                    Path::new("/usr/local/share/thaw/vmlinux"),
-                    Path::new("/usr/local/share/thaw/root.img"),
-                ),
-            },
+            Backend::Vm => {
+                let a = crate::binaries::vm_assets();
+                vm_config(&thaw_state, &bins.vmm, &a.kernel, &a.root_image)
+            }
         };
         let shim_config = dir.join("thaw.toml");
         fs::write(&shim_config, edit(base)).unwrap();

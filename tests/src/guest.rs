@@ -3,41 +3,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::binaries::workspace_root;
 use crate::cmd;
 
-/// The guest kernel: `$THAW_KERNEL`, else whatever the cached build script
-/// prints (it builds the kernel first if its inputs changed).
+/// The guest kernel (see [`crate::binaries::vm_assets`]).
 pub fn kernel() -> &'static Path {
-    static KERNEL: OnceLock<PathBuf> = OnceLock::new();
-    KERNEL.get_or_init(|| {
-        if let Some(k) = std::env::var_os("THAW_KERNEL") {
-            return PathBuf::from(k);
-        }
-        let script = workspace_root().join("kernel-config/build.sh");
-        let out = cmd::run(&mut Command::new(&script), Duration::from_secs(3600));
-        assert!(
-            out.success(),
-            "guest kernel build failed:\n{}",
-            out.describe()
-        );
-        let path = out
-            .stdout
-            .lines()
-            .last()
-            .unwrap_or_default()
-            .trim()
-            .to_string();
-        assert!(
-            Path::new(&path).is_file(),
-            "build.sh printed no kernel path:\n{}",
-            out.describe()
-        );
-        PathBuf::from(path)
-    })
+    &crate::binaries::vm_assets().kernel
 }
 
 /// Builds a binary of the workspace as a static executable for the guest.
@@ -95,26 +68,7 @@ pub fn root_dir_with_init(dir: &Path, init: &Path) {
 
 /// The `thaw-vmm` binary, built once per test process.
 pub fn vmm_binary() -> &'static Path {
-    static VMM: OnceLock<PathBuf> = OnceLock::new();
-    VMM.get_or_init(|| {
-        if let Some(p) = std::env::var_os("THAW_VMM") {
-            return PathBuf::from(p);
-        }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut c = Command::new(cargo);
-        c.current_dir(workspace_root())
-            .args(["build", "-p", "thaw-vmm"]);
-        let out = cmd::run(&mut c, Duration::from_secs(1800));
-        assert!(
-            out.success(),
-            "building thaw-vmm failed:\n{}",
-            out.describe()
-        );
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("target"));
-        target.join("debug/thaw-vmm")
-    })
+    &crate::binaries::binaries().vmm
 }
 
 /// FNV-1a, the hash the test init reports for the disk it read.

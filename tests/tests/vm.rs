@@ -1,16 +1,14 @@
 //! End to end through real micro-VMs: containerd -> shim -> thaw-vmm ->
 //! guest kernel -> thaw-agent (PID 1) -> container.
 //!
-//! Ignored unless THAW_E2E_VM=1 (at build time, see build.rs): they need
-//! KVM that runs guest user space (hardware VMX/SVM; on PVM hosts the
-//! guest's first system call fails, see PLATFORM.md), a guest kernel and a
-//! root image (THAW_E2E_KERNEL / THAW_E2E_ROOT_IMAGE, or built by the
-//! harness). `cargo test` lists them as ignored with that reason. THAW_E2E_BOOT_TIMEOUT (seconds, default 600) bounds the
-//! wait for the agent.
+//! Run on both test platforms by scripts/test.sh: this machine's KVM and
+//! the emulated-SVM guest. The guest kernel and root image come from
+//! THAW_KERNEL / THAW_ROOT_IMAGE or the cached build scripts;
+//! THAW_TEST_BOOT_TIMEOUT and THAW_TEST_AGENT_TIMEOUT (seconds, default 600)
+//! bound the waits for the agent.
 
 use std::time::{Duration, Instant};
 
-use thaw_tests::binaries::vm_tests_enabled;
 use thaw_tests::cmd::{self, wait_for};
 use thaw_tests::containerd::processes_matching;
 use thaw_tests::image::BUSYBOX_REF;
@@ -19,10 +17,6 @@ use thaw_tests::{Backend, PrivateContainerd};
 const RUN_TIMEOUT: Duration = Duration::from_secs(900);
 
 fn setup() -> PrivateContainerd {
-    assert!(
-        vm_tests_enabled(),
-        "built with thaw_e2e_vm but THAW_E2E_VM is not 1 now"
-    );
     let c = PrivateContainerd::start(Backend::Vm);
     c.import_busybox();
     c
@@ -46,10 +40,6 @@ fn task_status(c: &PrivateContainerd, id: &str) -> String {
 }
 
 #[test]
-#[cfg_attr(
-    not(thaw_e2e_vm),
-    ignore = "needs THAW_E2E_VM=1 and KVM that runs guest user space"
-)]
 fn vm_run_rm_output_and_exit_codes() {
     let c = setup();
     for (cmdline, code, text) in [
@@ -69,10 +59,6 @@ fn vm_run_rm_output_and_exit_codes() {
 }
 
 #[test]
-#[cfg_attr(
-    not(thaw_e2e_vm),
-    ignore = "needs THAW_E2E_VM=1 and KVM that runs guest user space"
-)]
 fn vm_exec_ps_metrics_pause_resume_kill() {
     let c = setup();
     let id = c.new_id("vmlife");
@@ -110,10 +96,6 @@ fn vm_exec_ps_metrics_pause_resume_kill() {
 }
 
 #[test]
-#[cfg_attr(
-    not(thaw_e2e_vm),
-    ignore = "needs THAW_E2E_VM=1 and KVM that runs guest user space"
-)]
 fn vm_kill_9_of_the_vmm_gives_exit_255_within_seconds() {
     let c = setup();
     let id = c.new_id("vmkill");
@@ -149,10 +131,6 @@ fn vm_kill_9_of_the_vmm_gives_exit_255_within_seconds() {
 }
 
 #[test]
-#[cfg_attr(
-    not(thaw_e2e_vm),
-    ignore = "needs THAW_E2E_VM=1 and KVM that runs guest user space"
-)]
 fn vm_oom_is_reported() {
     let c = setup();
     let mut events = c.ctr_cmd(&["events"]);
@@ -189,10 +167,6 @@ fn vm_oom_is_reported() {
 }
 
 #[test]
-#[cfg_attr(
-    not(thaw_e2e_vm),
-    ignore = "needs THAW_E2E_VM=1 and KVM that runs guest user space"
-)]
 fn vm_two_containers_get_two_vms() {
     let c = setup();
     let mut ids = Vec::new();

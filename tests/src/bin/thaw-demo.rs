@@ -42,8 +42,6 @@ fn run(
 }
 
 fn main() {
-    // The harness builds the VMM and the VM assets only when asked to.
-    std::env::set_var("THAW_E2E_VM", "1");
     let total = Instant::now();
     println!("thaw demo: building the shim, thaw-vmm, the agent root image and the guest kernel (cached after the first run)");
     let c = PrivateContainerd::start(Backend::Vm);
