@@ -70,6 +70,14 @@ pub struct VmConfig {
     pub templates: bool,
     /// Where templates are kept (`thaw-vmm template --store`).
     pub template_store: PathBuf,
+    /// Deadline of one template build (a cold boot until the agent is
+    /// ready, then the snapshot). Separate from `boot_timeout_secs`: a
+    /// build is paid once per shape, and on a slow host a boot can take
+    /// minutes.
+    pub template_build_timeout_secs: u64,
+    /// After a failed build, starts cold-boot at once for this long
+    /// instead of each paying another failed build first.
+    pub template_retry_secs: u64,
     /// Upper bounds for annotation overrides.
     pub max_vcpus: u32,
     pub max_memory_mib: u32,
@@ -139,6 +147,8 @@ impl Default for VmConfig {
             serial: "none".into(),
             templates: true,
             template_store: PathBuf::from("/var/lib/thaw/templates"),
+            template_build_timeout_secs: 600,
+            template_retry_secs: 600,
             max_vcpus: 8,
             max_memory_mib: 16384,
         }
@@ -268,6 +278,12 @@ impl Config {
         }
         if self.vm.boot_timeout_secs == 0 {
             return Err(("vm.boot_timeout_secs".into(), "must be > 0".into()));
+        }
+        if self.vm.template_build_timeout_secs == 0 {
+            return Err((
+                "vm.template_build_timeout_secs".into(),
+                "must be > 0".into(),
+            ));
         }
         if self.agent.request_timeout_secs == 0 {
             return Err(("agent.request_timeout_secs".into(), "must be > 0".into()));

@@ -36,8 +36,12 @@ use crate::stdio::{self, Bridges, StdioPaths};
 
 /// Exit status of processes whose sandbox died under them.
 pub const SANDBOX_DIED_STATUS: u32 = 255;
-/// How long an exit waits for the process's output to drain.
-const OUTPUT_GRACE: Duration = Duration::from_secs(5);
+/// An exit is published once the process's output reached EOF. It waits
+/// as long as the output keeps moving, so a slow host loses nothing; after
+/// this long without a byte moved (the client stopped reading, or the guest
+/// holds a stream open without writing) it is published anyway. The agent
+/// sends after an exit only what the process left in its pipes.
+const OUTPUT_IDLE: Duration = Duration::from_secs(30);
 /// How long the agent has to dial the stdio streams it was given.
 const STDIO_CONNECT: Duration = Duration::from_secs(20);
 /// Long-poll window for agent events.
@@ -85,6 +89,9 @@ struct Process {
     st: Mutex<ProcState>,
     cond: Condvar,
     bridges: Mutex<Option<Bridges>>,
+    /// Set by the first exit report: one waiter per process, however often
+    /// (or falsely) the guest reports it.
+    exit_seen: AtomicBool,
 }
 
 impl Process {
@@ -107,6 +114,7 @@ impl Process {
             }),
             cond: Condvar::new(),
             bridges: Mutex::new(Some(bridges)),
+            exit_seen: AtomicBool::new(false),
         })
     }
 
@@ -321,7 +329,7 @@ impl Inner {
     }
 
     /// Every process still running ends with status 255.
-    fn sandbox_died(&self, why: &str) {
+    fn sandbox_died(self: &Arc<Self>, why: &str) {
         log::error!("sandbox died, its tasks exit with {SANDBOX_DIED_STATUS}: {why}");
         let containers: Vec<_> = lock(&self.containers).values().cloned().collect();
         for c in containers {
@@ -331,23 +339,41 @@ impl Inner {
         }
     }
 
-    /// Records an exit once: waits (bounded) for the output to drain, then
-    /// wakes waiters and publishes TaskExit.
-    fn process_exited(&self, p: &Process, status: u32, at: Timestamp) {
-        if p.exited() {
+    /// A process ended: its exit is published once its output has reached
+    /// the client (see [`OUTPUT_IDLE`]), on a thread of its own so other
+    /// processes' events are not held up meanwhile.
+    fn process_exited(self: &Arc<Self>, p: &Arc<Process>, status: u32, at: Timestamp) {
+        if p.exited() || p.exit_seen.swap(true, Ordering::SeqCst) {
             return;
         }
-        let drained = lock(&p.bridges)
-            .as_ref()
-            .map(|b| b.wait_output(OUTPUT_GRACE))
-            .unwrap_or(true);
-        if !drained {
+        let (me, p2, at2) = (self.clone(), p.clone(), at.clone());
+        let waiter = move || {
+            let drained = lock(&p2.bridges)
+                .as_ref()
+                .map(|b| b.wait_output(OUTPUT_IDLE))
+                .unwrap_or(true);
+            if !drained {
+                log::warn!(
+                    "{}/{}: output stalled for {OUTPUT_IDLE:?} after exit; reporting the exit anyway",
+                    p2.container_id,
+                    p2.exec_id
+                );
+            }
+            me.publish_exit(&p2, status, at2);
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("exit".into())
+            .spawn(waiter)
+        {
             log::warn!(
-                "{}/{}: output still open {OUTPUT_GRACE:?} after exit; reporting the exit anyway",
-                p.container_id,
-                p.exec_id
+                "spawning the exit waiter: {e}; reporting the exit without waiting for output"
             );
+            self.publish_exit(p, status, at);
         }
+    }
+
+    /// Records an exit once, wakes waiters and publishes TaskExit.
+    fn publish_exit(&self, p: &Process, status: u32, at: Timestamp) {
         let mut st = lock(&p.st);
         if st.status == Status::STOPPED {
             return;
@@ -379,7 +405,7 @@ impl Inner {
         c.process(exec_id).ok()
     }
 
-    fn handle_agent_event(&self, e: &proto::Event) {
+    fn handle_agent_event(self: &Arc<Self>, e: &proto::Event) {
         match &e.kind {
             Some(proto::event::Kind::Exit(x)) => {
                 let Some(p) = self.find_process(&x.container_id, &x.exec_id) else {
@@ -698,7 +724,7 @@ impl Inner {
             // events may not have arrived yet.
             if !proc_.exited() {
                 proc_.stop_bridges();
-                self.process_exited(&proc_, 128 + libc::SIGKILL as u32, now());
+                self.publish_exit(&proc_, 128 + libc::SIGKILL as u32, now());
             }
             proc_.stop_bridges();
         }

@@ -4,9 +4,11 @@
 //!
 //! Every copy can be cancelled, so a client that stopped reading or a guest
 //! that never closes a stream cannot pin a thread or hang a delete. The
-//! output copies count themselves in `OutputDone`: an exit is published
-//! only after they finish (or a grace period passes), so `ctr` sees all
-//! output before the exit status.
+//! output copies count themselves and the bytes they move in `OutputDone`:
+//! an exit is published only after they finish, so `ctr` sees all output
+//! before the exit status. A slow host only makes that take longer; the
+//! wait gives up only when no byte has moved for a while (nobody reads, or
+//! the guest holds a stream open without writing).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -14,6 +16,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +25,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use crate::error::{Error, IoContext, Result};
 
 const BUF: usize = 64 * 1024;
+/// How often a wait for output looks whether bytes are still moving.
+const PROGRESS_CHECK: Duration = Duration::from_millis(100);
 
 /// The FIFO paths containerd gave for one process ("" = not wired).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -104,11 +109,12 @@ fn write_all_cancellable<W: Write + AsFd>(
     Ok(true)
 }
 
-/// Counts running output copies of one process.
+/// Counts running output copies of one process and the bytes they moved.
 #[derive(Debug, Default)]
 pub struct OutputDone {
     running: Mutex<usize>,
     cond: Condvar,
+    moved: AtomicU64,
 }
 
 impl OutputDone {
@@ -125,18 +131,30 @@ impl OutputDone {
         }
     }
 
-    /// Waits until every output copy ended; false after `timeout`.
-    pub fn wait(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+    fn moved(&self, n: usize) {
+        self.moved.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Waits until every output copy ended, for as long as they keep
+    /// moving bytes; false once none moved for `idle`.
+    pub fn wait(&self, idle: Duration) -> bool {
         let Ok(mut n) = self.running.lock() else {
             return false;
         };
+        let mut last = self.moved.load(Ordering::Relaxed);
+        let mut quiet_since = Instant::now();
         while *n > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let now = self.moved.load(Ordering::Relaxed);
+            if now != last {
+                last = now;
+                quiet_since = Instant::now();
+            }
+            let left = idle.saturating_sub(quiet_since.elapsed());
             if left.is_zero() {
                 return false;
             }
-            match self.cond.wait_timeout(n, left) {
+            // Wake up now and then to look at the byte count.
+            match self.cond.wait_timeout(n, left.min(PROGRESS_CHECK)) {
                 Ok((g, _)) => n = g,
                 Err(_) => return false,
             }
@@ -265,7 +283,7 @@ impl PendingStdio {
             let spawned = std::thread::Builder::new()
                 .name(name.into())
                 .spawn(move || {
-                    if let Err(e) = copy_output(s, fifo, &c) {
+                    if let Err(e) = copy_output(s, fifo, &c, &d) {
                         log::warn!("{name} copy ended: {e}");
                     }
                     d.finish();
@@ -369,7 +387,12 @@ fn copy_stdin(mut fifo: File, mut sock: UnixStream, cancel: &Cancel, stdin_cance
 }
 
 /// agent stream -> stdout/stderr FIFO, until the agent half-closes.
-fn copy_output(mut sock: UnixStream, mut fifo: File, cancel: &Cancel) -> io::Result<()> {
+fn copy_output(
+    mut sock: UnixStream,
+    mut fifo: File,
+    cancel: &Cancel,
+    done: &OutputDone,
+) -> io::Result<()> {
     let mut buf = vec![0u8; BUF];
     let mut fifo_ok = true;
     loop {
@@ -387,6 +410,7 @@ fn copy_output(mut sock: UnixStream, mut fifo: File, cancel: &Cancel) -> io::Res
                         }
                     }
                 }
+                done.moved(n);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if !wait_ready(&sock, PollFlags::POLLIN, cancel)? {
@@ -413,9 +437,10 @@ impl Bridges {
         self.stdin_cancel.cancel();
     }
 
-    /// Waits for stdout/stderr to reach EOF.
-    pub fn wait_output(&self, timeout: Duration) -> bool {
-        self.done.wait(timeout)
+    /// Waits for stdout/stderr to reach EOF while they keep moving; false
+    /// once nothing moved for `idle`.
+    pub fn wait_output(&self, idle: Duration) -> bool {
+        self.done.wait(idle)
     }
 
     /// Stops every copy now.
@@ -535,6 +560,42 @@ mod tests {
             bridges.wait_output(Duration::from_secs(2)),
             "cancel ends the copy"
         );
+    }
+
+    #[test]
+    fn slow_output_that_keeps_moving_is_waited_for_in_full() {
+        let f = fixture();
+        let uds = f.dir.path().join("v.sock");
+        let mut paths = f.paths.clone();
+        paths.stdin.clear();
+        paths.stderr.clear();
+        let pending = prepare(&paths, &uds, || 9).unwrap();
+        let mut reader = File::open(&paths.stdout).unwrap();
+        let mut g_out = dial(&uds, 9);
+        let bridges = pending.connect(Duration::from_secs(5)).unwrap();
+        // 20 chunks, 50 ms apart: a whole second, five idle windows long.
+        let w = std::thread::spawn(move || {
+            for i in 0..20u8 {
+                g_out.write_all(&[b'a' + i; 1000]).unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let r = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            reader.read_to_end(&mut got).unwrap();
+            got
+        });
+        let started = Instant::now();
+        assert!(
+            bridges.wait_output(Duration::from_millis(200)),
+            "gave up while bytes moved"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(900));
+        w.join().unwrap();
+        drop(bridges);
+        let got = r.join().unwrap();
+        assert_eq!(got.len(), 20_000);
+        assert_eq!(got[19_999], b'a' + 19);
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub fn command(vm: &VmConfig, paths: &VmPaths) -> Command {
 
 /// `thaw-vmm template build`: boots the template once (or finds it built)
 /// and prints its snapshot directory on the last line.
-pub fn template_build_command(vm: &VmConfig, timeout_secs: u64) -> Command {
+pub fn template_build_command(vm: &VmConfig) -> Command {
     let mut c = Command::new(&vm.vmm);
     c.arg("template")
         .arg("build")
@@ -69,7 +69,9 @@ pub fn template_build_command(vm: &VmConfig, timeout_secs: u64) -> Command {
         .arg("--memory-mib")
         .arg(vm.memory_mib.to_string())
         .arg("--timeout")
-        .arg(timeout_secs.to_string())
+        .arg(vm.template_build_timeout_secs.to_string())
+        .arg("--retry-after")
+        .arg(vm.template_retry_secs.to_string())
         .arg("--store")
         .arg(&vm.template_store);
     c
@@ -279,7 +281,7 @@ mod tests {
                 .collect::<Vec<_>>()
                 .join(" ")
         };
-        let b = args(template_build_command(&vm, 90));
+        let b = args(template_build_command(&vm));
         assert!(b.starts_with("template build --kernel"), "{b}");
         assert!(
             b.contains("--spare-disks 8") && b.contains("--timeout 90"),

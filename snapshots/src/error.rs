@@ -31,6 +31,13 @@ pub enum Error {
     Record { path: String, reason: String },
     #[error("building template {key}: {reason}")]
     Build { key: String, reason: String },
+    #[error("template {key} failed to build {age_secs} s ago and is not retried before {retry_after_secs} s: {reason}")]
+    RecentFailure {
+        key: String,
+        age_secs: u64,
+        retry_after_secs: u64,
+        reason: String,
+    },
 }
 
 /// Wraps an I/O error with what was being done and to which path.

@@ -10,12 +10,19 @@
 //! ```text
 //! <store>/<key>/{state,memory,template.json}   complete templates only
 //! <store>/<key>.lock                           flock taken while building/removing
+//! <store>/<key>.failed                         the last failed build: when and why
 //! <store>/.build-<key>-<pid>                   a build in progress (or a crashed one)
 //! <store>/.digests/<id>                        cached input file digests
 //! ```
 //! A build writes into its own temporary directory and renames it to
 //! `<key>` once complete, under the key's lock: readers never see half a
 //! template, and concurrent builders of one key build it once.
+//!
+//! A failed build is remembered: until the store's retry interval has
+//! passed, a build of that key fails at once with the recorded reason
+//! instead of booting again. On a host too slow to boot within the build's
+//! deadline, every sandbox start would otherwise pay a failed build before
+//! its cold boot.
 
 use crate::digest::{DigestCache, FileDigest};
 use crate::error::io;
@@ -23,7 +30,7 @@ use crate::Error;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -35,6 +42,9 @@ pub const DEFAULT_STORE: &str = "/var/lib/thaw/templates";
 /// The record of a template's inputs, next to its state and memory.
 pub const RECORD_FILE: &str = "template.json";
 const BUILD_PREFIX: &str = ".build-";
+const FAILED_SUFFIX: &str = ".failed";
+/// How long a failed build is remembered unless the store says otherwise.
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(600);
 const DIGEST_DIR: &str = ".digests";
 
 /// What a template is booted from. Paths are read for their contents; the
@@ -147,10 +157,26 @@ pub struct TemplateRecord {
     pub build_ms: u64,
 }
 
+/// `<key>.failed`: the last failed build of a key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureRecord {
+    /// Seconds since the Unix epoch.
+    pub failed_unix: u64,
+    pub reason: String,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// A directory of templates.
 #[derive(Clone, Debug)]
 pub struct Store {
     root: PathBuf,
+    retry_after: Duration,
 }
 
 /// Holds a key's flock until dropped (closing the file releases it).
@@ -158,7 +184,17 @@ struct KeyLock(#[allow(dead_code)] File);
 
 impl Store {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Store { root: root.into() }
+        Store {
+            root: root.into(),
+            retry_after: DEFAULT_RETRY_AFTER,
+        }
+    }
+
+    /// How long a failed build keeps others from building that key again
+    /// (zero: every build tries).
+    pub fn with_retry_after(mut self, retry_after: Duration) -> Self {
+        self.retry_after = retry_after;
+        self
     }
 
     /// The store at [`DEFAULT_STORE`].
@@ -224,6 +260,7 @@ impl Store {
         if let Some(dir) = self.get(key) {
             return Ok(dir);
         }
+        self.check_recent_failure(key)?;
         // Holding the lock, anything else for this key is debris of a
         // crashed build (or a half-removed template): clear it.
         self.remove_debris(key)?;
@@ -233,10 +270,60 @@ impl Store {
             .join(format!("{BUILD_PREFIX}{key}-{}", std::process::id()));
         std::fs::create_dir(&tmp).map_err(io("creating build directory", &tmp))?;
         let result = self.build_into(key, inputs, &tmp, builder);
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(&tmp);
+        match &result {
+            Ok(_) => {
+                let _ = std::fs::remove_file(self.failure_path(key));
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                self.record_failure(key, &e.to_string());
+            }
         }
         result
+    }
+
+    fn failure_path(&self, key: &TemplateKey) -> PathBuf {
+        self.root.join(format!("{key}{FAILED_SUFFIX}"))
+    }
+
+    /// The last failed build of `key`, if one is recorded.
+    pub fn failure(&self, key: &TemplateKey) -> Option<FailureRecord> {
+        let bytes = std::fs::read(self.failure_path(key)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Best effort: a record that cannot be written only costs a retry.
+    fn record_failure(&self, key: &TemplateKey, reason: &str) {
+        let record = FailureRecord {
+            failed_unix: unix_now(),
+            reason: reason.to_string(),
+        };
+        let path = self.failure_path(key);
+        let tmp = path.with_extension("failed.tmp");
+        let written = serde_json::to_vec(&record)
+            .ok()
+            .is_some_and(|json| std::fs::write(&tmp, json).is_ok())
+            && std::fs::rename(&tmp, &path).is_ok();
+        if !written {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+
+    /// Fails while a recorded failure is younger than the retry interval.
+    fn check_recent_failure(&self, key: &TemplateKey) -> Result<(), Error> {
+        let Some(f) = self.failure(key) else {
+            return Ok(());
+        };
+        let age_secs = unix_now().saturating_sub(f.failed_unix);
+        if Duration::from_secs(age_secs) < self.retry_after {
+            return Err(Error::RecentFailure {
+                key: key.to_string(),
+                age_secs,
+                retry_after_secs: self.retry_after.as_secs(),
+                reason: f.reason,
+            });
+        }
+        Ok(())
     }
 
     fn build_into<E: std::fmt::Display>(
@@ -275,10 +362,7 @@ impl Store {
             root_image_size: size(&inputs.root_image)?,
             thaw_version: env!("CARGO_PKG_VERSION").to_string(),
             format_version: FORMAT_VERSION,
-            created_unix: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            created_unix: unix_now(),
             build_ms,
         };
         let json = serde_json::to_vec_pretty(&record).map_err(|e| Error::Record {
@@ -357,7 +441,12 @@ impl Store {
     pub fn remove(&self, key: &TemplateKey) -> Result<(), Error> {
         let _lock = self.lock(key)?;
         let dir = self.dir(key);
+        let failure = self.failure_path(key);
+        let had_failure = std::fs::remove_file(&failure).is_ok();
         if !dir.exists() {
+            if had_failure {
+                return Ok(());
+            }
             return Err(Error::NotFound(key.to_string()));
         }
         let doomed = self
@@ -392,6 +481,20 @@ impl Store {
             if stale {
                 self.remove(&key)?;
                 removed.push(key);
+            }
+        }
+        // Failure records past their interval no longer hold anything back.
+        if let Ok(entries) = std::fs::read_dir(&self.root) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(key) = name.strip_suffix(FAILED_SUFFIX) else {
+                    continue;
+                };
+                if let Ok(key) = TemplateKey::parse(key) {
+                    if self.check_recent_failure(&key).is_ok() {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
             }
         }
         Ok(removed)
@@ -552,9 +655,10 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_build_leaves_nothing() {
+    fn a_failed_build_leaves_nothing_but_its_record() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = Store::new(tmp.path().join("store"));
+        // Every build tries: this test is about what a failure leaves.
+        let store = Store::new(tmp.path().join("store")).with_retry_after(Duration::ZERO);
         let inp = inputs(tmp.path());
         let key = TemplateKey::compute(&inp).unwrap();
 
@@ -568,11 +672,8 @@ mod tests {
             .to_string();
         assert!(e.contains("guest never became ready"), "{e}");
         assert_eq!(store.get(&key), None);
-        assert!(
-            store_entries(&store).is_empty(),
-            "{:?}",
-            store_entries(&store)
-        );
+        let failed = format!("{key}{FAILED_SUFFIX}");
+        assert_eq!(store_entries(&store), vec![failed.clone()]);
 
         // "Succeeds" without a memory file: refused, nothing published.
         let e = store
@@ -580,14 +681,68 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("no memory file"), "{e}");
-        assert!(store_entries(&store).is_empty());
+        assert_eq!(store_entries(&store), vec![failed]);
 
         // Debris of a crashed build is cleared by the next build.
         let debris = store.root().join(format!("{BUILD_PREFIX}{key}-99999"));
         std::fs::create_dir(&debris).unwrap();
         std::fs::write(debris.join(STATE_FILE), b"x").unwrap();
         store.build(&key, &inp, fake_builder).unwrap();
+        // A success forgets the failure.
         assert_eq!(store_entries(&store), vec![key.to_string()]);
+    }
+
+    #[test]
+    fn a_failed_build_is_not_retried_before_the_interval() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("store");
+        let store = Store::new(&root);
+        let inp = inputs(tmp.path());
+        let key = TemplateKey::compute(&inp).unwrap();
+        let e = store
+            .build(&key, &inp, |_| Err("the guest was not ready before the deadline"))
+            .unwrap_err();
+        assert!(matches!(e, Error::Build { .. }), "{e}");
+        let rec = store.failure(&key).expect("failure recorded");
+        assert!(rec.reason.contains("not ready before the deadline"), "{rec:?}");
+
+        // Within the interval: refused at once, naming the first failure.
+        let ran = AtomicUsize::new(0);
+        let e = store
+            .build(&key, &inp, |_| {
+                ran.fetch_add(1, Ordering::SeqCst);
+                Err("must not run")
+            })
+            .unwrap_err();
+        assert_eq!(ran.load(Ordering::SeqCst), 0, "the builder ran again");
+        match &e {
+            Error::RecentFailure {
+                reason,
+                retry_after_secs,
+                ..
+            } => {
+                assert!(reason.contains("not ready before the deadline"), "{e}");
+                assert_eq!(*retry_after_secs, DEFAULT_RETRY_AFTER.as_secs());
+            }
+            other => panic!("expected RecentFailure, got {other}"),
+        }
+
+        // After the interval (here: none) the next build tries, and its
+        // success clears the record.
+        let store = Store::new(&root).with_retry_after(Duration::ZERO);
+        store.build(&key, &inp, fake_builder).unwrap();
+        assert_eq!(store.failure(&key), None);
+
+        // `rm` of a key that only failed clears the record too.
+        let other = TemplateInputs {
+            vcpus: 2,
+            ..inputs(tmp.path())
+        };
+        let k2 = TemplateKey::compute(&other).unwrap();
+        let _ = store.build(&k2, &other, |_| Err("no"));
+        assert!(store.failure(&k2).is_some());
+        store.remove(&k2).unwrap();
+        assert_eq!(store.failure(&k2), None);
     }
 
     #[test]

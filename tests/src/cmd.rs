@@ -37,6 +37,33 @@ impl Output {
             self.stderr
         )
     }
+
+    /// Like [`Output::describe`], with long output cut to its ends.
+    pub fn describe_short(&self) -> String {
+        fn cut(s: &str) -> String {
+            if s.len() <= 4096 {
+                return s.to_string();
+            }
+            let head = s.char_indices().nth(2048).map_or(s.len(), |(i, _)| i);
+            let tail = s.char_indices().rev().nth(2047).map_or(0, |(i, _)| i);
+            format!(
+                "{}\n[... {} bytes ...]\n{}",
+                &s[..head],
+                s.len(),
+                &s[tail..]
+            )
+        }
+        format!(
+            "exit={:?} timed_out={} elapsed={:?}\n--- stdout ({} bytes) ---\n{}\n--- stderr ({} bytes) ---\n{}",
+            self.code(),
+            self.timed_out,
+            self.elapsed,
+            self.stdout.len(),
+            cut(&self.stdout),
+            self.stderr.len(),
+            cut(&self.stderr)
+        )
+    }
 }
 
 fn drain<R: Read + Send + 'static>(r: Option<R>) -> thread::JoinHandle<String> {

@@ -193,3 +193,216 @@ fn vm_two_containers_get_two_vms() {
     }
     c.assert_no_leaks();
 }
+
+/// The output of a process arrives in full before its exit status, however
+/// slow the host: 2 MB on stdout and 300 kB on stderr, exact. (On a slow
+/// host an earlier shim reported the exit after a fixed grace period and
+/// lost the rest: 1,585,152 of 2,000,000 bytes.)
+#[test]
+fn vm_large_output_arrives_in_full_before_the_exit() {
+    let c = setup();
+    let id = c.new_id("vmbig");
+    let mut args = c.run_args(&["--rm"]);
+    args.extend([
+        BUSYBOX_REF,
+        id.as_str(),
+        "sh",
+        "-c",
+        "yes x | head -c 2000000; yes e | head -c 300000 >&2; exit 6",
+    ]);
+    let out = c.ctr_timeout(&args, RUN_TIMEOUT);
+    assert_eq!(out.code(), Some(6), "{}", out.describe_short());
+    assert_eq!(out.stdout.len(), 2_000_000, "stdout bytes");
+    assert!(out.stdout.bytes().step_by(2).all(|b| b == b'x'));
+    assert_eq!(out.stderr.len(), 300_000, "stderr bytes");
+    c.assert_no_leaks();
+}
+
+/// An exec whose shell leaves a child behind that keeps writing (and keeps
+/// its stdout open) still returns with the shell's status and output.
+#[test]
+fn vm_exec_with_a_lingering_writer_returns_its_status() {
+    let c = setup();
+    let id = c.new_id("vmlinger");
+    let mut args = c.run_args(&["-d"]);
+    args.extend([BUSYBOX_REF, id.as_str(), "sleep", "600"]);
+    let out = c.ctr_timeout(&args, RUN_TIMEOUT);
+    assert!(out.success(), "{}", out.describe());
+    let started = Instant::now();
+    let out = c.ctr_timeout(
+        &[
+            "tasks",
+            "exec",
+            "--exec-id",
+            "linger",
+            &id,
+            "sh",
+            "-c",
+            "(while :; do echo child; sleep 0.2; done) & echo parent-done; exit 3",
+        ],
+        RUN_TIMEOUT,
+    );
+    assert_eq!(out.code(), Some(3), "{}", out.describe());
+    assert!(out.stdout.contains("parent-done"), "{}", out.describe());
+    eprintln!(
+        "exec with a lingering writer returned after {:?}",
+        started.elapsed()
+    );
+    assert!(c.ctr(&["tasks", "kill", "-s", "SIGKILL", &id]).success());
+    wait_for(Duration::from_secs(60), || {
+        (task_status(&c, &id) == "STOPPED").then_some(())
+    })
+    .expect("SIGKILL did not stop the task");
+    assert!(c.ctr(&["tasks", "delete", &id]).success());
+    assert!(c.ctr(&["containers", "delete", &id]).success());
+    c.assert_no_leaks();
+}
+
+/// Bytes written to `ctr run`'s stdin reach the process in the VM, and its
+/// EOF ends `cat`.
+#[test]
+fn vm_stdin_reaches_the_container_and_eof_ends_it() {
+    use std::io::Write;
+    let c = setup();
+    let id = c.new_id("vmstdin");
+    let mut args = c.run_args(&["--rm"]);
+    args.extend([BUSYBOX_REF, id.as_str(), "sh", "-c", "cat; echo eof-seen"]);
+    let mut cmd = c.ctr_cmd(&args);
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let start = Instant::now();
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input: Vec<u8> = (0..100_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let expected = String::from_utf8(input.clone()).unwrap();
+    let writer = std::thread::spawn(move || {
+        stdin.write_all(&input).unwrap();
+    });
+    let out = cmd::wait_with_deadline(child, start, RUN_TIMEOUT);
+    writer.join().unwrap();
+    assert_eq!(out.code(), Some(0), "{}", out.describe_short());
+    assert_eq!(
+        out.stdout,
+        format!("{expected}eof-seen\n"),
+        "{}",
+        out.describe_short()
+    );
+    c.assert_no_leaks();
+}
+
+/// `ctr run -t`: the process in the VM has a terminal of the client's
+/// size, and its output and exit status come back through it.
+#[test]
+fn vm_tty_run_gets_a_terminal() {
+    use std::io::Read;
+    let c = setup();
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let ws = libc::winsize {
+        ws_row: 33,
+        ws_col: 101,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer.
+    assert_eq!(
+        unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&pty.slave),
+                libc::TIOCSWINSZ,
+                &ws,
+            )
+        },
+        0
+    );
+    let id = c.new_id("vmtty");
+    let mut args = c.run_args(&["--rm", "-t"]);
+    args.extend([
+        BUSYBOX_REF,
+        id.as_str(),
+        "sh",
+        "-c",
+        "test -t 0 && test -t 1 && echo IS-A-TTY; stty size; exit 7",
+    ]);
+    let mut cmd = c.ctr_cmd(&args);
+    let slave = std::fs::File::from(pty.slave);
+    cmd.stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave);
+    let start = Instant::now();
+    let child = cmd.spawn().unwrap();
+    let mut master = std::fs::File::from(pty.master);
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    let out = cmd::wait_with_deadline(child, start, RUN_TIMEOUT);
+    drop(cmd);
+    let text = reader.join().unwrap();
+    assert_eq!(
+        out.code(),
+        Some(7),
+        "{}\n--- tty ---\n{text}",
+        out.describe()
+    );
+    assert!(text.contains("IS-A-TTY"), "tty output: {text:?}");
+    assert!(text.contains("33 101"), "terminal size: {text:?}");
+    c.assert_no_leaks();
+}
+
+/// A template build that cannot finish in time (here a 1 s deadline) is
+/// remembered: the start cold-boots and returns the container's own exit
+/// status, and the next start cold-boots at once instead of trying the
+/// build again.
+#[test]
+fn vm_failed_template_build_falls_back_to_a_cold_boot_with_the_containers_status() {
+    let store = tempfile::tempdir().unwrap();
+    let store_line = format!("template_store = \"{}\"", store.path().display());
+    let c = PrivateContainerd::start_with(Backend::Vm, |cfg| {
+        let cfg: String = cfg
+            .lines()
+            .map(|l| {
+                if l.starts_with("template_store") {
+                    format!("{store_line}\ntemplate_build_timeout_secs = 1\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        assert!(cfg.contains("template_build_timeout_secs = 1"), "{cfg}");
+        cfg
+    });
+    c.import_busybox();
+    for round in 0..2 {
+        let id = c.new_id("vmcold");
+        let mut args = c.run_args(&["--rm"]);
+        args.extend([BUSYBOX_REF, id.as_str(), "sh", "-c", "echo cold-$((3+4)); exit 7"]);
+        let out = c.ctr_timeout(&args, RUN_TIMEOUT);
+        assert_eq!(out.code(), Some(7), "round {round}: {}", out.describe());
+        assert!(out.stdout.contains("cold-7"), "round {round}: {}", out.describe());
+    }
+    let entries: Vec<String> = std::fs::read_dir(store.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".lock") && !n.starts_with(".digests"))
+        .collect();
+    assert!(
+        entries.len() == 1 && entries[0].ends_with(".failed"),
+        "expected only a failure record in the store: {entries:?}"
+    );
+    let log = c.containerd_log();
+    assert_eq!(
+        log.matches("not retried before").count(),
+        1,
+        "the second start should skip the build, naming the first failure:\n{}",
+        thaw_tests::containerd::tail(&log, 80)
+    );
+    c.assert_no_leaks();
+}

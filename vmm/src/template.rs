@@ -337,6 +337,8 @@ options (build):
   --ready-port P         vsock port the guest dials when ready
                          (default 1024 for agent, 1234 for test-init)
   --timeout SECS         give up on the build after this long (default 300)
+  --retry-after SECS     after a failed build, fail at once with its reason
+                         for this long instead of booting again (default 600)
   --store DIR            template store (default /var/lib/thaw/templates)";
 
 #[derive(Debug, PartialEq)]
@@ -378,6 +380,7 @@ fn parse(args: &[String]) -> Result<(Subcommand, Store), UsageError> {
         return Err(UsageError::Help);
     }
     let mut store = PathBuf::from(DEFAULT_STORE);
+    let mut retry_after = thaw_snapshots::template::DEFAULT_RETRY_AFTER.as_secs();
     let (mut kernel, mut root) = (None, None);
     let (mut vcpus, mut memory_mib, mut spare_disks) = (1u8, 256u32, 0u8);
     let (mut probe, mut ready_port, mut timeout) = (ReadyProbe::Agent, None, 300u64);
@@ -401,6 +404,7 @@ fn parse(args: &[String]) -> Result<(Subcommand, Store), UsageError> {
             "--ready",
             "--ready-port",
             "--timeout",
+            "--retry-after",
         ];
         if opt != "--store" && !(build && build_only.contains(&opt.as_str())) {
             return Err(usage(format!("unknown option {opt} for template {verb}")));
@@ -417,6 +421,7 @@ fn parse(args: &[String]) -> Result<(Subcommand, Store), UsageError> {
             "--memory-mib" => memory_mib = number(opt, value)?,
             "--ready-port" => ready_port = Some(number(opt, value)?),
             "--timeout" => timeout = number(opt, value)?,
+            "--retry-after" => retry_after = number(opt, value)?,
             "--ready" => {
                 probe = match value.as_str() {
                     "agent" => ReadyProbe::Agent,
@@ -431,7 +436,7 @@ fn parse(args: &[String]) -> Result<(Subcommand, Store), UsageError> {
             _ => return Err(usage(format!("unknown option {opt}"))),
         }
     }
-    let store = Store::new(store);
+    let store = Store::new(store).with_retry_after(Duration::from_secs(retry_after));
     let no_positional = |positional: &[String]| match positional.first() {
         Some(p) => Err(usage(format!(
             "unexpected argument {p:?} for template {verb}"

@@ -277,7 +277,7 @@ impl Runtime {
                 (None, Some(m)) => dup(m)?,
                 (None, None) => continue,
             };
-            let h = stdio::spawn_output(name, src, dst, exit_r.clone())
+            let h = stdio::spawn_output(name, src, dst, exit_r.clone(), io.output_moved.clone())
                 .map_err(|e| Error::io("starting output pump", e))?;
             io.outputs.push(h);
         }

@@ -4,7 +4,7 @@
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -42,6 +42,9 @@ pub enum Status {
 #[derive(Default)]
 pub struct Io {
     pub outputs: Vec<JoinHandle<()>>,
+    /// Bytes the output pumps moved so far: how an exit tells a slow host
+    /// (still reading, so keep waiting) from one that stopped reading.
+    pub output_moved: Arc<AtomicU64>,
     pub inputs: Vec<JoinHandle<()>>,
     /// Dropped at exit: tells the output pumps to drain and stop.
     pub exit_signal: Option<OwnedFd>,
@@ -62,9 +65,32 @@ pub struct Proc {
     pub io: Mutex<Io>,
 }
 
-/// Output still flowing this long after the exit is abandoned, so a
-/// stuck host stream cannot hold the exit back forever.
-const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+/// An exit waits for its output as long as the output keeps moving; after
+/// this long without a byte moved (the host stopped reading) it is
+/// published anyway. What it waits for is bounded: the bytes the process
+/// left in its pipes (see stdio.rs).
+const OUTPUT_IDLE: Duration = Duration::from_secs(30);
+
+/// Joins the output pumps; gives up (false) once `moved` has not grown for
+/// `idle`.
+fn wait_while_moving(outputs: Vec<JoinHandle<()>>, moved: &AtomicU64, idle: Duration) -> bool {
+    let mut last = moved.load(Ordering::Relaxed);
+    let mut quiet_since = Instant::now();
+    for h in outputs {
+        while !h.is_finished() {
+            let now = moved.load(Ordering::Relaxed);
+            if now != last {
+                last = now;
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() >= idle {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = h.join();
+    }
+    true
+}
 
 impl Proc {
     pub fn new(container_id: &str, exec_id: &str) -> Arc<Proc> {
@@ -131,26 +157,22 @@ impl Proc {
         self.reaped.store(true, Ordering::SeqCst);
         let me = self.clone();
         let finish = move || {
-            let (outputs, signal) = {
+            let (outputs, signal, moved) = {
                 let mut io = me.io();
-                (std::mem::take(&mut io.outputs), io.exit_signal.take())
+                (
+                    std::mem::take(&mut io.outputs),
+                    io.exit_signal.take(),
+                    io.output_moved.clone(),
+                )
             };
             drop(signal);
-            let deadline = Instant::now() + DRAIN_LIMIT;
-            for h in outputs {
-                while !h.is_finished() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                if h.is_finished() {
-                    let _ = h.join();
-                } else {
-                    log::warn!(
-                        "{}/{}: output still not drained {} s after exit; reporting exit anyway",
-                        me.container_id,
-                        me.exec_id,
-                        DRAIN_LIMIT.as_secs()
-                    );
-                }
+            if !wait_while_moving(outputs, &moved, OUTPUT_IDLE) {
+                log::warn!(
+                    "{}/{}: output stalled for {} s after exit (the host is not reading); reporting the exit anyway",
+                    me.container_id,
+                    me.exec_id,
+                    OUTPUT_IDLE.as_secs()
+                );
             }
             if let Some(s) = me.io().stdin_ctl.take() {
                 let _ = s.shutdown(Shutdown::Both);

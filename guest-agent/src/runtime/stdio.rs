@@ -1,13 +1,17 @@
 //! Copies a process's stdio between its pipes (or tty) and the host streams.
 //!
-//! Output is drained after exit: once the process is reaped, each output
-//! pump reads what is left in its pipe without waiting for writers that
-//! outlive the process (daemonized children), then half-closes its stream.
-//! The exit is published only after every output pump has finished.
+//! Output after exit is bounded by what the process left behind: once the
+//! process is reaped, each output pump forwards the bytes that were waiting
+//! in its pipe at that moment (FIONREAD) and then half-closes its stream, so
+//! a daemonized child that inherited the pipe can neither hold the stream
+//! open nor extend it. The exit is published only after every output pump
+//! has finished, or once the pumps stopped moving bytes for a while (a host
+//! that does not read); a slow host that keeps reading loses nothing.
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -17,6 +21,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use crate::host::HostStream;
 
 const BUF: usize = 64 * 1024;
+/// How long a tty's output may trail the reap of its process.
+const TTY_SETTLE_MS: u16 = 100;
 
 /// Becomes readable (EOF) when the process has exited: the write end is
 /// dropped by the exit handler.
@@ -36,22 +42,25 @@ fn read_fd(fd: &OwnedFd, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// Writes to the host unless it has gone away; output is then discarded so
-/// the process never blocks on a dead stream.
-fn forward(dst: &mut Option<HostStream>, data: &[u8], name: &str) {
+/// the process never blocks on a dead stream. Counts what it moved.
+fn forward(dst: &mut Option<HostStream>, data: &[u8], name: &str, moved: &AtomicU64) {
     if let Some(s) = dst {
         if let Err(e) = s.write_all(data) {
             log::warn!("{name}: host stream write failed, discarding further output: {e}");
             *dst = None;
         }
     }
+    moved.fetch_add(data.len() as u64, Ordering::Relaxed);
 }
 
-/// Starts copying `src` (a pipe read end or a tty master) to `dst`.
+/// Starts copying `src` (a pipe read end or a tty master) to `dst`, adding
+/// every byte it moves to `moved`.
 pub fn spawn_output(
     name: String,
     src: OwnedFd,
     dst: HostStream,
     exited: Arc<OwnedFd>,
+    moved: Arc<AtomicU64>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("out-{name}"))
@@ -71,20 +80,19 @@ pub fn spawn_output(
                         break;
                     }
                 }
-                let src_ready = fds[0].any().unwrap_or(false);
-                let exit_ready = fds[1].any().unwrap_or(false);
-                if src_ready {
+                // The exit first: a child that outlives the process and
+                // keeps writing must not keep this loop going.
+                if fds[1].any().unwrap_or(false) {
+                    drain_after_exit(&src, &mut dst, &mut buf, &name, &moved);
+                    break;
+                }
+                if fds[0].any().unwrap_or(false) {
                     match read_fd(&src, &mut buf) {
                         Ok(0) => break,
-                        Ok(n) => forward(&mut dst, &buf[..n], &name),
+                        Ok(n) => forward(&mut dst, &buf[..n], &name, &moved),
                         // A tty master reads EIO once every slave is closed.
                         Err(_) => break,
                     }
-                    continue;
-                }
-                if exit_ready {
-                    drain(&src, &mut dst, &mut buf, &name);
-                    break;
                 }
             }
             if let Some(s) = &dst {
@@ -93,15 +101,60 @@ pub fn spawn_output(
         })
 }
 
-/// Reads whatever is buffered without waiting for more.
-fn drain(src: &OwnedFd, dst: &mut Option<HostStream>, buf: &mut [u8], name: &str) {
+/// Bytes waiting to be read from a pipe or tty master.
+fn pending_bytes(fd: &OwnedFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which is valid.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if r < 0 {
+        0
+    } else {
+        n.max(0) as usize
+    }
+}
+
+/// Forwards what the exited process left in `src`: the bytes pending at
+/// this moment, and no more.
+fn drain_after_exit(
+    src: &OwnedFd,
+    dst: &mut Option<HostStream>,
+    buf: &mut [u8],
+    name: &str,
+    moved: &AtomicU64,
+) {
+    let mut left = pending_bytes(src);
     if fcntl(src.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).is_err() {
         return;
     }
-    loop {
-        match read_fd(src, buf) {
+    while left > 0 {
+        let want = left.min(buf.len());
+        match read_fd(src, &mut buf[..want]) {
             Ok(0) | Err(_) => return,
-            Ok(n) => forward(dst, &buf[..n], name),
+            Ok(n) => {
+                forward(dst, &buf[..n], name, moved);
+                left -= n;
+            }
+        }
+    }
+    // A tty hands the slave's last bytes to the master asynchronously (the
+    // flip buffer): they may arrive just after the reap. Take what comes
+    // within a short quiet period, up to one buffer more.
+    if nix::unistd::isatty(src.as_raw_fd()).unwrap_or(false) {
+        let mut extra = buf.len();
+        while extra > 0 {
+            let mut fds = [PollFd::new(src.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(TTY_SETTLE_MS)) {
+                Ok(n) if n > 0 => {}
+                _ => return,
+            }
+            let want = extra.min(buf.len());
+            match read_fd(src, &mut buf[..want]) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    forward(dst, &buf[..n], name, moved);
+                    extra -= n;
+                }
+            }
         }
     }
 }

@@ -14,7 +14,6 @@ use crate::vmm_client::{self, VmPaths, VmmClient};
 
 pub struct VmBackend {
     vm: VmConfig,
-    boot_timeout_secs: u64,
     api_sock: std::sync::Mutex<Option<std::path::PathBuf>>,
     /// The template snapshot to restore, when there is one.
     template: std::sync::Mutex<Option<std::path::PathBuf>>,
@@ -23,7 +22,6 @@ pub struct VmBackend {
 impl VmBackend {
     pub fn new(vm: VmConfig) -> Self {
         VmBackend {
-            boot_timeout_secs: vm.boot_timeout_secs,
             vm,
             api_sock: std::sync::Mutex::new(None),
             template: std::sync::Mutex::new(None),
@@ -42,9 +40,11 @@ impl VmBackend {
             );
             return None;
         }
-        let mut cmd = vmm_client::template_build_command(&self.vm, self.boot_timeout_secs);
+        let mut cmd = vmm_client::template_build_command(&self.vm);
         let started = std::time::Instant::now();
-        let wait = Duration::from_secs(self.boot_timeout_secs + 30);
+        // A build of the same key by another start holds the key's lock
+        // until its own deadline: wait for that one and then ours.
+        let wait = Duration::from_secs(2 * self.vm.template_build_timeout_secs + 60);
         match crate::child::run(&mut cmd, wait) {
             Ok(f) if f.code == 0 => {
                 let dir = f.stdout.lines().last().unwrap_or("").trim().to_string();
