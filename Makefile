@@ -15,7 +15,7 @@ build: deps
 
 # Builds everything, starts a private containerd, runs containers in thaw
 # micro-VMs and prints what it did and how long it took.
-demo: deps kernel
+demo: deps
 	bash scripts/demo.sh
 
 # Every test suite, each timed, on both platforms: this machine's KVM and

@@ -42,6 +42,10 @@ suites=(
     "vmm_template|host|thaw-tests:vmm_template"
     "agent_vm|host|thaw-tests:agent_vm"
     "vm|host|thaw-tests:vm"
+    "vmm_boot|svm|thaw-tests:vmm_boot"
+    "vmm_snapshot|svm|thaw-tests:vmm_snapshot"
+    "vmm_template|svm|thaw-tests:vmm_template"
+    "agent_vm|svm|thaw-tests:agent_vm"
     "vm|svm|thaw-tests:vm"
 )
 
@@ -80,6 +84,7 @@ for line in sys.stdin:
     print(pkg, target, m["executable"], os.path.dirname(m["manifest_path"]), sep="\t")' > "$list.tmp"
     mv "$list.tmp" "$list"
     THAW_ROOT_IMAGE=$(guest-agent/build-rootfs.sh)
+    tests/build-static.sh thaw-test-init thaw-test-init >/dev/null
     printf 'THAW_KERNEL=%s\nTHAW_ROOT_IMAGE=%s\n' "$THAW_KERNEL" "$THAW_ROOT_IMAGE" > "$logs/assets"
 ) 2>&1 | tee "$build_log"
 if [ "${PIPESTATUS[0]}" != 0 ]; then

@@ -700,11 +700,16 @@ mod tests {
         let inp = inputs(tmp.path());
         let key = TemplateKey::compute(&inp).unwrap();
         let e = store
-            .build(&key, &inp, |_| Err("the guest was not ready before the deadline"))
+            .build(&key, &inp, |_| {
+                Err("the guest was not ready before the deadline")
+            })
             .unwrap_err();
         assert!(matches!(e, Error::Build { .. }), "{e}");
         let rec = store.failure(&key).expect("failure recorded");
-        assert!(rec.reason.contains("not ready before the deadline"), "{rec:?}");
+        assert!(
+            rec.reason.contains("not ready before the deadline"),
+            "{rec:?}"
+        );
 
         // Within the interval: refused at once, naming the first failure.
         let ran = AtomicUsize::new(0);

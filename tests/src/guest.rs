@@ -13,35 +13,27 @@ pub fn kernel() -> &'static Path {
     &crate::binaries::vm_assets().kernel
 }
 
-/// Builds a binary of the workspace as a static executable for the guest.
-/// A separate target dir keeps its lock and flags apart from the test run's.
+/// A binary of the workspace as a static executable for the guest, built
+/// by tests/build-static.sh (or, with THAW_TEST_PREBUILT=1, where that
+/// script puts it).
 pub fn static_binary(package: &str, bin: &str) -> PathBuf {
-    let target_dir = workspace_root().join("target/guest");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut c = Command::new(cargo);
-    c.current_dir(workspace_root())
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-            "-p",
-            package,
-            "--bin",
-            bin,
-        ]);
-    let out = cmd::run(&mut c, Duration::from_secs(1800));
-    assert!(
-        out.success(),
-        "static build of {bin} failed:\n{}",
-        out.describe()
-    );
-    let path = target_dir
-        .join("x86_64-unknown-linux-gnu/release")
+    let path = workspace_root()
+        .join("target/guest/x86_64-unknown-linux-gnu/release")
         .join(bin);
-    assert!(path.is_file(), "{} missing after build", path.display());
+    if !crate::binaries::prebuilt() {
+        let out = cmd::run(
+            Command::new(workspace_root().join("tests/build-static.sh"))
+                .arg(package)
+                .arg(bin),
+            Duration::from_secs(1800),
+        );
+        assert!(
+            out.success(),
+            "static build of {bin} failed:\n{}",
+            out.describe()
+        );
+    }
+    assert!(path.is_file(), "{} missing", path.display());
     path
 }
 

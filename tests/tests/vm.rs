@@ -383,10 +383,20 @@ fn vm_failed_template_build_falls_back_to_a_cold_boot_with_the_containers_status
     for round in 0..2 {
         let id = c.new_id("vmcold");
         let mut args = c.run_args(&["--rm"]);
-        args.extend([BUSYBOX_REF, id.as_str(), "sh", "-c", "echo cold-$((3+4)); exit 7"]);
+        args.extend([
+            BUSYBOX_REF,
+            id.as_str(),
+            "sh",
+            "-c",
+            "echo cold-$((3+4)); exit 7",
+        ]);
         let out = c.ctr_timeout(&args, RUN_TIMEOUT);
         assert_eq!(out.code(), Some(7), "round {round}: {}", out.describe());
-        assert!(out.stdout.contains("cold-7"), "round {round}: {}", out.describe());
+        assert!(
+            out.stdout.contains("cold-7"),
+            "round {round}: {}",
+            out.describe()
+        );
     }
     let entries: Vec<String> = std::fs::read_dir(store.path())
         .unwrap()

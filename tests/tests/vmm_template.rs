@@ -30,6 +30,18 @@ fn text(b: &[u8]) -> String {
 
 /// Store entries other than lock files and the input digest cache (a build
 /// must leave no debris).
+/// The one entry a failed build leaves: its failure record, holding the
+/// reason, so the next start does not pay the same failure again.
+fn assert_only_a_failure_record(store: &Path, reason: &str) {
+    let entries = store_entries(store);
+    assert!(
+        entries.len() == 1 && entries[0].ends_with(".failed"),
+        "{entries:?}"
+    );
+    let record = std::fs::read_to_string(store.join(&entries[0])).unwrap();
+    assert!(record.contains(reason), "{record}");
+}
+
 fn store_entries(store: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(store)
         .unwrap()
@@ -192,9 +204,10 @@ fn template_is_built_once_listed_restored_and_removed() {
 }
 
 #[test]
-fn a_build_that_cannot_boot_fails_and_leaves_nothing() {
+fn a_build_that_cannot_boot_fails_and_leaves_only_its_record() {
     // Not a kernel: the VMM exits at once; the build must report it and
-    // leave neither a template nor a half-built directory nor sockets.
+    // leave neither a template nor a half-built directory nor sockets,
+    // only the record of the failure, which the next build reports at once.
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let fake_kernel = dir.join("vmlinux");
@@ -222,22 +235,36 @@ fn a_build_that_cannot_boot_fails_and_leaves_nothing() {
         err.contains("kernel"),
         "the VMM's own error is quoted: {err}"
     );
-    assert!(
-        store_entries(&store).is_empty(),
-        "{:?}",
-        store_entries(&store)
-    );
+    assert_only_a_failure_record(&store, "thaw-vmm exited");
     assert_eq!(
         std::fs::read_dir(&sockets).unwrap().count(),
         0,
         "socket directory leaked"
     );
+    let again = Command::new(guest::vmm_binary())
+        .args(["template", "build", "--kernel"])
+        .arg(&fake_kernel)
+        .arg("--disk")
+        .arg(&root)
+        .arg("--store")
+        .arg(&store)
+        .env("TMPDIR", &sockets)
+        .output()
+        .unwrap();
+    let err = text(&again.stderr);
+    assert_eq!(again.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("not retried before 600 s") && err.contains("thaw-vmm exited"),
+        "{err}"
+    );
+    assert_only_a_failure_record(&store, "thaw-vmm exited");
 }
 
 #[test]
 fn a_guest_that_never_gets_ready_is_killed_at_the_deadline() {
     // The real kernel and init, but the builder waits on a port nobody
-    // dials: at the deadline the VMM is killed and nothing is left.
+    // dials: at the deadline the VMM is killed and nothing is left but the
+    // failure record.
     let kernel = guest::kernel();
     let init = guest::static_binary("thaw-test-init", "thaw-test-init");
     let tmp = tempfile::tempdir().unwrap();
@@ -277,11 +304,7 @@ fn a_guest_that_never_gets_ready_is_killed_at_the_deadline() {
         0,
         "the template VMM survived"
     );
-    assert!(
-        store_entries(&store).is_empty(),
-        "{:?}",
-        store_entries(&store)
-    );
+    assert_only_a_failure_record(&store, "not ready before the deadline");
     assert_eq!(
         std::fs::read_dir(&sockets).unwrap().count(),
         0,
