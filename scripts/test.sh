@@ -18,7 +18,8 @@
 # and an edit to the tree during a run does not change what is tested.
 # A suite that fails does not stop the others; the exit status is 1 if any
 # failed or if a process was left behind. Nothing is opt-in: a suite that
-# cannot run here fails and says why.
+# cannot run here fails and says why. A test ignored with a reason that
+# holds only on PVM hosts runs on the svm platform (--include-ignored).
 #
 #   THAW_TEST_SUITE_LIMIT  seconds one suite may take (default 1800)
 #   THAW_TEST_LOGS         where each suite's full log goes (default
@@ -128,7 +129,7 @@ for entry in "${suites[@]}"; do
             # Each executable gets a fresh guest: nothing carries over.
             timeout "$limit" scripts/svm-run -t "$limit" -C "$dir" \
                 -e THAW_KERNEL -e THAW_ROOT_IMAGE -e THAW_TEST_PREBUILT -e RUST_BACKTRACE \
-                -- "$exe" --test-threads=1 --color=never 2>&1 | tee -a "$log"
+                -- "$exe" --test-threads=1 --color=never --include-ignored 2>&1 | tee -a "$log"
         else
             (cd "$dir" && timeout "$limit" "$exe" --test-threads=2 --color=never) 2>&1 | tee -a "$log"
         fi

@@ -262,14 +262,23 @@ fn a_build_that_cannot_boot_fails_and_leaves_only_its_record() {
 
 #[test]
 fn a_guest_that_never_gets_ready_is_killed_at_the_deadline() {
-    // The real kernel and init, but the builder waits on a port nobody
-    // dials: at the deadline the VMM is killed and nothing is left but the
-    // failure record.
+    // The real kernel and a guest that stays up and silent (its init only
+    // sleeps): at the deadline the VMM is killed and nothing is left but
+    // the failure record. (An init that fails and reboots would end the
+    // build before the deadline on a fast host.)
     let kernel = guest::kernel();
-    let init = guest::static_binary("thaw-test-init", "thaw-test-init");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    guest::root_dir_with_init(&dir.join("root"), &init);
+    let root = dir.join("root");
+    thaw_tests::agent::busybox_rootfs(&root);
+    std::os::unix::fs::symlink("busybox", root.join("bin/sleep")).unwrap();
+    std::fs::create_dir_all(root.join("sbin")).unwrap();
+    std::fs::write(root.join("sbin/init"), "#!/bin/sh\nexec sleep 100000\n").unwrap();
+    std::fs::set_permissions(
+        root.join("sbin/init"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let root_img = dir.join("root.erofs");
     guest::erofs_image(&dir.join("root"), &root_img);
     let store = dir.join("store");

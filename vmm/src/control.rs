@@ -53,14 +53,24 @@ pub trait VmControl: Send + Sync {
     fn snapshot(&self, dir: &Path) -> Result<serde_json::Value, String>;
 }
 
-pub fn handle(ctl: &dyn VmControl, line: &str) -> String {
+/// A reply line, and whether the VMM is to stop once it has been sent.
+#[derive(Debug, PartialEq)]
+pub struct Handled {
+    pub reply: String,
+    /// Stopping before the reply is written would let the process exit
+    /// first, and the client read EOF instead of `{"ok":true}`.
+    pub stop_after_reply: bool,
+}
+
+pub fn handle(ctl: &dyn VmControl, line: &str) -> Handled {
+    let mut stop_after_reply = false;
     let result = match serde_json::from_str::<Request>(line) {
         Err(e) => Err(format!("bad request: {e}")),
         Ok(Request::Status) => Ok(ctl.status()),
         Ok(Request::Pause) => ctl.pause().map(|_| json!({})),
         Ok(Request::Resume) => ctl.resume().map(|_| json!({})),
         Ok(Request::Stop) => {
-            ctl.stop();
+            stop_after_reply = true;
             Ok(json!({}))
         }
         Ok(Request::AttachDisk {
@@ -82,7 +92,12 @@ pub fn handle(ctl: &dyn VmControl, line: &str) -> String {
             data: json!({}),
         },
     };
-    serde_json::to_string(&reply).unwrap_or_else(|_| r#"{"ok":false,"error":"reply"}"#.into())
+    let reply =
+        serde_json::to_string(&reply).unwrap_or_else(|_| r#"{"ok":false,"error":"reply"}"#.into());
+    Handled {
+        reply,
+        stop_after_reply,
+    }
 }
 
 fn serve_connection(ctl: &dyn VmControl, stream: UnixStream) -> std::io::Result<()> {
@@ -98,9 +113,15 @@ fn serve_connection(ctl: &dyn VmControl, stream: UnixStream) -> std::io::Result<
             writer.write_all(b"{\"ok\":false,\"error\":\"request too long\"}\n")?;
             return Ok(());
         }
-        let mut reply = handle(ctl, line.trim());
-        reply.push('\n');
-        writer.write_all(reply.as_bytes())?;
+        let handled = handle(ctl, line.trim());
+        let written = writer
+            .write_all(handled.reply.as_bytes())
+            .and_then(|_| writer.write_all(b"\n"))
+            .and_then(|_| writer.flush());
+        if handled.stop_after_reply {
+            ctl.stop();
+        }
+        written?;
     }
 }
 
@@ -198,22 +219,29 @@ mod tests {
     #[test]
     fn requests_map_to_calls_and_errors_are_replies() {
         let f = Fake::default();
-        assert_eq!(handle(&f, r#"{"op":"pause"}"#), r#"{"ok":true}"#);
+        let reply = |line: &str| handle(&f, line).reply;
+        assert_eq!(reply(r#"{"op":"pause"}"#), r#"{"ok":true}"#);
         assert_eq!(
-            handle(&f, r#"{"op":"resume"}"#),
+            reply(r#"{"op":"resume"}"#),
             r#"{"ok":false,"error":"not paused"}"#
         );
-        assert!(handle(&f, r#"{"op":"status"}"#).contains(r#""state":"running""#));
-        let r = handle(
-            &f,
-            r#"{"op":"attach_disk","slot":1,"path":"/x","read_only":true}"#,
-        );
+        assert!(reply(r#"{"op":"status"}"#).contains(r#""state":"running""#));
+        let r = reply(r#"{"op":"attach_disk","slot":1,"path":"/x","read_only":true}"#);
         assert_eq!(r, r#"{"ok":true}"#);
-        let r = handle(&f, r#"{"op":"explode"}"#);
+        let r = reply(r#"{"op":"explode"}"#);
         assert!(r.contains("bad request") && r.contains("explode"), "{r}");
-        let r = handle(&f, "not json");
+        let r = reply("not json");
         assert!(r.starts_with(r#"{"ok":false"#));
         assert_eq!(*f.calls.lock().unwrap(), vec!["pause", "attach 1 /x true"]);
+        // Stop is acknowledged first and carried out after the reply.
+        assert_eq!(
+            handle(&f, r#"{"op":"stop"}"#),
+            Handled {
+                reply: r#"{"ok":true}"#.into(),
+                stop_after_reply: true
+            }
+        );
+        assert!(!f.calls.lock().unwrap().contains(&"stop".to_string()));
     }
 
     #[test]

@@ -59,10 +59,17 @@ impl VmBackend {
                 Some(std::path::PathBuf::from(dir))
             }
             Ok(f) => {
+                // The first line says what failed; the last ones, what the
+                // guest and the VMM said last.
+                let first = f
+                    .stderr
+                    .lines()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("");
                 log::warn!(
-                    "template build failed (exit {}): {}; cold boot",
+                    "template build failed (exit {}): {first} | ... | {}; cold boot",
                     f.code,
-                    crate::sandbox::last_lines(&f.stderr, 4)
+                    crate::sandbox::last_lines(&f.stderr, 3)
                 );
                 None
             }
