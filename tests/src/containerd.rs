@@ -289,6 +289,122 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         v
     }
 
+    /// `ctr run --rm [extra...] busybox <new id> cmd...`.
+    pub fn run_rm(&self, prefix: &str, extra: &[&str], cmd: &[&str], timeout: Duration) -> Output {
+        let id = self.new_id(prefix);
+        let mut args = self.run_args(&["--rm"]);
+        args.extend_from_slice(extra);
+        args.push(image::BUSYBOX_REF);
+        args.push(&id);
+        args.extend_from_slice(cmd);
+        self.ctr_timeout(&args, timeout)
+    }
+
+    /// `ctr run -d` of busybox with `cmd`; returns the container id.
+    pub fn run_detached(&self, prefix: &str, cmd: &[&str], timeout: Duration) -> String {
+        let id = self.new_id(prefix);
+        let mut args = self.run_args(&["-d"]);
+        args.push(image::BUSYBOX_REF);
+        args.push(&id);
+        args.extend_from_slice(cmd);
+        let out = self.ctr_timeout(&args, timeout);
+        assert!(out.success(), "{}", out.describe());
+        id
+    }
+
+    /// The task's status as `ctr tasks ls` shows it ("" if not listed).
+    pub fn task_status(&self, id: &str) -> String {
+        let out = self.ctr(&["tasks", "ls"]);
+        out.stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .unwrap_or("")
+            .to_string()
+    }
+
+    /// SIGKILLs the task, waits (up to `timeout`) until it is stopped, then
+    /// deletes the task and the container.
+    pub fn kill_and_remove(&self, id: &str, timeout: Duration) {
+        let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
+        cmd::wait_for(timeout, || {
+            (self.task_status(id) == "STOPPED").then_some(())
+        })
+        .unwrap_or_else(|| panic!("SIGKILL did not stop {id}"));
+        let out = self.ctr(&["tasks", "delete", id]);
+        assert!(out.success(), "{}", out.describe());
+        let out = self.ctr(&["containers", "delete", id]);
+        assert!(out.success(), "{}", out.describe());
+    }
+
+    /// `ctr <args>` with a terminal of `rows` x `cols` as its stdin, stdout
+    /// and stderr; returns how ctr ended and what the terminal showed.
+    pub fn ctr_in_tty(
+        &self,
+        args: &[&str],
+        rows: u16,
+        cols: u16,
+        timeout: Duration,
+    ) -> (Output, String) {
+        use std::io::Read;
+        let size = nix::pty::Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let pty = nix::pty::openpty(Some(&size), None).expect("openpty");
+        let mut c = self.ctr_cmd(args);
+        let slave = fs::File::from(pty.slave);
+        c.stdin(slave.try_clone().expect("dup pty"))
+            .stdout(slave.try_clone().expect("dup pty"))
+            .stderr(slave);
+        let start = Instant::now();
+        let child = c.spawn().expect("spawning ctr");
+        let mut master = fs::File::from(pty.master);
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let mut buf = [0u8; 4096];
+            // EIO once the last slave fd closes.
+            while let Ok(n) = master.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                all.extend_from_slice(&buf[..n]);
+            }
+            String::from_utf8_lossy(&all).into_owned()
+        });
+        let out = cmd::wait_with_deadline(child, start, timeout);
+        // The command holds slave copies until dropped.
+        drop(c);
+        let text = reader.join().expect("tty reader");
+        (out, text)
+    }
+
+    /// The tty check both backends run: `ctr run -t` gives the process a
+    /// terminal of the client's size, and its output and exit status come
+    /// back through it.
+    pub fn check_tty_run(&self, prefix: &str, timeout: Duration) {
+        let id = self.new_id(prefix);
+        let mut args = self.run_args(&["--rm", "-t"]);
+        args.extend([
+            image::BUSYBOX_REF,
+            id.as_str(),
+            "sh",
+            "-c",
+            "test -t 0 && test -t 1 && echo IS-A-TTY; stty size; exit 7",
+        ]);
+        let (out, text) = self.ctr_in_tty(&args, 33, 101, timeout);
+        assert_eq!(
+            out.code(),
+            Some(7),
+            "{}\n--- tty ---\n{text}",
+            out.describe()
+        );
+        assert!(text.contains("IS-A-TTY"), "tty output: {text:?}");
+        assert!(text.contains("33 101"), "terminal size: {text:?}");
+    }
+
     /// Every leak this test left behind, described for a human. Waits up to
     /// `grace` for shims and VMs that are still on their way out.
     pub fn leaks(&self, grace: Duration) -> Vec<String> {

@@ -3,7 +3,7 @@
 //! erofs images on loop devices. Everything except the VM boundary.
 //! Each test checks that nothing is left behind.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use thaw_tests::binaries::require_agent;
@@ -108,87 +108,24 @@ fn stdin_reaches_the_container() {
 #[test]
 fn tty_run_gets_a_terminal() {
     let c = setup();
-    let pty = nix::pty::openpty(None, None).unwrap();
-    let id = c.new_id("tty");
-    let mut args = c.run_args(&["--rm", "-t"]);
-    args.extend([
-        BUSYBOX_REF,
-        id.as_str(),
-        "sh",
-        "-c",
-        "test -t 0 && test -t 1 && echo IS-A-TTY; stty size; exit 7",
-    ]);
-    let mut cmd = c.ctr_cmd(&args);
-    let slave = std::fs::File::from(pty.slave);
-    cmd.stdin(slave.try_clone().unwrap())
-        .stdout(slave.try_clone().unwrap())
-        .stderr(slave);
-    let start = Instant::now();
-    let child = cmd.spawn().unwrap();
-    let mut master = std::fs::File::from(pty.master);
-    let reader = std::thread::spawn(move || {
-        let mut all = Vec::new();
-        let mut buf = [0u8; 4096];
-        // EIO once the last slave fd closes.
-        while let Ok(n) = master.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            all.extend_from_slice(&buf[..n]);
-        }
-        String::from_utf8_lossy(&all).into_owned()
-    });
-    let out = cmd::wait_with_deadline(child, start, Duration::from_secs(60));
-    drop(cmd);
-    let text = reader.join().unwrap();
-    assert_eq!(
-        out.code(),
-        Some(7),
-        "{}\n--- tty ---\n{text}",
-        out.describe()
-    );
-    assert!(text.contains("IS-A-TTY"), "tty output: {text:?}");
+    c.check_tty_run("tty", Duration::from_secs(60));
     c.assert_no_leaks();
 }
 
-/// Starts `sleep` detached and returns its id.
+/// Starts `cmd` detached and returns its id.
 fn detached(c: &PrivateContainerd, prefix: &str, cmd: &[&str]) -> String {
-    let id = c.new_id(prefix);
-    let mut args = c.run_args(&["-d"]);
-    args.push(BUSYBOX_REF);
-    args.push(&id);
-    args.extend_from_slice(cmd);
-    let out = c.ctr_timeout(&args, Duration::from_secs(120));
-    assert!(out.success(), "{}", out.describe());
-    id
-}
-
-fn task_status(c: &PrivateContainerd, id: &str) -> String {
-    let out = c.ctr(&["tasks", "ls"]);
-    out.stdout
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(id))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .unwrap_or("")
-        .to_string()
+    c.run_detached(prefix, cmd, Duration::from_secs(120))
 }
 
 fn remove(c: &PrivateContainerd, id: &str) {
-    let _ = c.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
-    wait_for(Duration::from_secs(20), || {
-        (task_status(c, id) == "STOPPED").then_some(())
-    });
-    let out = c.ctr(&["tasks", "delete", id]);
-    assert!(out.success(), "{}", out.describe());
-    let out = c.ctr(&["containers", "delete", id]);
-    assert!(out.success(), "{}", out.describe());
+    c.kill_and_remove(id, Duration::from_secs(20));
 }
 
 #[test]
 fn exec_ps_metrics_pause_resume() {
     let c = setup();
     let id = detached(&c, "life", &["sleep", "600"]);
-    assert_eq!(task_status(&c, &id), "RUNNING");
+    assert_eq!(c.task_status(&id), "RUNNING");
 
     let out = c.ctr(&[
         "tasks",
@@ -237,10 +174,10 @@ fn exec_ps_metrics_pause_resume() {
 
     let out = c.ctr(&["tasks", "pause", &id]);
     assert!(out.success(), "{}", out.describe());
-    assert_eq!(task_status(&c, &id), "PAUSED");
+    assert_eq!(c.task_status(&id), "PAUSED");
     let out = c.ctr(&["tasks", "resume", &id]);
     assert!(out.success(), "{}", out.describe());
-    assert_eq!(task_status(&c, &id), "RUNNING");
+    assert_eq!(c.task_status(&id), "RUNNING");
 
     remove(&c, &id);
     c.assert_no_leaks();
@@ -263,7 +200,7 @@ fn kill_sigterm_and_sigkill() {
     let out = c.ctr(&["tasks", "kill", "-s", "SIGTERM", &id]);
     assert!(out.success(), "{}", out.describe());
     let stopped = wait_for(Duration::from_secs(20), || {
-        (task_status(&c, &id) == "STOPPED").then_some(())
+        (c.task_status(&id) == "STOPPED").then_some(())
     });
     assert!(stopped.is_some(), "SIGTERM did not stop the task");
     let out = c.ctr(&["tasks", "delete", &id]);
@@ -278,7 +215,7 @@ fn kill_sigterm_and_sigkill() {
     let out = c.ctr(&["tasks", "kill", "-s", "SIGKILL", &id]);
     assert!(out.success(), "{}", out.describe());
     let stopped = wait_for(Duration::from_secs(20), || {
-        (task_status(&c, &id) == "STOPPED").then_some(())
+        (c.task_status(&id) == "STOPPED").then_some(())
     });
     assert!(stopped.is_some(), "SIGKILL did not stop the task");
     let out = c.ctr(&["tasks", "delete", &id]);
@@ -292,8 +229,8 @@ fn two_containers_at_once() {
     let c = setup();
     let a = detached(&c, "twoa", &["sleep", "600"]);
     let b = detached(&c, "twob", &["sleep", "600"]);
-    assert_eq!(task_status(&c, &a), "RUNNING");
-    assert_eq!(task_status(&c, &b), "RUNNING");
+    assert_eq!(c.task_status(&a), "RUNNING");
+    assert_eq!(c.task_status(&b), "RUNNING");
     // Same image, one cache entry, two references.
     assert_eq!(c.cache_entries().len(), 1);
     let refs = std::fs::read_dir(c.thaw_state.join("images/refs"))
@@ -303,7 +240,7 @@ fn two_containers_at_once() {
         .sum::<usize>();
     assert_eq!(refs, 2);
     remove(&c, &a);
-    assert_eq!(task_status(&c, &b), "RUNNING", "b survives a's removal");
+    assert_eq!(c.task_status(&b), "RUNNING", "b survives a's removal");
     remove(&c, &b);
     c.assert_no_leaks();
 }
@@ -348,7 +285,7 @@ fn killing_the_agent_gives_exit_255_within_seconds() {
     })
     .expect("agent process did not appear");
     wait_for(Duration::from_secs(30), || {
-        (task_status(&c, &id) == "RUNNING").then_some(())
+        (c.task_status(&id) == "RUNNING").then_some(())
     })
     .expect("task never ran");
     let killed_at = Instant::now();
@@ -442,8 +379,8 @@ fn pod_containers_share_the_sandbox_shim_and_vm() {
     args.extend([BUSYBOX_REF, app.as_str(), "sleep", "600"]);
     let out = c.ctr_timeout(&args, Duration::from_secs(120));
     assert!(out.success(), "{}", out.describe());
-    assert_eq!(task_status(&c, &sb), "RUNNING");
-    assert_eq!(task_status(&c, &app), "RUNNING");
+    assert_eq!(c.task_status(&sb), "RUNNING");
+    assert_eq!(c.task_status(&app), "RUNNING");
     assert_eq!(shim_daemons(&c).len(), 1, "one shim for the pod");
     assert_eq!(agents(&c).len(), 1, "one sandbox (VM) for the pod");
     // The app's shim address is the sandbox's, by containerd's formula.
@@ -459,7 +396,7 @@ fn pod_containers_share_the_sandbox_shim_and_vm() {
 
     // Removing the app leaves the pod running.
     remove(&c, &app);
-    assert_eq!(task_status(&c, &sb), "RUNNING");
+    assert_eq!(c.task_status(&sb), "RUNNING");
     assert_eq!(shim_daemons(&c).len(), 1);
     remove(&c, &sb);
     c.assert_no_leaks();
@@ -515,10 +452,10 @@ fn a_crashed_shim_is_cleaned_up_by_delete() {
     .unwrap();
     // containerd notices the dead shim and runs `containerd-shim-thaw-v2 delete`.
     let gone = wait_for(Duration::from_secs(30), || {
-        let s = task_status(&c, &id);
+        let s = c.task_status(&id);
         (s.is_empty() || s == "STOPPED").then_some(())
     });
-    assert!(gone.is_some(), "task still {}", task_status(&c, &id));
+    assert!(gone.is_some(), "task still {}", c.task_status(&id));
     let _ = c.ctr(&["tasks", "delete", &id]);
     let out = c.ctr(&["containers", "delete", &id]);
     assert!(out.success(), "{}", out.describe());
@@ -676,7 +613,7 @@ fn every_task_method_is_answered_on_the_shim_socket() {
     );
     assert_eq!(code(r.map(|_| ())), Code::OK);
     assert_eq!(
-        task_status(&c, &id),
+        c.task_status(&id),
         "RUNNING",
         "shutdown with a live container is ignored"
     );
@@ -756,7 +693,7 @@ fn tasks_survive_a_containerd_restart_and_still_report_exits() {
     );
     c.start_containerd();
     assert_eq!(
-        task_status(&c, &id),
+        c.task_status(&id),
         "RUNNING",
         "the shim and its task outlive containerd"
     );
@@ -772,9 +709,9 @@ fn tasks_survive_a_containerd_restart_and_still_report_exits() {
     let out = c.ctr(&["tasks", "kill", "-s", "SIGKILL", &id]);
     assert!(out.success(), "{}", out.describe());
     let stopped = wait_for(Duration::from_secs(20), || {
-        (task_status(&c, &id) == "STOPPED").then_some(())
+        (c.task_status(&id) == "STOPPED").then_some(())
     });
-    assert!(stopped.is_some(), "status {}", task_status(&c, &id));
+    assert!(stopped.is_some(), "status {}", c.task_status(&id));
     std::thread::sleep(Duration::from_millis(500));
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(ev.id() as i32),

@@ -29,16 +29,6 @@ fn vmm_pid(c: &PrivateContainerd) -> Option<i32> {
         .map(|(pid, _)| pid)
 }
 
-fn task_status(c: &PrivateContainerd, id: &str) -> String {
-    let out = c.ctr(&["tasks", "ls"]);
-    out.stdout
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(id))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .unwrap_or("")
-        .to_string()
-}
-
 #[test]
 fn vm_run_rm_output_and_exit_codes() {
     let c = setup();
@@ -46,12 +36,7 @@ fn vm_run_rm_output_and_exit_codes() {
         (vec!["echo", "hello from a VM"], 0, "hello from a VM"),
         (vec!["sh", "-c", "echo oops; exit 9"], 9, "oops"),
     ] {
-        let id = c.new_id("vmrun");
-        let mut args = c.run_args(&["--rm"]);
-        args.push(BUSYBOX_REF);
-        args.push(&id);
-        args.extend(cmdline.iter().copied());
-        let out = c.ctr_timeout(&args, RUN_TIMEOUT);
+        let out = c.run_rm("vmrun", &[], &cmdline, RUN_TIMEOUT);
         assert_eq!(out.code(), Some(code), "{}", out.describe());
         assert!(out.stdout.contains(text), "{}", out.describe());
     }
@@ -61,11 +46,7 @@ fn vm_run_rm_output_and_exit_codes() {
 #[test]
 fn vm_exec_ps_metrics_pause_resume_kill() {
     let c = setup();
-    let id = c.new_id("vmlife");
-    let mut args = c.run_args(&["-d"]);
-    args.extend([BUSYBOX_REF, id.as_str(), "sleep", "600"]);
-    let out = c.ctr_timeout(&args, RUN_TIMEOUT);
-    assert!(out.success(), "{}", out.describe());
+    let id = c.run_detached("vmlife", &["sleep", "600"], RUN_TIMEOUT);
     let out = c.ctr(&[
         "tasks",
         "exec",
@@ -83,15 +64,9 @@ fn vm_exec_ps_metrics_pause_resume_kill() {
     let out = c.ctr(&["tasks", "metrics", &id]);
     assert!(out.stdout.contains("memory.usage"), "{}", out.describe());
     assert!(c.ctr(&["tasks", "pause", &id]).success());
-    assert_eq!(task_status(&c, &id), "PAUSED");
+    assert_eq!(c.task_status(&id), "PAUSED");
     assert!(c.ctr(&["tasks", "resume", &id]).success());
-    assert!(c.ctr(&["tasks", "kill", "-s", "SIGKILL", &id]).success());
-    wait_for(Duration::from_secs(30), || {
-        (task_status(&c, &id) == "STOPPED").then_some(())
-    })
-    .expect("SIGKILL did not stop the task");
-    assert!(c.ctr(&["tasks", "delete", &id]).success());
-    assert!(c.ctr(&["containers", "delete", &id]).success());
+    c.kill_and_remove(&id, Duration::from_secs(30));
     c.assert_no_leaks();
 }
 
@@ -109,7 +84,7 @@ fn vm_kill_9_of_the_vmm_gives_exit_255_within_seconds() {
         .spawn()
         .unwrap();
     wait_for(RUN_TIMEOUT, || {
-        (task_status(&c, &id) == "RUNNING").then_some(())
+        (c.task_status(&id) == "RUNNING").then_some(())
     })
     .expect("the task never ran");
     let vmm = vmm_pid(&c).expect("no thaw-vmm process");
@@ -186,7 +161,7 @@ fn vm_two_containers_get_two_vms() {
     for id in &ids {
         let _ = c.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
         wait_for(Duration::from_secs(30), || {
-            (task_status(&c, id) == "STOPPED").then_some(())
+            (c.task_status(id) == "STOPPED").then_some(())
         });
         assert!(c.ctr(&["tasks", "delete", id]).success());
         assert!(c.ctr(&["containers", "delete", id]).success());
@@ -201,16 +176,8 @@ fn vm_two_containers_get_two_vms() {
 #[test]
 fn vm_large_output_arrives_in_full_before_the_exit() {
     let c = setup();
-    let id = c.new_id("vmbig");
-    let mut args = c.run_args(&["--rm"]);
-    args.extend([
-        BUSYBOX_REF,
-        id.as_str(),
-        "sh",
-        "-c",
-        "yes x | head -c 2000000; yes e | head -c 300000 >&2; exit 6",
-    ]);
-    let out = c.ctr_timeout(&args, RUN_TIMEOUT);
+    let script = "yes x | head -c 2000000; yes e | head -c 300000 >&2; exit 6";
+    let out = c.run_rm("vmbig", &[], &["sh", "-c", script], RUN_TIMEOUT);
     assert_eq!(out.code(), Some(6), "{}", out.describe_short());
     assert_eq!(out.stdout.len(), 2_000_000, "stdout bytes");
     assert!(out.stdout.bytes().step_by(2).all(|b| b == b'x'));
@@ -223,11 +190,7 @@ fn vm_large_output_arrives_in_full_before_the_exit() {
 #[test]
 fn vm_exec_with_a_lingering_writer_returns_its_status() {
     let c = setup();
-    let id = c.new_id("vmlinger");
-    let mut args = c.run_args(&["-d"]);
-    args.extend([BUSYBOX_REF, id.as_str(), "sleep", "600"]);
-    let out = c.ctr_timeout(&args, RUN_TIMEOUT);
-    assert!(out.success(), "{}", out.describe());
+    let id = c.run_detached("vmlinger", &["sleep", "600"], RUN_TIMEOUT);
     let started = Instant::now();
     let out = c.ctr_timeout(
         &[
@@ -250,7 +213,7 @@ fn vm_exec_with_a_lingering_writer_returns_its_status() {
     );
     assert!(c.ctr(&["tasks", "kill", "-s", "SIGKILL", &id]).success());
     wait_for(Duration::from_secs(60), || {
-        (task_status(&c, &id) == "STOPPED").then_some(())
+        (c.task_status(&id) == "STOPPED").then_some(())
     })
     .expect("SIGKILL did not stop the task");
     assert!(c.ctr(&["tasks", "delete", &id]).success());
@@ -295,65 +258,8 @@ fn vm_stdin_reaches_the_container_and_eof_ends_it() {
 /// size, and its output and exit status come back through it.
 #[test]
 fn vm_tty_run_gets_a_terminal() {
-    use std::io::Read;
     let c = setup();
-    let pty = nix::pty::openpty(None, None).unwrap();
-    let ws = libc::winsize {
-        ws_row: 33,
-        ws_col: 101,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer.
-    assert_eq!(
-        unsafe {
-            libc::ioctl(
-                std::os::fd::AsRawFd::as_raw_fd(&pty.slave),
-                libc::TIOCSWINSZ,
-                &ws,
-            )
-        },
-        0
-    );
-    let id = c.new_id("vmtty");
-    let mut args = c.run_args(&["--rm", "-t"]);
-    args.extend([
-        BUSYBOX_REF,
-        id.as_str(),
-        "sh",
-        "-c",
-        "test -t 0 && test -t 1 && echo IS-A-TTY; stty size; exit 7",
-    ]);
-    let mut cmd = c.ctr_cmd(&args);
-    let slave = std::fs::File::from(pty.slave);
-    cmd.stdin(slave.try_clone().unwrap())
-        .stdout(slave.try_clone().unwrap())
-        .stderr(slave);
-    let start = Instant::now();
-    let child = cmd.spawn().unwrap();
-    let mut master = std::fs::File::from(pty.master);
-    let reader = std::thread::spawn(move || {
-        let mut all = Vec::new();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = master.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            all.extend_from_slice(&buf[..n]);
-        }
-        String::from_utf8_lossy(&all).into_owned()
-    });
-    let out = cmd::wait_with_deadline(child, start, RUN_TIMEOUT);
-    drop(cmd);
-    let text = reader.join().unwrap();
-    assert_eq!(
-        out.code(),
-        Some(7),
-        "{}\n--- tty ---\n{text}",
-        out.describe()
-    );
-    assert!(text.contains("IS-A-TTY"), "tty output: {text:?}");
-    assert!(text.contains("33 101"), "terminal size: {text:?}");
+    c.check_tty_run("vmtty", RUN_TIMEOUT);
     c.assert_no_leaks();
 }
 
@@ -381,16 +287,8 @@ fn vm_failed_template_build_falls_back_to_a_cold_boot_with_the_containers_status
     });
     c.import_busybox();
     for round in 0..2 {
-        let id = c.new_id("vmcold");
-        let mut args = c.run_args(&["--rm"]);
-        args.extend([
-            BUSYBOX_REF,
-            id.as_str(),
-            "sh",
-            "-c",
-            "echo cold-$((3+4)); exit 7",
-        ]);
-        let out = c.ctr_timeout(&args, RUN_TIMEOUT);
+        let script = "echo cold-$((3+4)); exit 7";
+        let out = c.run_rm("vmcold", &[], &["sh", "-c", script], RUN_TIMEOUT);
         assert_eq!(out.code(), Some(7), "round {round}: {}", out.describe());
         assert!(
             out.stdout.contains("cold-7"),

@@ -218,16 +218,19 @@ fn a_build_that_cannot_boot_fails_and_leaves_only_its_record() {
     // The builder's private socket directory goes to TMPDIR.
     let sockets = dir.join("tmp");
     std::fs::create_dir(&sockets).unwrap();
-    let out = Command::new(guest::vmm_binary())
-        .args(["template", "build", "--timeout", "60", "--kernel"])
-        .arg(&fake_kernel)
-        .arg("--disk")
-        .arg(&root)
-        .arg("--store")
-        .arg(&store)
-        .env("TMPDIR", &sockets)
-        .output()
-        .unwrap();
+    let build = || {
+        Command::new(guest::vmm_binary())
+            .args(["template", "build", "--timeout", "60", "--kernel"])
+            .arg(&fake_kernel)
+            .arg("--disk")
+            .arg(&root)
+            .arg("--store")
+            .arg(&store)
+            .env("TMPDIR", &sockets)
+            .output()
+            .unwrap()
+    };
+    let out = build();
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("thaw-vmm exited"), "{err}");
@@ -241,16 +244,7 @@ fn a_build_that_cannot_boot_fails_and_leaves_only_its_record() {
         0,
         "socket directory leaked"
     );
-    let again = Command::new(guest::vmm_binary())
-        .args(["template", "build", "--kernel"])
-        .arg(&fake_kernel)
-        .arg("--disk")
-        .arg(&root)
-        .arg("--store")
-        .arg(&store)
-        .env("TMPDIR", &sockets)
-        .output()
-        .unwrap();
+    let again = build();
     let err = text(&again.stderr);
     assert_eq!(again.status.code(), Some(1), "{err}");
     assert!(
