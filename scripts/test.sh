@@ -152,7 +152,8 @@ for entry in "${suites[@]}"; do
 done
 
 # Nothing a suite started may outlive it.
-leftovers=$(pgrep -a -f 'thaw-vmm|containerd-shim-thaw-v2|thaw-agent|/tmp/thaw-e2e-|qemu-system' | grep -v -e pgrep -e 'test\.sh' || true)
+# (This tree's binaries, the harness's containerd dirs, the svm guests.)
+leftovers=$(pgrep -a -f "$repo/target/|/tmp/thaw-e2e-|qemu-system.*svm-run" | grep -v -e pgrep -e 'test\.sh' -e 'cargo ' || true)
 if [ -n "$leftovers" ]; then
     failed=1
     say "left behind after the suites (a leak):"
