@@ -43,7 +43,7 @@ fn run(
 
 fn main() {
     let total = Instant::now();
-    println!("thaw demo: building the shim, thaw-vmm, the agent root image and the guest kernel (cached after the first run)");
+    println!("thaw demo: starting a private containerd with the thaw runtime");
     let c = PrivateContainerd::start(Backend::Vm);
     println!(
         "private containerd up at {} after {:.1} s",
@@ -55,7 +55,7 @@ fn main() {
 
     let first = run(
         &c,
-        "thaw, first start (builds the VM template: one cold boot of the guest kernel)",
+        "thaw, first start (builds the VM template, one cold boot, unless it is stored already)",
         None,
         &["echo", "hello from a thaw micro-VM"],
     );
@@ -74,15 +74,15 @@ fn main() {
 
     println!("\nsummary");
     println!(
-        "  thaw first start (template build + run): {:>8.2} s",
+        "  thaw first start (template if needed + run): {:>8.2} s",
         first.1.as_secs_f64()
     );
     println!(
-        "  thaw restored start:                     {:>8.2} s",
+        "  thaw restored start:                         {:>8.2} s",
         second.1.as_secs_f64()
     );
     println!(
-        "  runc:                                    {:>8.2} s",
+        "  runc:                                        {:>8.2} s",
         runc.1.as_secs_f64()
     );
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
