@@ -1,6 +1,6 @@
-//! `make demo`: what thaw does, end to end, on this machine. Builds the
-//! shim, the VMM, the agent's root image and the guest kernel (cached after
-//! the first run), starts a private containerd, and runs busybox through
+//! `make demo`: what thaw does, end to end, on this machine. With what
+//! scripts/demo.sh built (the shim, the VMM, the agent's root image and the
+//! guest kernel), starts a private containerd, and runs busybox through
 //! `ctr run --runtime io.containerd.thaw.v2` in micro-VMs, then the same
 //! with runc, printing output, exit codes and wall times.
 
