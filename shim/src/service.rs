@@ -523,9 +523,12 @@ impl Inner {
         let agent = sb.agent();
         if started_here {
             if let PodRole::Sandbox { sandbox_id } = &role {
+                let files = spec::pod_etc_files(&bundle_spec.json)?;
                 let mut r = proto::CreateSandboxRequest::new();
                 r.sandbox_id = sandbox_id.clone();
                 r.hostname = bundle_spec.hostname.clone();
+                r.hosts = files.hosts;
+                r.resolv_conf = files.resolv_conf;
                 agent.create_sandbox(&r)?;
             }
         }

@@ -175,7 +175,8 @@ pub fn check_process(p: &Value, field: &str) -> Result<()> {
 }
 
 /// Host files CRI binds into containers that the agent provides itself
-/// inside a VM (per-pod /etc files) or that carry nothing the host reads
+/// inside a VM (per-pod /etc files, whose contents the shim hands over with
+/// the pod, see [`pod_etc_files`]) or that carry nothing the host reads
 /// back through a VM yet (termination log).
 const GUEST_PROVIDED: &[&str] = &[
     "/etc/hosts",
@@ -183,6 +184,60 @@ const GUEST_PROVIDED: &[&str] = &[
     "/etc/hostname",
     "/dev/termination-log",
 ];
+
+/// Host binds the agent replaces with a guest equivalent of its own: CRI's
+/// per-pod /dev/shm becomes the pod's guest tmpfs. Passed through, so the
+/// agent sees that the spec asks for it.
+const GUEST_REMAPPED: &[&str] = &["/dev/shm"];
+
+/// The largest /etc file taken from the host into the guest.
+const MAX_ETC_FILE: u64 = 64 * 1024;
+
+/// The pod's /etc/hosts and /etc/resolv.conf as CRI wrote them on the host
+/// (the sources of the spec's binds; empty when the spec has none), for
+/// the guest to serve the same to every container of the pod.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PodEtcFiles {
+    pub hosts: String,
+    pub resolv_conf: String,
+}
+
+pub fn pod_etc_files(spec: &Value) -> Result<PodEtcFiles> {
+    let mut files = PodEtcFiles::default();
+    let Some(mounts) = spec.get("mounts").and_then(Value::as_array) else {
+        return Ok(files);
+    };
+    for m in mounts.iter().filter(|m| is_bind(m)) {
+        let dst = m.get("destination").and_then(Value::as_str).unwrap_or("");
+        let slot = match dst {
+            "/etc/hosts" => &mut files.hosts,
+            "/etc/resolv.conf" => &mut files.resolv_conf,
+            _ => continue,
+        };
+        let src = m.get("source").and_then(Value::as_str).unwrap_or("");
+        *slot = read_small_text(Path::new(src), dst)?;
+    }
+    Ok(files)
+}
+
+fn read_small_text(path: &Path, dst: &str) -> Result<String> {
+    use std::io::Read;
+    let bad =
+        |why: String| Error::InvalidSpec(format!("bind mount {} -> {dst}: {why}", path.display()));
+    let f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let meta = f.metadata().map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    let mut text = String::new();
+    f.take(MAX_ETC_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| bad(e.to_string()))?;
+    if text.len() as u64 > MAX_ETC_FILE {
+        return Err(bad(format!("larger than {MAX_ETC_FILE} bytes")));
+    }
+    Ok(text)
+}
 
 fn is_bind(m: &Value) -> bool {
     let t = m.get("type").and_then(Value::as_str).unwrap_or("");
@@ -213,6 +268,10 @@ pub fn for_vm(spec: &Value) -> Result<Value> {
             let dst = m.get("destination").and_then(Value::as_str).unwrap_or("");
             if GUEST_PROVIDED.contains(&dst) {
                 log::debug!("dropping host bind mount for {dst}: provided in the guest");
+                continue;
+            }
+            if GUEST_REMAPPED.contains(&dst) {
+                kept.push(m);
                 continue;
             }
             let src = m.get("source").and_then(Value::as_str).unwrap_or("");
@@ -298,5 +357,41 @@ mod tests {
         ]});
         let e = for_vm(&s).unwrap_err().to_string();
         assert!(e.contains("/srv/data") && e.contains("/data"), "{e}");
+        // CRI's /dev/shm bind goes to the agent, which gives the pod's tmpfs.
+        let s = json!({"mounts": [
+            {"destination": "/dev/shm", "type": "bind", "source": "/run/containerd/x/shm", "options": ["rbind", "ro"]},
+        ]});
+        assert_eq!(for_vm(&s).unwrap()["mounts"], s["mounts"]);
+    }
+
+    #[test]
+    fn pod_etc_files_come_from_the_binds_cri_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = dir.path().join("hosts");
+        let resolv = dir.path().join("resolv.conf");
+        std::fs::write(&hosts, "10.0.0.5\tpod-a\n").unwrap();
+        std::fs::write(
+            &resolv,
+            "nameserver 10.96.0.10\nsearch ns.svc.cluster.local\n",
+        )
+        .unwrap();
+        let spec = json!({"mounts": [
+            {"destination": "/etc/hosts", "type": "bind", "source": hosts, "options": ["rbind", "rw"]},
+            {"destination": "/etc/resolv.conf", "type": "bind", "source": resolv, "options": ["rbind", "ro"]},
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+        ]});
+        let f = pod_etc_files(&spec).unwrap();
+        assert_eq!(f.hosts, "10.0.0.5\tpod-a\n");
+        assert!(f.resolv_conf.contains("nameserver 10.96.0.10"));
+        assert_eq!(pod_etc_files(&json!({})).unwrap(), PodEtcFiles::default());
+
+        std::fs::write(&hosts, vec![b'x'; 70 * 1024]).unwrap();
+        let e = pod_etc_files(&spec).unwrap_err().to_string();
+        assert!(e.contains("/etc/hosts") && e.contains("larger than"), "{e}");
+        let missing = json!({"mounts": [
+            {"destination": "/etc/resolv.conf", "type": "bind", "source": "/nonexistent/resolv", "options": ["rbind"]},
+        ]});
+        let e = pod_etc_files(&missing).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/resolv"), "{e}");
     }
 }
