@@ -26,15 +26,16 @@ use thaw_tests::binaries::{binaries, template_store, vm_assets, workspace_root};
 use thaw_tests::cmd;
 use thaw_tests::image::BUSYBOX_REF;
 use thaw_tests::{Backend, PrivateContainerd};
+use thaw_vmm_api::{Disk, ReadyProbe, RestoreArgs, Serial, TemplateBuildArgs, VmmCommand};
 
 const RUNS_ENV: &str = "THAW_BENCH_RUNS";
 const COLD_RUNS_ENV: &str = "THAW_BENCH_COLD_RUNS";
 /// The VM shape of the shim's config in the test harness (vm_config plus
 /// the shim's defaults), so figure 1 restores the very template the shim
 /// restores in figure 2.
-const VCPUS: &str = "1";
-const MEMORY_MIB: &str = "256";
-const SPARE_DISKS: &str = "8";
+const VCPUS: u32 = 1;
+const MEMORY_MIB: u32 = 256;
+const SPARE_DISKS: u32 = 8;
 /// A figure stops after this many failed runs (the failures are printed).
 const MAX_FAILURES: usize = 3;
 
@@ -169,15 +170,16 @@ fn release_binaries() -> Result<Release, String> {
 /// `thaw-vmm template build` with the shim's arguments (so the shim finds
 /// the same template): one cold boot, or the stored template at once.
 fn build_template(vmm: &Path, kernel: &Path, root: &Path, store: &Path) -> Result<PathBuf, String> {
-    let mut c = Command::new(vmm);
-    c.args(["template", "build", "--kernel"])
-        .arg(kernel)
-        .arg("--disk")
-        .arg(root)
-        .args(["--spare-disks", SPARE_DISKS, "--vcpus", VCPUS])
-        .args(["--memory-mib", MEMORY_MIB, "--ready", "agent"])
-        .args(["--timeout", "600", "--store"])
-        .arg(store);
+    let mut c = VmmCommand::TemplateBuild(TemplateBuildArgs {
+        spare_disks: SPARE_DISKS,
+        vcpus: VCPUS,
+        memory_mib: MEMORY_MIB,
+        ready: ReadyProbe::Agent,
+        timeout_secs: 600,
+        store: Some(store.to_path_buf()),
+        ..TemplateBuildArgs::new(kernel, root)
+    })
+    .command(vmm);
     let out = cmd::run(&mut c, Duration::from_secs(660));
     let dir = PathBuf::from(out.stdout.lines().last().unwrap_or_default().trim());
     if !out.success() || !dir.is_dir() {
@@ -208,17 +210,15 @@ fn restore_to_agent_ready(vmm: &Path, template: &Path, root: &Path) -> Result<Du
     let listener = UnixListener::bind(tmp.path().join("vm.vsock_1024"))
         .map_err(|e| format!("binding the control socket: {e}"))?;
     let started = Instant::now();
-    let child = Command::new(vmm)
-        .arg("--restore")
-        .arg(template)
-        .arg("--disk")
-        .arg(format!("{},ro", root.display()))
-        .arg("--vsock-uds")
-        .arg(&uds)
-        .arg("--serial")
-        .arg(tmp.path().join("console.log"))
-        .arg("--api-sock")
-        .arg(tmp.path().join("vm.api"))
+    let restore = VmmCommand::Restore(RestoreArgs {
+        disks: vec![Disk::read_only(root)],
+        vsock_uds: Some(uds.clone()),
+        serial: Some(Serial::File(tmp.path().join("console.log"))),
+        api_sock: Some(tmp.path().join("vm.api")),
+        ..RestoreArgs::new(template)
+    });
+    let child = restore
+        .command(vmm)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(tmp.path().join("vmm.err")).map_err(|e| e.to_string())?)

@@ -16,6 +16,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("VMM control: {0}")]
+    Vmm(#[from] thaw_vmm_api::Error),
     /// A VM did not boot as the benchmark needs.
     #[error("{0}")]
     Boot(String),

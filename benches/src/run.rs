@@ -2,12 +2,14 @@
 //! control socket) or under QEMU's microvm (the baseline: time until the
 //! test init's first console line).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use thaw_vmm_api::{BootArgs, Disk, Serial, VmmClient, VmmCommand};
 
 use crate::Error;
 
@@ -18,18 +20,6 @@ pub fn parse_mark(line: &str) -> Option<(String, u64)> {
     let name = words.next()?;
     let micros = words.next()?.parse().ok()?;
     (words.next() == Some("us")).then(|| (name.to_string(), micros))
-}
-
-/// `(vmm_rss_kib, guest_rss_kib)` from a `{"op":"status"}` reply.
-pub fn parse_status(reply: &serde_json::Value) -> Option<(u64, u64)> {
-    if reply.get("ok")?.as_bool()? {
-        Some((
-            reply.get("vmm_rss_kib")?.as_u64()?,
-            reply.get("guest_rss_kib")?.as_u64()?,
-        ))
-    } else {
-        None
-    }
 }
 
 /// Kills and reaps the child on every path out of a boot.
@@ -92,19 +82,6 @@ impl ThawBoot {
     }
 }
 
-fn api_request(sock: &Path, request: &str) -> Result<serde_json::Value, Error> {
-    let what = format!("control socket {}", sock.display());
-    let mut s = UnixStream::connect(sock).map_err(Error::io(&what))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(Error::io(&what))?;
-    writeln!(s, "{request}").map_err(Error::io(&what))?;
-    let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .map_err(Error::io(&what))?;
-    serde_json::from_str(&line).map_err(|e| Error::Boot(format!("{what}: bad reply {line:?}: {e}")))
-}
-
 /// Boots to the init mark, reads the VMM's memory use while the guest runs
 /// (the test init then waits on its vsock connection, which this function
 /// accepts into a backlog and never answers), and stops the VM.
@@ -117,21 +94,16 @@ pub fn boot_thaw(o: &ThawOptions<'_>) -> Result<ThawBoot, Error> {
     let _report = UnixListener::bind(&report_path).map_err(Error::io("binding the vsock port"))?;
 
     let started = Instant::now();
-    let mut child = Command::new(o.vmm)
-        .arg("--kernel")
-        .arg(o.kernel)
-        .arg("--disk")
-        .arg(format!("{},ro", o.root.display()))
-        .arg("--disk")
-        .arg(format!("{},ro", o.data.display()))
-        .arg("--vsock-uds")
-        .arg(&uds)
-        .arg("--api-sock")
-        .arg(&api)
-        .arg("--serial")
-        .arg(&console)
-        .arg("--memory-mib")
-        .arg(o.memory_mib.to_string())
+    let boot = VmmCommand::Boot(BootArgs {
+        disks: vec![Disk::read_only(o.root), Disk::read_only(o.data)],
+        vsock_uds: Some(uds.clone()),
+        api_sock: Some(api.clone()),
+        serial: Serial::File(console.clone()),
+        memory_mib: o.memory_mib,
+        ..BootArgs::new(o.kernel)
+    });
+    let mut child = boot
+        .command(o.vmm)
         .env("THAW_VMM_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -179,11 +151,10 @@ pub fn boot_thaw(o: &ThawOptions<'_>) -> Result<ThawBoot, Error> {
         }
     };
 
-    let status = api_request(&api, r#"{"op":"status"}"#)?;
-    let (vmm_rss_kib, guest_rss_kib) = parse_status(&status)
-        .ok_or_else(|| Error::Boot(format!("status reply without memory figures: {status}")))?;
+    let vmm = VmmClient::new(&api, Duration::from_secs(30));
+    let status = vmm.status()?;
     // Best effort: the guard kills the VMM if it does not stop by itself.
-    let _ = api_request(&api, r#"{"op":"stop"}"#);
+    let _ = vmm.stop();
     let stop_deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < stop_deadline {
         if let Ok(Some(_)) = child.0.try_wait() {
@@ -194,8 +165,8 @@ pub fn boot_thaw(o: &ThawOptions<'_>) -> Result<ThawBoot, Error> {
     Ok(ThawBoot {
         marks,
         spawn_to_init,
-        vmm_rss_kib,
-        guest_rss_kib,
+        vmm_rss_kib: status.vmm_rss_kib,
+        guest_rss_kib: status.guest_rss_kib,
         cmdline,
     })
 }
@@ -310,15 +281,6 @@ mod tests {
         assert_eq!(parse_mark("thaw-vmm: mark init 12x us"), None);
         assert_eq!(parse_mark("thaw-vmm: mark init 12"), None);
         assert_eq!(parse_mark("thaw-vmm: guest requested reset"), None);
-    }
-
-    #[test]
-    fn status_figures_need_an_ok_reply() {
-        let ok = serde_json::json!({"ok": true, "vmm_rss_kib": 2100, "guest_rss_kib": 40000});
-        assert_eq!(parse_status(&ok), Some((2100, 40000)));
-        let err = serde_json::json!({"ok": false, "error": "x"});
-        assert_eq!(parse_status(&err), None);
-        assert_eq!(parse_status(&serde_json::json!({"ok": true})), None);
     }
 
     #[test]

@@ -33,7 +33,10 @@ pub enum Error {
     },
 
     #[error("VMM control: {0}")]
-    Vmm(String),
+    Vmm(#[from] thaw_vmm_api::Error),
+
+    #[error("VMM control: the VMM was not started")]
+    VmmNotStarted,
 
     #[error("sandbox: {0}")]
     Sandbox(String),
@@ -78,7 +81,9 @@ impl Error {
             Error::AlreadyExists(_) => Code::ALREADY_EXISTS,
             Error::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             Error::Unimplemented(_) => Code::UNIMPLEMENTED,
-            Error::Agent(_) | Error::Sandbox(_) | Error::Vmm(_) => Code::UNAVAILABLE,
+            Error::Agent(_) | Error::Sandbox(_) | Error::Vmm(_) | Error::VmmNotStarted => {
+                Code::UNAVAILABLE
+            }
             _ => Code::INTERNAL,
         }
     }

@@ -15,7 +15,7 @@ mod service;
 mod shim;
 mod spec;
 mod stdio;
-mod vmm_client;
+mod vmm;
 
 pub const RUNTIME_ID: &str = "io.containerd.thaw.v2";
 

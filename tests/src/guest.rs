@@ -133,14 +133,10 @@ pub fn wait_with_deadline(
     }
 }
 
-/// One request on a VMM control socket; returns the JSON reply line.
-pub fn control(api: &Path, request: &str) -> String {
-    use std::io::Write;
-    let mut s =
-        std::os::unix::net::UnixStream::connect(api).expect("connecting to the control socket");
-    s.write_all(format!("{request}\n").as_bytes())
-        .expect("writing a control request");
-    read_line(&mut std::io::BufReader::new(s))
+/// A client of the VMM control socket at `api`. Its timeout is generous:
+/// a snapshot writes all of guest RAM, and on PVM hosts the guest is slow.
+pub fn vmm_client(api: &Path) -> thaw_vmm_api::VmmClient {
+    thaw_vmm_api::VmmClient::new(api, Duration::from_secs(300))
 }
 
 /// How many live processes have `path` in their command line.

@@ -8,13 +8,16 @@
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use thaw_agent_protocol::agent::HealthResponse;
 use thaw_tests::agent::{self, AgentConn};
-use thaw_tests::guest::{self, accept_or_exit, control, processes_mentioning, wait_with_deadline};
+use thaw_tests::guest::{
+    self, accept_or_exit, processes_mentioning, vmm_client, wait_with_deadline,
+};
+use thaw_vmm_api::{ReadyProbe, RestoreArgs, Serial, TemplateBuildArgs, VmmCommand};
 
 /// Kills the VMM if the test fails before stopping it.
 struct Vmm(Option<Child>);
@@ -81,16 +84,18 @@ fn template() -> &'static Template {
 
         // The template builder waits for the agent's dial.
         let started = Instant::now();
-        let out = Command::new(guest::vmm_binary())
-            .args(["template", "build", "--kernel"])
-            .arg(kernel)
-            .arg("--disk")
-            .arg(&root_img)
-            .args(["--spare-disks", "2", "--vcpus", "1", "--memory-mib", "128"])
-            .args(["--ready", "agent", "--timeout", "600", "--store"])
-            .arg(dir.join("store"))
-            .output()
-            .unwrap();
+        let out = VmmCommand::TemplateBuild(TemplateBuildArgs {
+            spare_disks: 2,
+            vcpus: 1,
+            memory_mib: 128,
+            ready: ReadyProbe::Agent,
+            timeout_secs: 600,
+            store: Some(dir.join("store")),
+            ..TemplateBuildArgs::new(kernel, &root_img)
+        })
+        .command(guest::vmm_binary())
+        .output()
+        .unwrap();
         let build_took = started.elapsed();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "template build failed:\n{stderr}");
@@ -133,12 +138,9 @@ impl RestoredVm {
 
 /// Puts `img` read-only into spare disk slot `slot` (slot 0 is /dev/vdb).
 fn attach(api: &Path, slot: u32, img: &Path) {
-    let reply = control(
-        api,
-        &serde_json::json!({"op": "attach_disk", "slot": slot, "path": img, "read_only": true})
-            .to_string(),
-    );
-    assert!(reply.starts_with(r#"{"ok":true"#), "attach_disk: {reply}");
+    if let Err(e) = vmm_client(api).attach_disk(slot, img, true) {
+        panic!("{e}");
+    }
 }
 
 fn restore() -> RestoredVm {
@@ -152,18 +154,16 @@ fn restore() -> RestoredVm {
     let listener = UnixListener::bind(&control_path).unwrap();
     let started = Instant::now();
     let mut vmm = Vmm(Some(
-        Command::new(guest::vmm_binary())
-            .arg("--restore")
-            .arg(&t.dir)
-            .arg("--vsock-uds")
-            .arg(&uds)
-            .arg("--api-sock")
-            .arg(&api)
-            .arg("--serial")
-            .arg(dir.join("vm.console"))
-            .stderr(std::fs::File::create(dir.join("vmm.stderr")).unwrap())
-            .spawn()
-            .unwrap(),
+        VmmCommand::Restore(RestoreArgs {
+            vsock_uds: Some(uds.clone()),
+            api_sock: Some(api.clone()),
+            serial: Some(Serial::File(dir.join("vm.console"))),
+            ..RestoreArgs::new(&t.dir)
+        })
+        .command(guest::vmm_binary())
+        .stderr(std::fs::File::create(dir.join("vmm.stderr")).unwrap())
+        .spawn()
+        .unwrap(),
     ));
     let logs = ShowLogsOnPanic(dir.to_path_buf());
     let conn = accept_or_exit(
@@ -246,7 +246,7 @@ fn busybox_runs_in_the_vm_through_the_agent() {
 
     // Stop: the VMM exits and removes its sockets.
     drop(agent);
-    assert_eq!(control(&api, r#"{"op":"stop"}"#).trim(), r#"{"ok":true}"#);
+    vmm_client(&api).stop().unwrap();
     let mut child = vmm.0.take().unwrap();
     let pid = child.id();
     let status = wait_with_deadline(&mut child, Duration::from_secs(30));
@@ -294,10 +294,7 @@ impl RestoredVm {
     /// Stops the VMM through its control socket and checks that it exits
     /// cleanly.
     fn stop(mut self) {
-        assert_eq!(
-            control(&self.api(), r#"{"op":"stop"}"#).trim(),
-            r#"{"ok":true}"#
-        );
+        vmm_client(&self.api()).stop().unwrap();
         let mut child = self.vmm.0.take().unwrap();
         let status = wait_with_deadline(&mut child, Duration::from_secs(30));
         assert_eq!(status.code(), Some(0));

@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use thaw_tests::guest::{self, accept_or_exit, read_line, wait_with_deadline};
+use thaw_vmm_api::{BootArgs, Disk, Serial, VmmCommand};
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(600);
 
@@ -43,24 +44,19 @@ fn boots_to_init_then_disk_vsock_and_reboot_work() {
     let console = tmp.path().join("console.log");
 
     let started = Instant::now();
-    let mut vmm = Command::new(vmm_bin)
-        .arg("--kernel")
-        .arg(kernel)
-        .arg("--disk")
-        .arg(format!("{},ro", root_img.display()))
-        .arg("--disk")
-        .arg(format!("{},ro", data_img.display()))
-        .arg("--vsock-uds")
-        .arg(&uds)
-        .arg("--api-sock")
-        .arg(&api)
-        .arg("--serial")
-        .arg(&console)
-        .args(["--memory-mib", "128"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut vmm = VmmCommand::Boot(BootArgs {
+        disks: vec![Disk::read_only(&root_img), Disk::read_only(&data_img)],
+        vsock_uds: Some(uds.clone()),
+        api_sock: Some(api.clone()),
+        serial: Serial::File(console.clone()),
+        memory_mib: 128,
+        ..BootArgs::new(kernel)
+    })
+    .command(vmm_bin)
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
 
     // Guest-initiated connection: the init dials host port 1234.
     let conn = accept_or_exit(&report, &mut vmm, started + BOOT_DEADLINE);
@@ -128,6 +124,7 @@ fn boots_to_init_then_disk_vsock_and_reboot_work() {
 #[test]
 fn bad_arguments_are_named_and_nothing_is_left() {
     let vmm_bin = guest::vmm_binary();
+    // A mistake the command builder cannot make, so argv by hand.
     let out = Command::new(vmm_bin)
         .args(["--kernel", "/k", "--vcpus", "many"])
         .output()
@@ -141,11 +138,13 @@ fn bad_arguments_are_named_and_nothing_is_left() {
 
     let tmp = tempfile::tempdir().unwrap();
     let api = tmp.path().join("api.sock");
-    let out = Command::new(vmm_bin)
-        .args(["--kernel", "/nonexistent/vmlinux", "--api-sock"])
-        .arg(&api)
-        .output()
-        .unwrap();
+    let out = VmmCommand::Boot(BootArgs {
+        api_sock: Some(api.clone()),
+        ..BootArgs::new("/nonexistent/vmlinux")
+    })
+    .command(vmm_bin)
+    .output()
+    .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--kernel /nonexistent/vmlinux"), "{err}");
@@ -154,9 +153,8 @@ fn bad_arguments_are_named_and_nothing_is_left() {
     // A file that is not an ELF kernel is refused with the loader's reason.
     let junk = tmp.path().join("junk");
     std::fs::write(&junk, b"not a kernel").unwrap();
-    let out = Command::new(vmm_bin)
-        .arg("--kernel")
-        .arg(&junk)
+    let out = VmmCommand::Boot(BootArgs::new(&junk))
+        .command(vmm_bin)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));

@@ -7,10 +7,11 @@
 use std::io::{BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use thaw_tests::guest::{self, accept_or_exit, control, read_line, wait_with_deadline};
+use thaw_tests::guest::{self, accept_or_exit, read_line, vmm_client, wait_with_deadline};
+use thaw_vmm_api::{BootArgs, Disk, RestoreArgs, RunState, Serial, VmmCommand};
 
 struct Guest {
     vmm: Child,
@@ -41,18 +42,16 @@ fn restore(snap: &Path, dir: &Path, name: &str) -> (Guest, PathBuf, PathBuf) {
     let uds = dir.join(format!("{name}.vsock"));
     let api = dir.join(format!("{name}.api"));
     let listener = UnixListener::bind(dir.join(format!("{name}.vsock_1234"))).unwrap();
-    let mut vmm = Command::new(guest::vmm_binary())
-        .arg("--restore")
-        .arg(snap)
-        .arg("--vsock-uds")
-        .arg(&uds)
-        .arg("--api-sock")
-        .arg(&api)
-        .arg("--serial")
-        .arg(dir.join(format!("{name}.console")))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut vmm = VmmCommand::Restore(RestoreArgs {
+        vsock_uds: Some(uds.clone()),
+        api_sock: Some(api.clone()),
+        serial: Some(Serial::File(dir.join(format!("{name}.console")))),
+        ..RestoreArgs::new(snap)
+    })
+    .command(guest::vmm_binary())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     // The restored guest's old connection was reset; it dials again.
     let (conn, w) = wait_ready(&listener, &mut vmm, Duration::from_secs(120));
     (Guest { vmm, conn, w }, uds, api)
@@ -73,23 +72,18 @@ fn restored_vms_resume_independently_and_bad_snapshots_are_refused() {
     let uds = dir.join("orig.vsock");
     let api = dir.join("orig.api");
     let report = UnixListener::bind(dir.join("orig.vsock_1234")).unwrap();
-    let mut vmm = Command::new(guest::vmm_binary())
-        .arg("--kernel")
-        .arg(kernel)
-        .arg("--disk")
-        .arg(format!("{},ro", root_img.display()))
-        .arg("--disk")
-        .arg(format!("{},ro", data_img.display()))
-        .arg("--vsock-uds")
-        .arg(&uds)
-        .arg("--api-sock")
-        .arg(&api)
-        .arg("--serial")
-        .arg(dir.join("orig.console"))
-        .args(["--memory-mib", "128"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut vmm = VmmCommand::Boot(BootArgs {
+        disks: vec![Disk::read_only(&root_img), Disk::read_only(&data_img)],
+        vsock_uds: Some(uds.clone()),
+        api_sock: Some(api.clone()),
+        serial: Serial::File(dir.join("orig.console")),
+        memory_mib: 128,
+        ..BootArgs::new(kernel)
+    })
+    .command(guest::vmm_binary())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
 
     // Walk the init through its boot steps to its serve loop.
     let conn = accept_or_exit(&report, &mut vmm, Instant::now() + Duration::from_secs(600));
@@ -109,19 +103,17 @@ fn restored_vms_resume_independently_and_bad_snapshots_are_refused() {
     let mut original = Guest { vmm, conn, w };
     assert_eq!(original.ask("write base"), "ok");
 
-    let status = control(&api, r#"{"op":"status"}"#);
-    assert!(status.contains(r#""state":"running""#), "{status}");
-    assert!(status.contains("vmm_rss_kib"), "{status}");
+    let control = vmm_client(&api);
+    let status = control.status().unwrap();
+    assert_eq!(status.state, RunState::Running, "{status:?}");
+    assert!(status.vmm_rss_kib > 0, "{status:?}");
 
     // Save while the guest waits for our next line, then stop the original.
     let snap = dir.join("snap");
-    let reply = control(
-        &api,
-        &format!(r#"{{"op":"snapshot","dir":"{}"}}"#, snap.display()),
-    );
-    assert!(reply.starts_with(r#"{"ok":true"#), "{reply}");
-    assert!(control(&api, r#"{"op":"status"}"#).contains(r#""state":"paused""#));
-    assert_eq!(control(&api, r#"{"op":"stop"}"#).trim(), r#"{"ok":true}"#);
+    let saved = control.snapshot(&snap).unwrap();
+    assert!(saved.state_bytes > 0, "{saved:?}");
+    assert_eq!(control.status().unwrap().state, RunState::Paused);
+    control.stop().unwrap();
     let status = wait_with_deadline(&mut original.vmm, Duration::from_secs(30));
     assert_eq!(status.code(), Some(0));
     drop(report);
@@ -157,15 +149,14 @@ fn restored_vms_resume_independently_and_bad_snapshots_are_refused() {
     let refused = |snapdir: &Path, needle: &str| {
         let uds = dir.join("r.vsock");
         let api = dir.join("r.api");
-        let out = Command::new(guest::vmm_binary())
-            .arg("--restore")
-            .arg(snapdir)
-            .arg("--vsock-uds")
-            .arg(&uds)
-            .arg("--api-sock")
-            .arg(&api)
-            .output()
-            .unwrap();
+        let out = VmmCommand::Restore(RestoreArgs {
+            vsock_uds: Some(uds.clone()),
+            api_sock: Some(api.clone()),
+            ..RestoreArgs::new(snapdir)
+        })
+        .command(guest::vmm_binary())
+        .output()
+        .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{err}");
         assert!(err.contains(needle), "expected {needle:?} in: {err}");

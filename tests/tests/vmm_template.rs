@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 use thaw_tests::guest::{
     self, accept_or_exit, processes_mentioning, read_line, wait_with_deadline,
 };
+use thaw_vmm_api::{ReadyProbe, RestoreArgs, Serial, TemplateBuildArgs, VmmCommand};
 
+/// `thaw-vmm template ARGS --store STORE`, argv as given: for mistakes
+/// (which the command builder cannot make) and for list and rm.
 fn template(args: &[&str], store: &Path) -> Output {
     Command::new(guest::vmm_binary())
         .arg("template")
@@ -64,21 +67,19 @@ fn template_is_built_once_listed_restored_and_removed() {
     let store = dir.join("store");
     let (k, r) = (kernel.to_str().unwrap(), root_img.to_str().unwrap());
     // The test init reads /dev/vdb: one spare (empty) disk slot gives it one.
-    let build_args = [
-        "build",
-        "--kernel",
-        k,
-        "--disk",
-        r,
-        "--spare-disks",
-        "1",
-        "--memory-mib",
-        "128",
-        "--ready",
-        "test-init",
-        "--timeout",
-        "400",
-    ];
+    let build = || {
+        VmmCommand::TemplateBuild(TemplateBuildArgs {
+            spare_disks: 1,
+            memory_mib: 128,
+            ready: ReadyProbe::TestInit,
+            timeout_secs: 400,
+            store: Some(store.clone()),
+            ..TemplateBuildArgs::new(kernel, &root_img)
+        })
+        .command(guest::vmm_binary())
+        .output()
+        .unwrap()
+    };
 
     // Mistakes name the option and touch nothing.
     let out = template(&["build", "--kernel", k], &store);
@@ -98,7 +99,7 @@ fn template_is_built_once_listed_restored_and_removed() {
 
     // Cold build: boots, waits for the guest, snapshots.
     let started = Instant::now();
-    let out = template(&build_args, &store);
+    let out = build();
     let cold = started.elapsed();
     assert!(out.status.success(), "build failed:\n{}", text(&out.stderr));
     let tdir = PathBuf::from(text(&out.stdout).trim());
@@ -134,7 +135,7 @@ fn template_is_built_once_listed_restored_and_removed() {
 
     // Same inputs: the stored template, without a boot.
     let started = Instant::now();
-    let out = template(&build_args, &store);
+    let out = build();
     let cached = started.elapsed();
     eprintln!("cached template build took {cached:?}");
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -152,18 +153,16 @@ fn template_is_built_once_listed_restored_and_removed() {
     let api = dir.join("r.api");
     let listener = UnixListener::bind(dir.join("r.vsock_1234")).unwrap();
     let started = Instant::now();
-    let mut vmm = Command::new(guest::vmm_binary())
-        .arg("--restore")
-        .arg(&tdir)
-        .arg("--vsock-uds")
-        .arg(&uds)
-        .arg("--api-sock")
-        .arg(&api)
-        .arg("--serial")
-        .arg(dir.join("r.console"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut vmm = VmmCommand::Restore(RestoreArgs {
+        vsock_uds: Some(uds.clone()),
+        api_sock: Some(api.clone()),
+        serial: Some(Serial::File(dir.join("r.console"))),
+        ..RestoreArgs::new(&tdir)
+    })
+    .command(guest::vmm_binary())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     let conn = accept_or_exit(
         &listener,
         &mut vmm,
@@ -219,16 +218,15 @@ fn a_build_that_cannot_boot_fails_and_leaves_only_its_record() {
     let sockets = dir.join("tmp");
     std::fs::create_dir(&sockets).unwrap();
     let build = || {
-        Command::new(guest::vmm_binary())
-            .args(["template", "build", "--timeout", "60", "--kernel"])
-            .arg(&fake_kernel)
-            .arg("--disk")
-            .arg(&root)
-            .arg("--store")
-            .arg(&store)
-            .env("TMPDIR", &sockets)
-            .output()
-            .unwrap()
+        VmmCommand::TemplateBuild(TemplateBuildArgs {
+            timeout_secs: 60,
+            store: Some(store.clone()),
+            ..TemplateBuildArgs::new(&fake_kernel, &root)
+        })
+        .command(guest::vmm_binary())
+        .env("TMPDIR", &sockets)
+        .output()
+        .unwrap()
     };
     let out = build();
     let err = text(&out.stderr);
@@ -279,24 +277,16 @@ fn a_guest_that_never_gets_ready_is_killed_at_the_deadline() {
     let sockets = dir.join("tmp");
     std::fs::create_dir(&sockets).unwrap();
     let started = Instant::now();
-    let out = Command::new(guest::vmm_binary())
-        .args([
-            "template",
-            "build",
-            "--ready-port",
-            "4321",
-            "--timeout",
-            "5",
-        ])
-        .arg("--kernel")
-        .arg(kernel)
-        .arg("--disk")
-        .arg(&root_img)
-        .arg("--store")
-        .arg(&store)
-        .env("TMPDIR", &sockets)
-        .output()
-        .unwrap();
+    let out = VmmCommand::TemplateBuild(TemplateBuildArgs {
+        ready_port: Some(4321),
+        timeout_secs: 5,
+        store: Some(store.clone()),
+        ..TemplateBuildArgs::new(kernel, &root_img)
+    })
+    .command(guest::vmm_binary())
+    .env("TMPDIR", &sockets)
+    .output()
+    .unwrap();
     let took = started.elapsed();
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");

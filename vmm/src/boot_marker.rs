@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use thaw_vmm_api::BootMark;
 
 use crate::devices::{BusDevice, DeviceRequest};
 
@@ -35,15 +35,9 @@ pub fn mark_name(mark: u8) -> String {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Mark {
-    pub name: String,
-    pub micros: u64,
-}
-
 /// The recorded marks, shared with the control API.
 #[derive(Clone, Default)]
-pub struct BootTimes(Arc<Mutex<Vec<Mark>>>);
+pub struct BootTimes(Arc<Mutex<Vec<BootMark>>>);
 
 impl BootTimes {
     /// Records a mark and prints it as `thaw-vmm: mark <name> <µs> us`, the
@@ -54,10 +48,10 @@ impl BootTimes {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(Mark { name, micros });
+            .push(BootMark { name, micros });
     }
 
-    pub fn marks(&self) -> Vec<Mark> {
+    pub fn marks(&self) -> Vec<BootMark> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }

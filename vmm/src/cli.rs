@@ -267,4 +267,109 @@ mod tests {
         assert!(e("--kernel /k --pvm maybe").starts_with("--pvm:"));
         assert_eq!(e("--kernel /k --cid 5"), "--cid given without --vsock-uds");
     }
+
+    fn api_args(c: thaw_vmm_api::VmmCommand) -> Vec<String> {
+        c.args()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+
+    /// What thaw-vmm-api builds is what this parser reads, option by option.
+    #[test]
+    fn reads_the_boot_command_line_the_api_crate_builds() {
+        use thaw_vmm_api::{BootArgs, Disk, Pvm, Serial};
+        let minimal = api_args(BootArgs::new("/k").into());
+        match parse(minimal).unwrap() {
+            Launch::Boot(c) => assert_eq!(
+                c,
+                VmConfig {
+                    kernel: "/k".into(),
+                    ..VmConfig::default()
+                }
+            ),
+            other => panic!("{other:?}"),
+        }
+        let full = BootArgs {
+            initramfs: Some("/i".into()),
+            disks: vec![Disk::read_only("/a"), Disk::read_write("/b,ro")],
+            spare_disks: 2,
+            vsock_uds: Some("/v".into()),
+            cid: Some(7),
+            vcpus: 2,
+            memory_mib: 512,
+            append: "quiet loglevel=0".into(),
+            serial: Serial::File("none".into()),
+            api_sock: Some("/api".into()),
+            pvm: Pvm::On,
+            ..BootArgs::new("/k")
+        };
+        match parse(api_args(full.into())).unwrap() {
+            Launch::Boot(c) => assert_eq!(
+                c,
+                VmConfig {
+                    kernel: "/k".into(),
+                    initramfs: Some("/i".into()),
+                    disks: vec![
+                        DiskConfig {
+                            path: "/a".into(),
+                            read_only: true
+                        },
+                        DiskConfig {
+                            path: "/b,ro".into(),
+                            read_only: false
+                        },
+                    ],
+                    spare_disks: 2,
+                    vsock: Some(VsockConfig {
+                        guest_cid: 7,
+                        uds_path: "/v".into()
+                    }),
+                    vcpus: 2,
+                    memory_mib: 512,
+                    append: "quiet loglevel=0".into(),
+                    serial: SerialOutput::File("./none".into()),
+                    api_socket: Some("/api".into()),
+                    pvm_quirks: PvmQuirks::On,
+                }
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn reads_the_restore_command_line_the_api_crate_builds() {
+        use thaw_vmm_api::{Disk, RestoreArgs, Serial};
+        match parse(api_args(RestoreArgs::new("/snap").into())).unwrap() {
+            Launch::Restore(r) => {
+                assert_eq!(r.snapshot, PathBuf::from("/snap"));
+                assert!(r.vsock_uds.is_none() && r.disks.is_empty());
+                assert!(r.serial.is_none() && r.api_socket.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        let full = RestoreArgs {
+            disks: vec![Disk::read_only("/root.img")],
+            vsock_uds: Some("/v2".into()),
+            serial: Some(Serial::None),
+            api_sock: Some("/a".into()),
+            ..RestoreArgs::new("/snap")
+        };
+        match parse(api_args(full.into())).unwrap() {
+            Launch::Restore(r) => {
+                assert_eq!(r.snapshot, PathBuf::from("/snap"));
+                assert_eq!(
+                    r.disks,
+                    [DiskConfig {
+                        path: "/root.img".into(),
+                        read_only: true
+                    }]
+                );
+                assert_eq!(r.vsock_uds, Some(PathBuf::from("/v2")));
+                assert_eq!(r.serial, Some(SerialOutput::None));
+                assert_eq!(r.api_socket, Some(PathBuf::from("/a")));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

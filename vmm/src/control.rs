@@ -3,100 +3,69 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-use serde_json::json;
+use thaw_vmm_api::wire::MAX_REQUEST_LINE;
+use thaw_vmm_api::{Reply, Request, RunState, SnapshotSaved, Status};
 
 use crate::boot_marker::BootTimes;
+use crate::snapshot::{PauseResumeError, SnapshotError};
 use crate::vcpu::VmExit;
-
-/// Longest request line accepted; anything longer is refused, not buffered.
-const MAX_REQUEST: u64 = 64 * 1024;
-
-#[derive(Debug, Deserialize, PartialEq)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Request {
-    Status,
-    Pause,
-    Resume,
-    Stop,
-    AttachDisk {
-        slot: usize,
-        path: PathBuf,
-        read_only: bool,
-    },
-    Snapshot {
-        dir: PathBuf,
-    },
-}
-
-#[derive(Debug, Serialize)]
-struct Reply {
-    ok: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-    #[serde(flatten)]
-    data: serde_json::Value,
-}
+use crate::vm::AttachError;
 
 /// What a request can act on. Implemented by the running VMM; a trait so
 /// the request handling is testable without a VM.
 pub trait VmControl: Send + Sync {
-    fn pause(&self) -> Result<(), String>;
-    fn resume(&self) -> Result<(), String>;
+    fn pause(&self) -> Result<(), PauseResumeError>;
+    fn resume(&self) -> Result<(), PauseResumeError>;
     fn stop(&self);
-    fn status(&self) -> serde_json::Value;
-    fn attach_disk(&self, slot: usize, path: &Path, read_only: bool) -> Result<(), String>;
-    fn snapshot(&self, dir: &Path) -> Result<serde_json::Value, String>;
+    fn status(&self) -> Status;
+    fn attach_disk(&self, slot: usize, path: &Path, read_only: bool) -> Result<(), AttachError>;
+    fn snapshot(&self, dir: &Path) -> Result<SnapshotSaved, SnapshotError>;
 }
 
-/// A reply line, and whether the VMM is to stop once it has been sent.
+/// A reply, and whether the VMM is to stop once it has been sent.
 #[derive(Debug, PartialEq)]
 pub struct Handled {
-    pub reply: String,
+    pub reply: Reply,
     /// Stopping before the reply is written would let the process exit
     /// first, and the client read EOF instead of `{"ok":true}`.
     pub stop_after_reply: bool,
 }
 
+/// Carries out one request line (all but a stop, which the caller carries
+/// out after replying); every failure is a `Failed` reply.
 pub fn handle(ctl: &dyn VmControl, line: &str) -> Handled {
-    let mut stop_after_reply = false;
-    let result = match serde_json::from_str::<Request>(line) {
-        Err(e) => Err(format!("bad request: {e}")),
-        Ok(Request::Status) => Ok(ctl.status()),
-        Ok(Request::Pause) => ctl.pause().map(|_| json!({})),
-        Ok(Request::Resume) => ctl.resume().map(|_| json!({})),
-        Ok(Request::Stop) => {
-            stop_after_reply = true;
-            Ok(json!({}))
-        }
+    let request = Request::from_line(line);
+    let stop_after_reply = matches!(request, Ok(Request::Stop));
+    let reply = match request {
+        Err(e) => Reply::Failed(e.to_string()),
+        Ok(Request::Status) => Reply::Status(ctl.status()),
+        Ok(Request::Pause) => reply(ctl.pause(), |()| Reply::Done),
+        Ok(Request::Resume) => reply(ctl.resume(), |()| Reply::Done),
+        Ok(Request::Stop) => Reply::Done,
         Ok(Request::AttachDisk {
             slot,
             path,
             read_only,
-        }) => ctl.attach_disk(slot, &path, read_only).map(|_| json!({})),
-        Ok(Request::Snapshot { dir }) => ctl.snapshot(&dir),
+        }) => reply(ctl.attach_disk(slot as usize, &path, read_only), |()| {
+            Reply::Done
+        }),
+        Ok(Request::Snapshot { dir }) => reply(ctl.snapshot(&dir), Reply::SnapshotSaved),
     };
-    let reply = match result {
-        Ok(data) => Reply {
-            ok: true,
-            error: None,
-            data,
-        },
-        Err(e) => Reply {
-            ok: false,
-            error: Some(e),
-            data: json!({}),
-        },
-    };
-    let reply =
-        serde_json::to_string(&reply).unwrap_or_else(|_| r#"{"ok":false,"error":"reply"}"#.into());
     Handled {
         reply,
         stop_after_reply,
+    }
+}
+
+/// The reply to a request whose work ended in `result`.
+fn reply<T, E: std::fmt::Display>(result: Result<T, E>, ok: impl FnOnce(T) -> Reply) -> Reply {
+    match result {
+        Ok(v) => ok(v),
+        Err(e) => Reply::Failed(e.to_string()),
     }
 }
 
@@ -105,18 +74,21 @@ fn serve_connection(ctl: &dyn VmControl, stream: UnixStream) -> std::io::Result<
     let mut reader = BufReader::new(stream);
     loop {
         let mut line = String::new();
-        let n = (&mut reader).take(MAX_REQUEST).read_line(&mut line)?;
+        let n = (&mut reader).take(MAX_REQUEST_LINE).read_line(&mut line)?;
         if n == 0 {
             return Ok(());
         }
-        if !line.ends_with('\n') && n as u64 >= MAX_REQUEST {
-            writer.write_all(b"{\"ok\":false,\"error\":\"request too long\"}\n")?;
+        if !line.ends_with('\n') && n as u64 >= MAX_REQUEST_LINE {
+            let mut refusal = Reply::Failed("request too long".into()).to_line();
+            refusal.push('\n');
+            writer.write_all(refusal.as_bytes())?;
             return Ok(());
         }
         let handled = handle(ctl, line.trim());
+        let mut reply = handled.reply.to_line();
+        reply.push('\n');
         let written = writer
-            .write_all(handled.reply.as_bytes())
-            .and_then(|_| writer.write_all(b"\n"))
+            .write_all(reply.as_bytes())
             .and_then(|_| writer.flush());
         if handled.stop_after_reply {
             ctl.stop();
@@ -154,30 +126,37 @@ pub struct VmmControl {
 }
 
 impl VmControl for VmmControl {
-    fn pause(&self) -> Result<(), String> {
+    fn pause(&self) -> Result<(), PauseResumeError> {
         self.vm.pause()
     }
-    fn resume(&self) -> Result<(), String> {
+    fn resume(&self) -> Result<(), PauseResumeError> {
         self.vm.resume()
     }
     fn stop(&self) {
         let _ = self.exits.send(VmExit::Stopped);
     }
-    fn status(&self) -> serde_json::Value {
-        let (vmm_kib, guest_kib) = crate::memory_usage(&self.guest_ram).unwrap_or((0, 0));
-        json!({
-            "state": if self.vm.run.is_paused() { "paused" } else { "running" },
-            "marks": self.times.marks(),
-            "vmm_rss_kib": vmm_kib,
-            "guest_rss_kib": guest_kib,
-        })
+    fn status(&self) -> Status {
+        let (vmm_rss_kib, guest_rss_kib) = crate::memory_usage(&self.guest_ram).unwrap_or((0, 0));
+        Status {
+            state: if self.vm.run.is_paused() {
+                RunState::Paused
+            } else {
+                RunState::Running
+            },
+            marks: self.times.marks(),
+            vmm_rss_kib,
+            guest_rss_kib,
+        }
     }
-    fn attach_disk(&self, slot: usize, path: &Path, read_only: bool) -> Result<(), String> {
+    fn attach_disk(&self, slot: usize, path: &Path, read_only: bool) -> Result<(), AttachError> {
         (self.disks)(slot, path, read_only)
     }
-    fn snapshot(&self, dir: &Path) -> Result<serde_json::Value, String> {
-        let (state_bytes, memory_bytes) = self.vm.snapshot(dir).map_err(|e| e.to_string())?;
-        Ok(json!({"state_bytes": state_bytes, "memory_bytes_written": memory_bytes}))
+    fn snapshot(&self, dir: &Path) -> Result<SnapshotSaved, SnapshotError> {
+        let (state_bytes, memory_bytes_written) = self.vm.snapshot(dir)?;
+        Ok(SnapshotSaved {
+            state_bytes,
+            memory_bytes_written,
+        })
     }
 }
 
@@ -191,53 +170,65 @@ mod tests {
         calls: Mutex<Vec<String>>,
     }
     impl VmControl for Fake {
-        fn pause(&self) -> Result<(), String> {
+        fn pause(&self) -> Result<(), PauseResumeError> {
             self.calls.lock().unwrap().push("pause".into());
             Ok(())
         }
-        fn resume(&self) -> Result<(), String> {
-            Err("not paused".into())
+        fn resume(&self) -> Result<(), PauseResumeError> {
+            Err(crate::vcpu::VcpuError::Stopping.into())
         }
         fn stop(&self) {
             self.calls.lock().unwrap().push("stop".into());
         }
-        fn status(&self) -> serde_json::Value {
-            json!({"state": "running"})
+        fn status(&self) -> Status {
+            Status {
+                state: RunState::Running,
+                marks: vec![],
+                vmm_rss_kib: 0,
+                guest_rss_kib: 0,
+            }
         }
-        fn attach_disk(&self, slot: usize, path: &Path, ro: bool) -> Result<(), String> {
+        fn attach_disk(&self, slot: usize, path: &Path, ro: bool) -> Result<(), AttachError> {
             self.calls
                 .lock()
                 .unwrap()
                 .push(format!("attach {slot} {} {ro}", path.display()));
             Ok(())
         }
-        fn snapshot(&self, _: &Path) -> Result<serde_json::Value, String> {
-            Err("no".into())
+        fn snapshot(&self, _: &Path) -> Result<SnapshotSaved, SnapshotError> {
+            Err(SnapshotError::Unsupported("no".into()))
         }
     }
 
     #[test]
     fn requests_map_to_calls_and_errors_are_replies() {
         let f = Fake::default();
-        let reply = |line: &str| handle(&f, line).reply;
-        assert_eq!(reply(r#"{"op":"pause"}"#), r#"{"ok":true}"#);
+        let handle = |line| handle(&f, line).reply.to_line();
+        assert_eq!(handle(r#"{"op":"pause"}"#), r#"{"ok":true}"#);
         assert_eq!(
-            reply(r#"{"op":"resume"}"#),
-            r#"{"ok":false,"error":"not paused"}"#
+            handle(r#"{"op":"resume"}"#),
+            r#"{"ok":false,"error":"the VM is stopping"}"#
         );
-        assert!(reply(r#"{"op":"status"}"#).contains(r#""state":"running""#));
-        let r = reply(r#"{"op":"attach_disk","slot":1,"path":"/x","read_only":true}"#);
+        assert_eq!(
+            handle(r#"{"op":"status"}"#),
+            r#"{"ok":true,"state":"running","marks":[],"vmm_rss_kib":0,"guest_rss_kib":0}"#
+        );
+        let r = handle(r#"{"op":"attach_disk","slot":1,"path":"/x","read_only":true}"#);
         assert_eq!(r, r#"{"ok":true}"#);
-        let r = reply(r#"{"op":"explode"}"#);
+        assert_eq!(
+            handle(r#"{"op":"snapshot","dir":"/s"}"#),
+            r#"{"ok":false,"error":"cannot snapshot this VM: no"}"#
+        );
+        let r = handle(r#"{"op":"explode"}"#);
         assert!(r.contains("bad request") && r.contains("explode"), "{r}");
-        let r = reply("not json");
+        let r = handle("not json");
         assert!(r.starts_with(r#"{"ok":false"#));
         assert_eq!(*f.calls.lock().unwrap(), vec!["pause", "attach 1 /x true"]);
         // Stop is acknowledged first and carried out after the reply.
         assert_eq!(
-            handle(&f, r#"{"op":"stop"}"#),
+            super::handle(&f, r#"{"op":"stop"}"#),
             Handled {
-                reply: r#"{"ok":true}"#.into(),
+                reply: Reply::Done,
                 stop_after_reply: true
             }
         );
@@ -266,7 +257,7 @@ mod tests {
         drop(r);
         drop(s);
         let mut s2 = UnixStream::connect(&path).unwrap();
-        s2.write_all(&vec![b'x'; MAX_REQUEST as usize + 10])
+        s2.write_all(&vec![b'x'; MAX_REQUEST_LINE as usize + 10])
             .unwrap();
         let mut line = String::new();
         BufReader::new(s2).read_line(&mut line).unwrap();

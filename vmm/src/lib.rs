@@ -36,9 +36,18 @@ pub enum Error {
         source: kvm_ioctls::Error,
     },
     #[error("guest memory: {0}")]
-    GuestMemory(String),
-    #[error("loading kernel {0}")]
-    Kernel(String),
+    GuestMemory(#[source] vm_memory::mmap::FromRangesError),
+    #[error("guest memory: initramfs: {source}")]
+    Initramfs {
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("loading kernel {path}: {source}")]
+    Kernel {
+        path: std::path::PathBuf,
+        #[source]
+        source: linux_loader::loader::Error,
+    },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -46,17 +55,28 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("device setup: {0}")]
-    Device(String),
+    Device(#[from] vm::DeviceError),
     #[error(transparent)]
     Bus(#[from] devices::BusError),
     #[error(transparent)]
     Arch(#[from] arch::ArchError),
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
-    #[error("snapshot {0}")]
-    Snapshot(String),
+    #[error("snapshot {dir}: {source}")]
+    Snapshot {
+        dir: std::path::PathBuf,
+        #[source]
+        source: snapshot::SnapshotError,
+    },
     #[error("template: {0}")]
-    Template(String),
+    TemplateStore(#[from] thaw_snapshots::Error),
+    #[error("template: {source}{diagnostics}")]
+    TemplateBuild {
+        #[source]
+        source: template::BuildError,
+        /// The tails of the VMM's stderr and the guest console.
+        diagnostics: String,
+    },
 }
 
 /// Resident memory of this process in KiB: (the VMM's own, guest RAM),

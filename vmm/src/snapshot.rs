@@ -28,11 +28,11 @@ use vm_memory::{
 use crate::config::{DiskConfig, SerialOutput, VmConfig, VsockConfig};
 use crate::devices::legacy::{Serial, SerialSnapshot};
 use crate::devices::virtio::block::{Block, BlockState};
-use crate::devices::virtio::mmio::{MmioState, MmioTransport};
+use crate::devices::virtio::mmio::{MmioError, MmioState, MmioTransport};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockState};
-use crate::vcpu::RunControl;
-use crate::vm::{lock, VirtioHandle, Vm};
+use crate::vcpu::{RunControl, VcpuError};
+use crate::vm::{lock, DeviceError, VirtioHandle, Vm};
 use crate::Error;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -108,14 +108,37 @@ pub enum SnapshotError {
     },
     #[error(transparent)]
     Format(#[from] thaw_snapshots::Error),
-    #[error("device {name}: {reason}")]
-    Device { name: String, reason: String },
-    #[error("pausing the vCPUs: {0}")]
-    Pause(String),
+    #[error("device {name}: {source}")]
+    Device {
+        name: String,
+        #[source]
+        source: MmioError,
+    },
+    #[error("pausing the VM: {0}")]
+    Pause(#[source] PauseResumeError),
     #[error("snapshot does not match: {0}")]
     Mismatch(String),
     #[error("cannot snapshot this VM: {0}")]
     Unsupported(String),
+}
+
+/// Why the VM could not be paused or resumed.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseResumeError {
+    #[error(transparent)]
+    Vcpus(#[from] VcpuError),
+    #[error("pausing {device}: {source}")]
+    PauseDevice {
+        device: String,
+        #[source]
+        source: MmioError,
+    },
+    #[error("resuming {device}: {source}")]
+    ResumeDevice {
+        device: String,
+        #[source]
+        source: MmioError,
+    },
 }
 
 /// KVM_GET_XSAVE copies 4 KiB. A guest needs more only with dynamic XSAVE
@@ -188,20 +211,27 @@ impl VmHandle {
     }
 
     /// Stops the vCPUs, then the device workers.
-    pub fn pause(&self) -> Result<(), String> {
-        self.run.pause().map_err(|e| e.to_string())?;
+    pub fn pause(&self) -> Result<(), PauseResumeError> {
+        self.run.pause()?;
         for (name, _, _, h) in &self.slots {
-            h.pause().map_err(|e| format!("pausing {name}: {e}"))?;
+            h.pause().map_err(|source| PauseResumeError::PauseDevice {
+                device: name.clone(),
+                source,
+            })?;
         }
         Ok(())
     }
 
     /// Restarts the device workers, then the vCPUs.
-    pub fn resume(&self) -> Result<(), String> {
+    pub fn resume(&self) -> Result<(), PauseResumeError> {
         for (name, _, _, h) in &self.slots {
-            h.resume().map_err(|e| format!("resuming {name}: {e}"))?;
+            h.resume()
+                .map_err(|source| PauseResumeError::ResumeDevice {
+                    device: name.clone(),
+                    source,
+                })?;
         }
-        self.run.resume().map_err(|e| e.to_string())
+        Ok(self.run.resume()?)
     }
 
     /// Pauses the VM (it stays paused) and writes `dir/state` and
@@ -221,10 +251,6 @@ impl VmHandle {
         };
         let mut virtio = Vec::with_capacity(self.slots.len());
         for (name, base, irq, h) in &self.slots {
-            let dev_err = |reason: String| SnapshotError::Device {
-                name: name.clone(),
-                reason,
-            };
             let (transport, device) = match h {
                 VirtioHandle::Block(t) => {
                     let t = lock(t);
@@ -236,7 +262,10 @@ impl VmHandle {
                 }
                 VirtioHandle::Rng(t) => (lock(t).state(), DeviceState::Rng),
             };
-            let transport = transport.map_err(|e| dev_err(e.to_string()))?;
+            let transport = transport.map_err(|source| SnapshotError::Device {
+                name: name.clone(),
+                source,
+            })?;
             virtio.push(VirtioSlotState {
                 name: name.clone(),
                 base: *base,
@@ -441,7 +470,10 @@ pub struct RestoreOptions {
 /// Builds a VM from a snapshot, ready to `start`. Nothing is half-loaded:
 /// the state file is fully checked before any KVM object exists.
 pub fn restore(opts: &RestoreOptions) -> Result<Vm, Error> {
-    let snap_err = |e: SnapshotError| Error::Snapshot(format!("{}: {e}", opts.snapshot.display()));
+    let snap_err = |source: SnapshotError| Error::Snapshot {
+        dir: opts.snapshot.clone(),
+        source,
+    };
     let state: MicrovmState = read_state(&opts.snapshot.join(STATE_FILE), &CpuFingerprint::host())
         .map_err(|e| snap_err(e.into()))?;
     let mut config = state.config.clone();
@@ -469,8 +501,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Vm, Error> {
     let mut disk_index = 0;
     for slot in &state.virtio {
         let mem = vm.mem.clone();
-        let dev_err =
-            |reason: String| Error::Device(format!("{} from snapshot: {reason}", slot.name));
+        let name = || slot.name.clone();
         match &slot.device {
             DeviceState::Block(b) => {
                 // Disks get their paths. Spare slots come back empty; one
@@ -484,17 +515,24 @@ pub fn restore(opts: &RestoreOptions) -> Result<Vm, Error> {
                 } else {
                     None
                 };
-                let dev =
-                    Block::from_state(b, path.as_deref()).map_err(|e| dev_err(e.to_string()))?;
+                let dev = Block::from_state(b, path.as_deref()).map_err(|source| {
+                    DeviceError::DiskState {
+                        name: name(),
+                        source,
+                    }
+                })?;
                 let t = MmioTransport::from_state(mem, dev, &slot.transport);
                 vm.add_virtio(slot.name.clone(), t, VirtioHandle::Block)?;
             }
             DeviceState::Vsock(v) => {
                 let uds = match &config.vsock {
                     Some(VsockConfig { uds_path, .. }) => uds_path.clone(),
-                    None => return Err(dev_err("no vsock socket configured".into())),
+                    None => return Err(DeviceError::NoVsockSocket(name()).into()),
                 };
-                let dev = Vsock::from_state(v, &uds).map_err(|e| dev_err(e.to_string()))?;
+                let dev = Vsock::from_state(v, &uds).map_err(|source| DeviceError::VsockState {
+                    name: name(),
+                    source,
+                })?;
                 let t = MmioTransport::from_state(mem, dev, &slot.transport);
                 vm.add_virtio(slot.name.clone(), t, VirtioHandle::Vsock)?;
             }
@@ -505,10 +543,13 @@ pub fn restore(opts: &RestoreOptions) -> Result<Vm, Error> {
         }
         let placed = vm.virtio.last().map(|s| (s.base, s.irq));
         if placed != Some((slot.base, slot.irq)) {
-            return Err(dev_err(format!(
-                "landed at {placed:?}, saved at {:#x}/{}",
-                slot.base, slot.irq
-            )));
+            return Err(DeviceError::Misplaced {
+                name: name(),
+                placed,
+                base: slot.base,
+                irq: slot.irq,
+            }
+            .into());
         }
     }
     restore_vm_state(&vm.fd, &state.vm).map_err(snap_err)?;
@@ -521,9 +562,10 @@ pub fn restore(opts: &RestoreOptions) -> Result<Vm, Error> {
         vm.vcpus.push(Arc::new(Mutex::new(fd)));
     }
     for s in &vm.virtio {
-        s.handle
-            .resume()
-            .map_err(|e| Error::Device(format!("resuming {}: {e}", s.name)))?;
+        s.handle.resume().map_err(|source| DeviceError::Resume {
+            name: s.name.clone(),
+            source,
+        })?;
     }
     Ok(vm)
 }

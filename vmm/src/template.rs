@@ -9,10 +9,12 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use thaw_snapshots::template::{Store, TemplateInputs, TemplateKey, DEFAULT_STORE};
+pub use thaw_vmm_api::ReadyProbe;
+use thaw_vmm_api::{BootArgs, Disk, Serial, VmmClient, VmmCommand};
 
 use crate::Error;
 
@@ -22,19 +24,6 @@ pub const AGENT_PORT: u32 = 1024;
 pub const TEST_INIT_PORT: u32 = 1234;
 /// Longest line accepted from the guest while waiting for it.
 const MAX_GUEST_LINE: u64 = 4096;
-
-/// How the builder recognises a ready guest.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReadyProbe {
-    /// The guest agent: ready once it dials the ready port. The connection
-    /// stays open until the snapshot is taken, so the agent sits idle in it
-    /// and re-dials after a restore resets it.
-    Agent,
-    /// thaw's test init (tests/test-init): walked through its boot steps
-    /// (disk report, nonce, echo on port 5001) to its serve loop, where it
-    /// re-dials after a restore and says `ready`.
-    TestInit,
-}
 
 #[derive(Clone, Debug)]
 pub struct BuildOptions {
@@ -57,13 +46,44 @@ impl BuildOptions {
     }
 }
 
-fn template_err(msg: impl Into<String>) -> Error {
-    Error::Template(msg.into())
+/// Why a build failed once the template VM was running (the error the
+/// caller sees adds the VMM's stderr and the guest console).
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("thaw-vmm exited ({0}) before the guest was ready")]
+    VmmExited(ExitStatus),
+    #[error("the guest was not ready before the deadline")]
+    NotReady,
+    #[error("timed out")]
+    TimedOut,
+    #[error("the guest sent {0:?}, not a line")]
+    NotALine(String),
+    #[error("test init said {said:?}, expected {expected}")]
+    TestInit {
+        said: String,
+        expected: &'static str,
+    },
+    #[error("test init echo: {ok:?} {pong:?}")]
+    TestInitEcho { ok: String, pong: String },
+    #[error("the template VM's control socket: {0}")]
+    Control(#[from] thaw_vmm_api::Error),
+    #[error("the template VM did not exit after stop")]
+    NoExitAfterStop,
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let what = what.into();
     move |source| Error::Io { what, source }
+}
+
+fn build_io(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
+    move |source| BuildError::Io { what, source }
 }
 
 /// The child VMM; killed and reaped if dropped while still running.
@@ -95,10 +115,13 @@ impl VmmChild {
         )
     }
 
-    fn fail(&mut self, msg: impl std::fmt::Display) -> Error {
+    fn fail(&mut self, source: BuildError) -> Error {
         // Stop it first so its stderr is complete.
         self.kill();
-        template_err(format!("{msg}{}", self.diagnostics()))
+        Error::TemplateBuild {
+            source,
+            diagnostics: self.diagnostics(),
+        }
     }
 
     fn kill(&mut self) {
@@ -139,23 +162,18 @@ pub fn boot_and_snapshot(
     let stderr = File::create(&stderr_path)
         .map_err(io_err(format!("creating {}", stderr_path.display())))?;
 
-    let child = Command::new(&opts.vmm)
-        .arg("--kernel")
-        .arg(&inputs.kernel)
-        .arg("--disk")
-        .arg(disk_arg(&inputs.root_image))
-        .arg("--spare-disks")
-        .arg(inputs.spare_disks.to_string())
-        .arg("--vcpus")
-        .arg(inputs.vcpus.to_string())
-        .arg("--memory-mib")
-        .arg(inputs.memory_mib.to_string())
-        .arg("--vsock-uds")
-        .arg(&uds)
-        .arg("--api-sock")
-        .arg(&api)
-        .arg("--serial")
-        .arg(sockets.path().join("console"))
+    let boot = VmmCommand::Boot(BootArgs {
+        disks: vec![Disk::read_only(&inputs.root_image)],
+        spare_disks: inputs.spare_disks.into(),
+        vsock_uds: Some(uds.clone()),
+        vcpus: inputs.vcpus.into(),
+        memory_mib: inputs.memory_mib,
+        serial: Serial::File(sockets.path().join("console")),
+        api_sock: Some(api.clone()),
+        ..BootArgs::new(&inputs.kernel)
+    });
+    let child = boot
+        .command(&opts.vmm)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr)
@@ -176,35 +194,33 @@ pub fn boot_and_snapshot(
         },
     };
 
-    let request = serde_json::json!({ "op": "snapshot", "dir": out }).to_string();
-    if let Err(e) = control(&api, &request, deadline) {
-        return Err(vmm.fail(format!("snapshot: {e}")));
+    if let Err(e) = control(&api, deadline).and_then(|c| Ok(c.snapshot(out)?)) {
+        return Err(vmm.fail(e));
     }
-    if let Err(e) = control(&api, r#"{"op":"stop"}"#, deadline) {
-        return Err(vmm.fail(format!("stopping the template VM: {e}")));
+    if let Err(e) = control(&api, deadline).and_then(|c| Ok(c.stop()?)) {
+        return Err(vmm.fail(e));
     }
     let stop_by = Instant::now() + Duration::from_secs(30);
     loop {
         match vmm.child.try_wait() {
             Ok(Some(_)) => break,
             Ok(None) if Instant::now() < stop_by => std::thread::sleep(Duration::from_millis(20)),
-            _ => return Err(vmm.fail("the template VM did not exit after stop")),
+            _ => return Err(vmm.fail(BuildError::NoExitAfterStop)),
         }
     }
     Ok(())
 }
 
-fn disk_arg(path: &Path) -> std::ffi::OsString {
-    let mut s = path.as_os_str().to_owned();
-    s.push(",ro");
-    s
-}
-
-fn remaining(deadline: Instant) -> Result<Duration, String> {
+fn remaining(deadline: Instant) -> Result<Duration, BuildError> {
     deadline
         .checked_duration_since(Instant::now())
         .filter(|d| !d.is_zero())
-        .ok_or_else(|| "timed out".to_string())
+        .ok_or(BuildError::TimedOut)
+}
+
+/// A client of the VMM's control socket whose round trips end by `deadline`.
+fn control(api: &Path, deadline: Instant) -> Result<VmmClient, BuildError> {
+    Ok(VmmClient::new(api, remaining(deadline)?))
 }
 
 /// Accepts one connection, giving up if the VMM exits or time runs out.
@@ -212,27 +228,29 @@ fn accept_until(
     listener: &UnixListener,
     vmm: &mut VmmChild,
     deadline: Instant,
-) -> Result<UnixStream, String> {
-    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+) -> Result<UnixStream, BuildError> {
+    listener
+        .set_nonblocking(true)
+        .map_err(build_io("waiting for the guest's connection"))?;
     loop {
         match listener.accept() {
             Ok((s, _)) => {
-                s.set_nonblocking(false).map_err(|e| e.to_string())?;
+                s.set_nonblocking(false)
+                    .map_err(build_io("setting up the guest's connection"))?;
                 let left = remaining(deadline)?;
-                s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
-                s.set_write_timeout(Some(left)).map_err(|e| e.to_string())?;
+                s.set_read_timeout(Some(left))
+                    .and_then(|_| s.set_write_timeout(Some(left)))
+                    .map_err(build_io("setting up the guest's connection"))?;
                 return Ok(s);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(format!("accepting the guest's connection: {e}")),
+            Err(e) => return Err(build_io("accepting the guest's connection")(e)),
         }
         if let Ok(Some(status)) = vmm.child.try_wait() {
-            return Err(format!(
-                "thaw-vmm exited ({status}) before the guest was ready"
-            ));
+            return Err(BuildError::VmmExited(status));
         }
         if Instant::now() >= deadline {
-            return Err("the guest was not ready before the deadline".into());
+            return Err(BuildError::NotReady);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -240,13 +258,13 @@ fn accept_until(
 
 /// One line from the guest, bounded in length (a hostile guest cannot make
 /// us buffer without end) and by the stream's timeout.
-fn guest_line(r: &mut impl BufRead) -> Result<String, String> {
+fn guest_line(r: &mut impl BufRead) -> Result<String, BuildError> {
     let mut line = String::new();
     r.take(MAX_GUEST_LINE)
         .read_line(&mut line)
-        .map_err(|e| format!("reading from the guest: {e}"))?;
+        .map_err(build_io("reading from the guest"))?;
     if !line.ends_with('\n') {
-        return Err(format!("the guest sent {line:?}, not a line"));
+        return Err(BuildError::NotALine(line));
     }
     Ok(line.trim_end().to_string())
 }
@@ -259,61 +277,45 @@ fn walk_test_init(
     uds: &Path,
     vmm: &mut VmmChild,
     deadline: Instant,
-) -> Result<UnixStream, String> {
-    let mut w = first.try_clone().map_err(|e| e.to_string())?;
+) -> Result<UnixStream, BuildError> {
+    let said = |said: String, expected| BuildError::TestInit { said, expected };
+    let mut w = first
+        .try_clone()
+        .map_err(build_io("talking to the test init"))?;
     let mut r = BufReader::new(first);
     let disk = guest_line(&mut r)?;
     if !disk.starts_with("disk ") {
-        return Err(format!("test init said {disk:?}, expected a disk report"));
+        return Err(said(disk, "a disk report"));
     }
-    writeln!(w, "nonce 1").map_err(|e| e.to_string())?;
+    writeln!(w, "nonce 1").map_err(build_io("talking to the test init"))?;
     let ack = guest_line(&mut r)?;
     if ack != "ack 1" {
-        return Err(format!("test init said {ack:?}, expected ack 1"));
+        return Err(said(ack, "ack 1"));
     }
-    let echo = UnixStream::connect(uds).map_err(|e| format!("connecting to vsock: {e}"))?;
+    let echo = UnixStream::connect(uds).map_err(build_io("connecting to vsock"))?;
     let left = remaining(deadline)?;
     echo.set_read_timeout(Some(left))
-        .map_err(|e| e.to_string())?;
+        .map_err(build_io("connecting to vsock"))?;
     (&echo)
         .write_all(b"CONNECT 5001\nping\n")
-        .map_err(|e| e.to_string())?;
+        .map_err(build_io("talking to the test init's echo port"))?;
     let mut er = BufReader::new(&echo);
     let ok = guest_line(&mut er)?;
     let pong = guest_line(&mut er)?;
     if !ok.starts_with("OK ") || pong != "echo ping" {
-        return Err(format!("test init echo: {ok:?} {pong:?}"));
+        return Err(BuildError::TestInitEcho { ok, pong });
     }
     let serve = accept_until(ready, vmm, deadline)?;
-    let mut r = BufReader::new(serve.try_clone().map_err(|e| e.to_string())?);
-    let said = guest_line(&mut r)?;
-    if said != "ready" {
-        return Err(format!("test init said {said:?}, expected ready"));
+    let mut r = BufReader::new(
+        serve
+            .try_clone()
+            .map_err(build_io("talking to the test init"))?,
+    );
+    let line = guest_line(&mut r)?;
+    if line != "ready" {
+        return Err(said(line, "ready"));
     }
     Ok(serve)
-}
-
-/// One request on the VMM's control socket; fails unless it says ok.
-fn control(api: &Path, request: &str, deadline: Instant) -> Result<(), String> {
-    let s =
-        UnixStream::connect(api).map_err(|e| format!("connecting to {}: {e}", api.display()))?;
-    let left = remaining(deadline)?;
-    s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(left)).map_err(|e| e.to_string())?;
-    (&s).write_all(format!("{request}\n").as_bytes())
-        .map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    BufReader::new(&s)
-        .take(64 * 1024)
-        .read_line(&mut line)
-        .map_err(|e| e.to_string())?;
-    let reply: serde_json::Value =
-        serde_json::from_str(&line).map_err(|e| format!("bad reply {line:?}: {e}"))?;
-    if reply["ok"] == serde_json::Value::Bool(true) {
-        Ok(())
-    } else {
-        Err(format!("refused: {}", reply["error"]))
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -519,7 +521,6 @@ pub fn main(args: Vec<String>) -> i32 {
 }
 
 fn run(cmd: Subcommand, store: &Store) -> Result<(), Error> {
-    let store_err = |e: thaw_snapshots::Error| template_err(e.to_string());
     match cmd {
         Subcommand::Build {
             inputs,
@@ -527,7 +528,7 @@ fn run(cmd: Subcommand, store: &Store) -> Result<(), Error> {
             ready_port,
             timeout,
         } => {
-            let key = store.key(&inputs).map_err(store_err)?;
+            let key = store.key(&inputs)?;
             if let Some(dir) = store.get(&key) {
                 eprintln!("thaw-vmm template: {key} already built");
                 println!("{}", dir.display());
@@ -541,9 +542,7 @@ fn run(cmd: Subcommand, store: &Store) -> Result<(), Error> {
                 timeout,
             };
             let started = Instant::now();
-            let dir = store
-                .build(&key, &inputs, |out| boot_and_snapshot(&inputs, &opts, out))
-                .map_err(store_err)?;
+            let dir = store.build(&key, &inputs, |out| boot_and_snapshot(&inputs, &opts, out))?;
             eprintln!(
                 "thaw-vmm template: {key} ready after {:.1}s",
                 started.elapsed().as_secs_f64()
@@ -551,7 +550,7 @@ fn run(cmd: Subcommand, store: &Store) -> Result<(), Error> {
             println!("{}", dir.display());
         }
         Subcommand::List => {
-            for rec in store.list().map_err(store_err)? {
+            for rec in store.list()? {
                 match rec {
                     Ok(r) => println!(
                         "{}  vcpus={} memory_mib={} spare_disks={} kernel={} root={} created={} build_ms={}",
@@ -568,9 +567,9 @@ fn run(cmd: Subcommand, store: &Store) -> Result<(), Error> {
                 }
             }
         }
-        Subcommand::Remove(key) => store.remove(&key).map_err(store_err)?,
+        Subcommand::Remove(key) => store.remove(&key)?,
         Subcommand::Gc => {
-            for key in store.gc().map_err(store_err)? {
+            for key in store.gc()? {
                 println!("removed {key}");
             }
         }
@@ -663,5 +662,72 @@ mod tests {
             "unknown template subcommand \"frobnicate\""
         );
         assert_eq!(err(""), "missing subcommand");
+    }
+
+    /// What thaw-vmm-api builds is what this parser reads (after the
+    /// `template` word, which `main` takes off).
+    #[test]
+    fn reads_the_build_command_line_the_api_crate_builds() {
+        use thaw_vmm_api::{TemplateBuildArgs, VmmCommand};
+        let parse_api = |t: TemplateBuildArgs| {
+            let args: Vec<String> = VmmCommand::TemplateBuild(t)
+                .args()
+                .into_iter()
+                .map(|a| a.into_string().unwrap())
+                .collect();
+            assert_eq!(args[0], "template");
+            parse(&args[1..]).unwrap()
+        };
+        let inputs = |vcpus, memory_mib, spare_disks| TemplateInputs {
+            kernel: "/k".into(),
+            root_image: "/r".into(),
+            vcpus,
+            memory_mib,
+            spare_disks,
+            guest_cmdline: crate::vm::default_guest_cmdline(crate::vm::host_is_pvm()),
+        };
+        let (cmd, store) = parse_api(TemplateBuildArgs::new("/k", "/r"));
+        assert_eq!(store.root(), Path::new(DEFAULT_STORE));
+        assert_eq!(
+            cmd,
+            Subcommand::Build {
+                inputs: inputs(1, 256, 0),
+                probe: ReadyProbe::Agent,
+                ready_port: AGENT_PORT,
+                timeout: Duration::from_secs(300),
+            }
+        );
+        let (cmd, store) = parse_api(TemplateBuildArgs {
+            spare_disks: 8,
+            vcpus: 2,
+            memory_mib: 128,
+            ready: ReadyProbe::TestInit,
+            ready_port: Some(4321),
+            timeout_secs: 5,
+            retry_after_secs: 30,
+            store: Some("/s".into()),
+            ..TemplateBuildArgs::new("/k", "/r")
+        });
+        assert_eq!(store.root(), Path::new("/s"));
+        assert_eq!(
+            cmd,
+            Subcommand::Build {
+                inputs: inputs(2, 128, 8),
+                probe: ReadyProbe::TestInit,
+                ready_port: 4321,
+                timeout: Duration::from_secs(5),
+            }
+        );
+        let (cmd, _) = parse_api(TemplateBuildArgs {
+            ready: ReadyProbe::TestInit,
+            ..TemplateBuildArgs::new("/k", "/r")
+        });
+        assert!(matches!(
+            cmd,
+            Subcommand::Build {
+                ready_port: TEST_INIT_PORT,
+                ..
+            }
+        ));
     }
 }

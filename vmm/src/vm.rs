@@ -2,7 +2,7 @@
 //! kernel, vCPUs. The finished `Vm` is driven by `run`.
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -19,10 +19,10 @@ use crate::arch::{boot_params, cpuid, layout, mptable, regs};
 use crate::boot_marker::{BootMarker, BootTimes};
 use crate::config::{PvmQuirks, SerialOutput, VmConfig};
 use crate::devices::legacy::{Serial, SerialSnapshot, I8042};
-use crate::devices::virtio::block::Block;
-use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::mmio::{MmioError, MmioTransport};
 use crate::devices::virtio::rng::Rng;
-use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::Bus;
 use crate::vcpu::{RunControl, Vcpu, VmExit};
@@ -60,7 +60,72 @@ pub fn host_is_pvm() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }
 
-pub type DiskAttacher = Box<dyn Fn(usize, &Path, bool) -> Result<(), String> + Send + Sync>;
+/// Fills a spare disk slot: `(slot, image, read_only)`.
+pub type DiskAttacher = Box<dyn Fn(usize, &Path, bool) -> Result<(), AttachError> + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("no spare disk slot {slot} (there are {count})")]
+    NoSlot { slot: usize, count: usize },
+    #[error(transparent)]
+    Disk(#[from] BlockError),
+}
+
+/// A device that could not be created, restored or started.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("disk {path}: {source}")]
+    Disk {
+        path: PathBuf,
+        #[source]
+        source: BlockError,
+    },
+    #[error("vsock {path}: {source}")]
+    Vsock {
+        path: PathBuf,
+        #[source]
+        source: VsockError,
+    },
+    #[error("serial eventfd: {0}")]
+    SerialEventFd(#[source] std::io::Error),
+    #[error("serial from snapshot: {0}")]
+    SerialState(#[source] std::io::Error),
+    #[error("no IRQ left for {0}")]
+    NoIrq(String),
+    #[error("{name}: {source}")]
+    Transport {
+        name: String,
+        #[source]
+        source: MmioError,
+    },
+    #[error("{name} from snapshot: {source}")]
+    DiskState {
+        name: String,
+        #[source]
+        source: BlockError,
+    },
+    #[error("{name} from snapshot: {source}")]
+    VsockState {
+        name: String,
+        #[source]
+        source: VsockError,
+    },
+    #[error("{0} from snapshot: no vsock socket configured")]
+    NoVsockSocket(String),
+    #[error("{name} from snapshot: landed at {placed:?}, saved at {base:#x}/{irq}")]
+    Misplaced {
+        name: String,
+        placed: Option<(u64, u32)>,
+        base: u64,
+        irq: u32,
+    },
+    #[error("resuming {name}: {source}")]
+    Resume {
+        name: String,
+        #[source]
+        source: MmioError,
+    },
+}
 
 /// A virtio device behind its transport, with its concrete type kept so it
 /// can be paused, saved and rebuilt.
@@ -76,22 +141,20 @@ pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl VirtioHandle {
-    pub fn pause(&self) -> Result<(), String> {
-        let r = match self {
+    pub fn pause(&self) -> Result<(), MmioError> {
+        match self {
             VirtioHandle::Block(t) => lock(t).pause(),
             VirtioHandle::Vsock(t) => lock(t).pause(),
             VirtioHandle::Rng(t) => lock(t).pause(),
-        };
-        r.map_err(|e| e.to_string())
+        }
     }
 
-    pub fn resume(&self) -> Result<(), String> {
-        let r = match self {
+    pub fn resume(&self) -> Result<(), MmioError> {
+        match self {
             VirtioHandle::Block(t) => lock(t).resume(),
             VirtioHandle::Vsock(t) => lock(t).resume(),
             VirtioHandle::Rng(t) => lock(t).resume(),
-        };
-        r.map_err(|e| e.to_string())
+        }
     }
 }
 
@@ -131,7 +194,7 @@ impl Vm {
     pub fn create(config: VmConfig) -> Result<Self, Error> {
         config.validate()?;
         let mem = GuestMemoryMmap::from_ranges(&boot_params::ram_ranges(config.memory_bytes()))
-            .map_err(|e| Error::GuestMemory(e.to_string()))?;
+            .map_err(Error::GuestMemory)?;
         Self::create_with_memory(config, mem)
     }
 
@@ -196,8 +259,11 @@ impl Vm {
         self.attach_legacy_devices(None)?;
         let mem = self.mem.clone();
         for (i, disk) in self.config.disks.clone().iter().enumerate() {
-            let dev = Block::new(&disk.path, disk.read_only)
-                .map_err(|e| Error::Device(format!("disk {}: {e}", disk.path.display())))?;
+            let dev =
+                Block::new(&disk.path, disk.read_only).map_err(|source| DeviceError::Disk {
+                    path: disk.path.clone(),
+                    source,
+                })?;
             self.add_virtio(
                 format!("disk{i}"),
                 MmioTransport::new(mem.clone(), dev),
@@ -209,8 +275,11 @@ impl Vm {
             self.add_virtio(format!("spare{i}"), t, VirtioHandle::Block)?;
         }
         if let Some(v) = self.config.vsock.clone() {
-            let dev = Vsock::new(v.guest_cid, &v.uds_path)
-                .map_err(|e| Error::Device(format!("vsock {}: {e}", v.uds_path.display())))?;
+            let dev =
+                Vsock::new(v.guest_cid, &v.uds_path).map_err(|source| DeviceError::Vsock {
+                    path: v.uds_path.clone(),
+                    source,
+                })?;
             self.add_virtio(
                 "vsock".into(),
                 MmioTransport::new(mem.clone(), dev),
@@ -231,7 +300,7 @@ impl Vm {
         serial_state: Option<&SerialSnapshot>,
     ) -> Result<(), Error> {
         let serial_irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|e| Error::Device(format!("serial eventfd: {e}")))?;
+            .map_err(DeviceError::SerialEventFd)?;
         self.fd
             .register_irqfd(&serial_irq, layout::SERIAL_IRQ)
             .map_err(kvm_error("KVM_IRQFD (serial)"))?;
@@ -244,8 +313,9 @@ impl Vm {
             })?),
         };
         let serial = match serial_state {
-            Some(state) => Serial::from_state(state, serial_irq, out)
-                .map_err(|e| Error::Device(format!("serial from snapshot: {e}")))?,
+            Some(state) => {
+                Serial::from_state(state, serial_irq, out).map_err(DeviceError::SerialState)?
+            }
             None => Serial::new(serial_irq, out),
         };
         let serial = Arc::new(Mutex::new(serial));
@@ -264,23 +334,25 @@ impl Vm {
     /// Puts a transport on the next MMIO slot, with its ioeventfds and irqfd.
     /// Slots are handed out in order, so rebuilding devices in the saved
     /// order gives each the address and IRQ the guest knows.
-    pub fn add_virtio<D, E>(
+    pub fn add_virtio<D>(
         &mut self,
         name: String,
-        transport: Result<MmioTransport<D>, E>,
+        transport: Result<MmioTransport<D>, MmioError>,
         wrap: impl FnOnce(Arc<Mutex<MmioTransport<D>>>) -> VirtioHandle,
     ) -> Result<(), Error>
     where
         D: VirtioDevice + 'static,
-        E: std::fmt::Display,
     {
         let index = self.virtio.len() as u64;
         let base = layout::VIRTIO_MMIO_START + index * layout::VIRTIO_MMIO_SLOT_SIZE;
         let irq = layout::FIRST_VIRTIO_IRQ + index as u32;
         if irq > layout::MAX_IRQ {
-            return Err(Error::Device(format!("no IRQ left for {name}")));
+            return Err(DeviceError::NoIrq(name).into());
         }
-        let transport = transport.map_err(|e| Error::Device(format!("{name}: {e}")))?;
+        let transport = match transport {
+            Ok(t) => t,
+            Err(source) => return Err(DeviceError::Transport { name, source }.into()),
+        };
         for (q, evt) in transport.queue_events().iter().enumerate() {
             self.fd
                 .register_ioevent(evt, &IoEventAddress::Mmio(base + 0x50), q as u32)
@@ -336,7 +408,10 @@ impl Vm {
             &mut file,
             Some(GuestAddress(layout::HIMEM_START)),
         )
-        .map_err(|e| Error::Kernel(format!("{}: {e}", path.display())))?;
+        .map_err(|source| Error::Kernel {
+            path: path.clone(),
+            source,
+        })?;
         let entry = loaded.kernel_load.raw_value();
 
         let initrd = match &self.config.initramfs {
@@ -348,7 +423,7 @@ impl Vm {
                 let addr = boot_params::initrd_address(&self.mem, data.len() as u64)?;
                 self.mem
                     .write_slice(&data, addr)
-                    .map_err(|e| Error::GuestMemory(format!("initramfs: {e}")))?;
+                    .map_err(|source| Error::Initramfs { source })?;
                 Some((addr, data.len() as u64))
             }
             None => None,
@@ -423,13 +498,12 @@ impl Vm {
     pub fn disk_attacher(&self) -> DiskAttacher {
         let spares = self.spare_disks.clone();
         Box::new(move |slot, path, read_only| {
-            let t = spares
-                .get(slot)
-                .ok_or_else(|| format!("no spare disk slot {slot} (there are {})", spares.len()))?;
+            let t = spares.get(slot).ok_or(AttachError::NoSlot {
+                slot,
+                count: spares.len(),
+            })?;
             let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
-            t.device_mut()
-                .attach(path, read_only)
-                .map_err(|e| e.to_string())
+            Ok(t.device_mut().attach(path, read_only)?)
         })
     }
 

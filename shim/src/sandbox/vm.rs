@@ -6,11 +6,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use thaw_agent_protocol::agent as proto;
+use thaw_vmm_api::VmmClient;
 
 use super::{Attached, Backend};
 use crate::config::VmConfig;
 use crate::error::{Error, Result};
-use crate::vmm_client::{self, VmPaths, VmmClient};
+use crate::vmm::{self, VmPaths};
 
 pub struct VmBackend {
     vm: VmConfig,
@@ -40,7 +41,7 @@ impl VmBackend {
             );
             return None;
         }
-        let mut cmd = vmm_client::template_build_command(&self.vm);
+        let mut cmd = vmm::template_build_command(&self.vm);
         let started = std::time::Instant::now();
         // A build of the same key by another start holds the key's lock
         // until its own deadline: wait for that one and then ours.
@@ -86,7 +87,7 @@ impl VmBackend {
             .lock()
             .ok()
             .and_then(|g| g.clone())
-            .ok_or_else(|| Error::Vmm("the VMM was not started".into()))?;
+            .ok_or(Error::VmmNotStarted)?;
         Ok(VmmClient::new(&p, Duration::from_secs(10)))
     }
 }
@@ -145,26 +146,22 @@ impl Backend for VmBackend {
         if let Ok(mut g) = self.api_sock.lock() {
             *g = Some(api_sock.clone());
         }
-        let serial = match self.vm.serial.as_str() {
-            "none" | "stdout" => self.vm.serial.clone(),
-            // A relative name goes next to the sandbox's other files.
-            other => dir.join(other).display().to_string(),
-        };
         let paths = VmPaths {
             vsock_uds: uds.to_path_buf(),
             api_sock,
-            serial,
+            // A relative name goes next to the sandbox's other files.
+            serial: vmm::serial(&self.vm.serial, dir),
         };
         match self.template.lock().ok().and_then(|g| g.clone()) {
-            Some(t) => vmm_client::restore_command(&self.vm, &t, &paths),
-            None => vmm_client::command(&self.vm, &paths),
+            Some(t) => vmm::restore_command(&self.vm, &t, &paths),
+            None => vmm::boot_command(&self.vm, &paths),
         }
     }
 
     fn attach(&self, slot: u32, image: &Path) -> Result<(proto::Rootfs, Attached)> {
         self.client()?.attach_disk(slot, image, true)?;
         let mut r = proto::Rootfs::new();
-        r.source = vmm_client::guest_device(slot);
+        r.source = vmm::guest_device(slot);
         r.fstype = "erofs".into();
         Ok((
             r,
