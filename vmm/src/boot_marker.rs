@@ -36,23 +36,44 @@ pub fn mark_name(mark: u8) -> String {
 }
 
 /// The recorded marks, shared with the control API.
+///
+/// Each name is recorded (and printed) once, its first time: the guest
+/// can write the marker port in a loop, and neither the VMM's memory nor
+/// its log may grow with that. Repeats are only counted.
 #[derive(Clone, Default)]
-pub struct BootTimes(Arc<Mutex<Vec<BootMark>>>);
+pub struct BootTimes(Arc<Mutex<Recorded>>);
+
+#[derive(Default)]
+struct Recorded {
+    marks: Vec<BootMark>,
+    repeats: u64,
+}
 
 impl BootTimes {
-    /// Records a mark and prints it as `thaw-vmm: mark <name> <µs> us`, the
-    /// line the benchmarks read.
+    /// Records a mark the first time its name is seen and prints it as
+    /// `thaw-vmm: mark <name> <µs> us`, the line the benchmarks read.
     pub fn record(&self, name: String) {
         let micros = since_start().as_micros() as u64;
+        let mut r = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if r.marks.iter().any(|m| m.name == name) {
+            r.repeats = r.repeats.saturating_add(1);
+            return;
+        }
         eprintln!("thaw-vmm: mark {name} {micros} us");
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(BootMark { name, micros });
+        r.marks.push(BootMark { name, micros });
     }
 
     pub fn marks(&self) -> Vec<BootMark> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .marks
+            .clone()
+    }
+
+    /// Marks written again after their first time (not recorded).
+    pub fn repeats(&self) -> u64 {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).repeats
     }
 }
 
@@ -96,5 +117,24 @@ mod tests {
         assert_eq!(marks[0].name, "kernel-entry");
         assert_eq!(marks[1].name, "init");
         assert!(marks[0].micros <= marks[1].micros);
+    }
+
+    #[test]
+    fn a_guest_writing_marks_in_a_loop_adds_nothing() {
+        let times = BootTimes::default();
+        let mut dev = BootMarker::new(times.clone());
+        for i in 0..100_000u32 {
+            dev.write(0, &[(i % 256) as u8]);
+        }
+        // At most one record per mark value, ever.
+        assert_eq!(times.marks().len(), 256);
+        assert_eq!(times.repeats(), 100_000 - 256);
+        let first_init = times.marks().iter().find(|m| m.name == "init").cloned();
+        dev.write(0, &[MARK_INIT]);
+        assert_eq!(
+            times.marks().iter().find(|m| m.name == "init").cloned(),
+            first_init,
+            "the first time counts"
+        );
     }
 }
