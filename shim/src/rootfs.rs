@@ -4,9 +4,15 @@
 //! containerd sends a Mount list: overlayfs (`lowerdir=a:b,upperdir=..`),
 //! a bind mount (native snapshotter), or nothing (`ctr run --rootfs`, the
 //! spec's `root.path`). The key hashes every entry's metadata (names, type,
-//! mode, owner, size, mtime, link count, device, symlink target, xattrs)
-//! and not file data: a changed file with identical size and mtime would be
-//! missed, the same trade-off make and rsync make.
+//! mode, owner, size, times, link count, device numbers, symlink target,
+//! xattrs) and its identity (filesystem device, inode number and ctime),
+//! not file data. That is sound without reading the data: every write to a
+//! file moves its ctime, which no user can set back, and no user can give
+//! a file of theirs another file's inode and ctime. So contents cannot
+//! change under an unchanged key, and one tenant cannot build a tree whose
+//! key matches another's (with metadata alone it could: sizes and mtimes
+//! can be copied). The price: two unpacked copies of one image get two
+//! keys, so the cache is shared by the containers of one snapshot chain.
 
 use std::ffi::CString;
 use std::fs;
@@ -20,7 +26,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, IoContext, Result};
 
 /// Bumped when the key's input or the image format changes.
-const KEY_VERSION: &str = "thaw-rootfs-key-v1";
+const KEY_VERSION: &str = "thaw-rootfs-key-v2";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RootfsSource {
@@ -154,6 +160,7 @@ pub fn content_key(src: &RootfsSource, extra: &str) -> Result<String> {
         for f in [md.mode(), md.uid(), md.gid()] {
             h.update(f.to_le_bytes());
         }
+        hash_identity(&md, &mut h);
         hash_xattrs(layer, &mut h);
         walk(layer, Path::new(""), &mut h)?;
     }
@@ -187,6 +194,7 @@ fn walk(root: &Path, rel: &Path, h: &mut Sha256) -> Result<()> {
         for f in fields {
             h.update(f.to_le_bytes());
         }
+        hash_identity(&md, h);
         if md.file_type().is_symlink() {
             let t = fs::read_link(&path).ctx(|| format!("readlink {}", path.display()))?;
             h.update(t.as_os_str().as_bytes());
@@ -198,6 +206,19 @@ fn walk(root: &Path, rel: &Path, h: &mut Sha256) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Folds in which file this is and when it last changed: device, inode,
+/// ctime (see the module docs for why this makes the key sound).
+fn hash_identity(md: &fs::Metadata, h: &mut Sha256) {
+    for f in [
+        md.dev(),
+        md.ino(),
+        md.ctime() as u64,
+        md.ctime_nsec() as u64,
+    ] {
+        h.update(f.to_le_bytes());
+    }
 }
 
 /// Folds a file's extended attributes into `h` (overlay opaque markers,
@@ -318,28 +339,58 @@ mod tests {
         assert_eq!(s, RootfsSource::Dir(d.path().join("rootfs")));
     }
 
+    /// Builds bin/tool and a symlink to it with fixed mtimes.
+    fn tree(d: &Path) {
+        fs::create_dir(d.join("bin")).unwrap();
+        fs::write(d.join("bin/tool"), "hello").unwrap();
+        std::os::unix::fs::symlink("tool", d.join("bin/alias")).unwrap();
+        set_mtimes(d);
+    }
+
+    fn set_mtimes(d: &Path) {
+        let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000);
+        for f in ["bin/tool", "bin", ""] {
+            fs::File::open(d.join(f)).unwrap().set_modified(t).unwrap();
+        }
+    }
+
     #[test]
-    fn key_follows_content_not_location() {
+    fn key_is_stable_for_an_unchanged_tree() {
+        let a = tempfile::tempdir().unwrap();
+        tree(a.path());
+        let src = RootfsSource::Dir(a.path().into());
+        assert_eq!(
+            content_key(&src, "x").unwrap(),
+            content_key(&src, "x").unwrap()
+        );
+        assert_ne!(
+            content_key(&src, "x").unwrap(),
+            content_key(&src, "y").unwrap()
+        );
+    }
+
+    #[test]
+    fn a_look_alike_tree_does_not_get_anothers_key() {
+        // Same names, sizes, modes and mtimes: what a tenant can copy.
         let a = tempfile::tempdir().unwrap();
         let b = tempfile::tempdir().unwrap();
-        for d in [a.path(), b.path()] {
-            fs::create_dir(d.join("bin")).unwrap();
-            fs::write(d.join("bin/tool"), "hello").unwrap();
-            std::os::unix::fs::symlink("tool", d.join("bin/alias")).unwrap();
-            let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000);
-            for f in ["bin/tool", "bin", ""] {
-                fs::File::open(d.join(f)).unwrap().set_modified(t).unwrap();
-            }
-        }
+        tree(a.path());
+        tree(b.path());
         let ka = content_key(&RootfsSource::Dir(a.path().into()), "x").unwrap();
         let kb = content_key(&RootfsSource::Dir(b.path().into()), "x").unwrap();
-        assert_eq!(ka, kb);
-        assert_ne!(
-            ka,
-            content_key(&RootfsSource::Dir(a.path().into()), "y").unwrap()
-        );
-        fs::write(b.path().join("bin/tool"), "hello!").unwrap();
-        let kb2 = content_key(&RootfsSource::Dir(b.path().into()), "x").unwrap();
-        assert_ne!(ka, kb2);
+        assert_ne!(ka, kb);
+    }
+
+    #[test]
+    fn a_rewrite_that_keeps_size_and_mtime_changes_the_key() {
+        let a = tempfile::tempdir().unwrap();
+        tree(a.path());
+        let src = RootfsSource::Dir(a.path().into());
+        let before = content_key(&src, "x").unwrap();
+        // ctime has a coarse clock on some filesystems: make sure it moves.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(a.path().join("bin/tool"), "HELLO").unwrap();
+        set_mtimes(a.path());
+        assert_ne!(before, content_key(&src, "x").unwrap());
     }
 }
