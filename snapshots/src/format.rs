@@ -57,7 +57,7 @@ pub fn write_state<T: Serialize>(
     };
     let header = bincode::serialize(&header).map_err(encode)?;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+    let mut f = crate::private::create_file(&tmp).map_err(io_err(&tmp))?;
     let write = |f: &mut std::fs::File| -> std::io::Result<()> {
         f.write_all(&MAGIC)?;
         f.write_all(&(header.len() as u32).to_le_bytes())?;

@@ -11,6 +11,7 @@ pub mod cpu;
 pub mod digest;
 pub mod error;
 pub mod format;
+pub mod private;
 pub mod template;
 
 pub use cpu::CpuFingerprint;

@@ -230,7 +230,8 @@ impl Store {
 
     /// Takes `<store>/<key>.lock` exclusively, waiting for whoever holds it.
     fn lock(&self, key: &TemplateKey) -> Result<KeyLock, Error> {
-        std::fs::create_dir_all(&self.root).map_err(io("creating template store", &self.root))?;
+        crate::private::create_dir_all(&self.root)
+            .map_err(io("creating template store", &self.root))?;
         let path = self.root.join(format!("{key}.lock"));
         let f = File::options()
             .create(true)
@@ -268,7 +269,7 @@ impl Store {
         let tmp = self
             .root
             .join(format!("{BUILD_PREFIX}{key}-{}", std::process::id()));
-        std::fs::create_dir(&tmp).map_err(io("creating build directory", &tmp))?;
+        crate::private::create_dir(&tmp).map_err(io("creating build directory", &tmp))?;
         let result = self.build_into(key, inputs, &tmp, builder);
         match &result {
             Ok(_) => {
@@ -370,7 +371,7 @@ impl Store {
             reason: e.to_string(),
         })?;
         let rec_path = tmp.join(RECORD_FILE);
-        let mut f = File::create(&rec_path).map_err(io("writing", &rec_path))?;
+        let mut f = crate::private::create_file(&rec_path).map_err(io("writing", &rec_path))?;
         f.write_all(&json)
             .and_then(|_| f.sync_all())
             .map_err(io("writing", &rec_path))?;

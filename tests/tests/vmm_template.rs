@@ -113,6 +113,14 @@ fn template_is_built_once_listed_restored_and_removed() {
         .collect();
     files.sort();
     assert_eq!(files, ["memory", "state", "template.json"]);
+    // The memory file is the guest's RAM: owner-only, whatever the umask.
+    let mode =
+        |p: &Path| std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(p).unwrap()) & 0o777;
+    assert_eq!(mode(&store), 0o700, "store");
+    assert_eq!(mode(&tdir), 0o700, "template directory");
+    for f in &files {
+        assert_eq!(mode(&tdir.join(f)), 0o600, "{f}");
+    }
     assert_eq!(
         std::fs::metadata(tdir.join("memory")).unwrap().len(),
         128 << 20

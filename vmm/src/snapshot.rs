@@ -237,7 +237,8 @@ impl VmHandle {
     /// Pauses the VM (it stays paused) and writes `dir/state` and
     /// `dir/memory`. Returns the sizes written.
     pub fn snapshot(&self, dir: &Path) -> Result<(u64, u64), SnapshotError> {
-        std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        thaw_snapshots::private::create_dir_all(dir)
+            .map_err(io_err(format!("creating {}", dir.display())))?;
         self.pause().map_err(SnapshotError::Pause)?;
 
         let vm = self.vm_state()?;
@@ -385,7 +386,8 @@ fn write_memory(
 ) -> Result<(Vec<MemoryRegionState>, u64), SnapshotError> {
     const PAGE: usize = 4096;
     let tmp = path.with_extension("tmp");
-    let file = File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
+    let file = thaw_snapshots::private::create_file(&tmp)
+        .map_err(io_err(format!("creating {}", tmp.display())))?;
     let mut regions = Vec::new();
     let mut offset = 0u64;
     let mut written = 0u64;
