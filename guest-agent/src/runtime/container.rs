@@ -62,7 +62,7 @@ impl Runtime {
     pub fn mount_rootfs(&self, id: &str, r: &Rootfs) -> Result<PathBuf> {
         validate_id("container id", id)?;
         {
-            let st = self.state();
+            let mut st = self.state();
             if st.containers.contains_key(id)
                 || st.reserved.contains(id)
                 || st.premounted.contains_key(id)
@@ -72,14 +72,24 @@ impl Runtime {
                     id: id.to_string(),
                 });
             }
+            // Reserved while mounting, so that a concurrent MountRootfs or
+            // CreateContainer of the same id cannot mount on the same
+            // directory (two owners of one set of mount points).
+            st.reserved.insert(id.to_string());
         }
         let dir = self.cfg.run_dir.join("c").join(id);
-        fs::create_dir_all(&dir).map_err(|e| Error::path("creating", &dir, e))?;
-        let mounted = MountedRootfs::mount(&dir, r).inspect_err(|_| {
-            let _ = fs::remove_dir_all(&dir);
-        })?;
+        let mounted = fs::create_dir_all(&dir)
+            .map_err(|e| Error::path("creating", &dir, e))
+            .and_then(|()| {
+                MountedRootfs::mount(&dir, r).inspect_err(|_| {
+                    let _ = fs::remove_dir_all(&dir);
+                })
+            });
+        let mut st = self.state();
+        st.reserved.remove(id);
+        let mounted = mounted?;
         let path = mounted.merged.clone();
-        self.state().premounted.insert(id.to_string(), mounted);
+        st.premounted.insert(id.to_string(), mounted);
         Ok(path)
     }
 
