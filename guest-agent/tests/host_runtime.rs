@@ -802,6 +802,78 @@ fn erofs_block_device_rootfs_under_overlay() {
     h.remove("ero");
 }
 
+/// A mounted rootfs has one owner at a time and is unmounted once: by a
+/// create that fails after taking it over from MountRootfs, and by
+/// RemoveContainer. A second unmount of the same mounts would fail and be
+/// logged ("unmounting ...").
+#[test]
+fn mounted_rootfs_is_unmounted_once_by_a_failed_create_and_by_remove() {
+    let h = Harness::start("rootfs-owner", true);
+    let container_dir = h.dir.join("run/c/own");
+    let rootfs = || {
+        let mut r = Rootfs::new();
+        r.source = h.rootfs.to_string_lossy().into();
+        r
+    };
+    let mount_rootfs = || {
+        let mut req = MountRootfsRequest::new();
+        req.container_id = "own".into();
+        req.rootfs = protobuf::MessageField::some(rootfs());
+        h.client
+            .mount_rootfs(ctx(30), &req)
+            .unwrap_or_else(|e| panic!("{}", rpc_message(&e)));
+    };
+    let create = |with_rootfs: bool, io: &PendingIo| {
+        let mut req = CreateContainerRequest::new();
+        req.container_id = "own".into();
+        req.spec_json = serde_json::to_vec(&spec(&["echo", "on the premounted rootfs"])).unwrap();
+        if with_rootfs {
+            req.rootfs = protobuf::MessageField::some(rootfs());
+        }
+        req.stdio = protobuf::MessageField::some(io.proto.clone());
+        h.client.create_container(ctx(60), &req)
+    };
+
+    // A create that names a rootfs although one was mounted fails after
+    // taking the mounted one over: it unmounts it and frees the id.
+    mount_rootfs();
+    assert!(!h.env.agent_mounts_below(&container_dir).is_empty());
+    let e = create(true, &h.stdio(false, false, false)).expect_err("two rootfs");
+    assert_eq!(
+        rpc_code(&e),
+        ttrpc::Code::INVALID_ARGUMENT,
+        "{}",
+        rpc_message(&e)
+    );
+    assert!(rpc_message(&e).contains("already mounted by MountRootfs"));
+    assert_eq!(
+        h.env.agent_mounts_below(&container_dir),
+        Vec::<std::path::PathBuf>::new()
+    );
+    assert_eq!(h.leftover_container_dirs(), Vec::<String>::new());
+
+    // The id is free again; this time the container takes the rootfs over
+    // and RemoveContainer unmounts it.
+    mount_rootfs();
+    let io = h.stdio(false, true, false);
+    create(false, &io).unwrap_or_else(|e| panic!("{}", rpc_message(&e)));
+    let streams = io.accept();
+    h.start_proc("own", "").unwrap();
+    assert_eq!(h.wait("own", ""), 0);
+    let (out, _) = streams.collect();
+    assert_eq!(String::from_utf8_lossy(&out), "on the premounted rootfs\n");
+    h.remove("own");
+    assert_eq!(
+        h.env.agent_mounts_below(&container_dir),
+        Vec::<std::path::PathBuf>::new()
+    );
+    let log = h.log();
+    assert!(
+        !log.contains("unmounting"),
+        "a mount was unmounted twice:\n{log}"
+    );
+}
+
 /// A read-only loop device, detached on drop.
 struct LoopDevice {
     path: String,

@@ -8,6 +8,7 @@ mod config;
 mod error;
 mod events;
 mod image_cache;
+mod metrics;
 mod record;
 mod rootfs;
 mod sandbox;
@@ -15,6 +16,7 @@ mod service;
 mod shim;
 mod spec;
 mod stdio;
+mod task;
 mod vmm;
 
 pub const RUNTIME_ID: &str = "io.containerd.thaw.v2";

@@ -6,18 +6,20 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use serde::{Deserialize, Serialize};
 use thaw_agent_protocol::agent::Rootfs;
 
 use crate::error::{Error, Result};
 
-/// What was mounted, so it can be unmounted in reverse.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What was mounted, so it can be unmounted in reverse. It has exactly one
+/// owner at a time (it is neither `Clone` nor constructible outside this
+/// module), and dropping it unmounts: a rootfs is unmounted once, by
+/// whoever holds it last.
+#[derive(Debug)]
 pub struct MountedRootfs {
     /// The merged tree handed to the container.
     pub merged: PathBuf,
     /// Mount points in mount order.
-    pub mounts: Vec<PathBuf>,
+    mounts: Vec<PathBuf>,
 }
 
 fn check_overlay_path(p: &Path, field: &str) -> Result<String> {
@@ -126,13 +128,19 @@ impl MountedRootfs {
     }
 
     /// Unmounts everything (lazily: container namespaces may still hold
-    /// copies); errors are logged, never fatal.
+    /// copies); errors are logged, never fatal. A second call does nothing.
     pub fn unmount(&mut self) {
         while let Some(m) = self.mounts.pop() {
             if let Err(e) = umount2(&m, MntFlags::MNT_DETACH) {
                 log::warn!("unmounting {}: {e}", m.display());
             }
         }
+    }
+}
+
+impl Drop for MountedRootfs {
+    fn drop(&mut self) {
+        self.unmount();
     }
 }
 

@@ -1,4 +1,9 @@
-//! Copies a process's stdio between its pipes (or tty) and the host streams.
+//! A process's stdio: the host streams the shim asked for, wired to the
+//! process through pipes (or its tty), and the pumps that copy between them.
+//!
+//! Before the spawn, [`StdioSetup::connect`] dials the host's streams and
+//! makes the pipes; the process starts with their far ends. After the
+//! spawn, [`start_io`] starts one pump thread per stream.
 //!
 //! Output after exit is bounded by what the process left behind: once the
 //! process is reaped, each output pump forwards the bytes that were waiting
@@ -11,14 +16,161 @@
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::process::Stdio as ChildFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use thaw_agent_protocol::agent::Stdio;
 
-use crate::host::HostStream;
+use crate::error::{Error, Result};
+use crate::host::{HostAddr, HostStream};
+use crate::runtime::process::Proc;
+use crate::runtime::spawn::ChildStdio;
+
+/// A process's stdio, set up before it is spawned.
+pub struct StdioSetup {
+    /// The fds the process starts with: pipe ends, or null.
+    pub child: ChildStdio,
+    /// Our side, for the pumps once the process runs.
+    pub ours: HostSide,
+}
+
+/// The host streams and our ends of the process's pipes.
+pub struct HostSide {
+    terminal: bool,
+    /// The host's stdin stream and the pipe end to write it to (None with
+    /// a tty: the tty master, known only after the spawn, is written).
+    stdin: Option<(HostStream, Option<OwnedFd>)>,
+    /// Pump name, the pipe end to read (None with a tty: the master is
+    /// read), and the host stream to write.
+    outputs: Vec<(String, Option<OwnedFd>, HostStream)>,
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::errno("pipe", e))
+}
+
+fn dial(host: &HostAddr, port: u32, field: &str) -> Result<HostStream> {
+    host.dial(port).map_err(|e| {
+        Error::io(
+            format!(
+                "stdio.{field} {port}: connecting to {}",
+                host.describe(port)
+            ),
+            e,
+        )
+    })
+}
+
+impl StdioSetup {
+    /// Dials the host's stream for each port the request names (0 = not
+    /// wired: the process gets /dev/null) and makes the pipes; with a
+    /// terminal, stdout and stderr are one stream: the tty's. `name`
+    /// names the pump threads.
+    pub fn connect(
+        host: &HostAddr,
+        ports: Option<&Stdio>,
+        terminal: bool,
+        name: &str,
+    ) -> Result<StdioSetup> {
+        let ports = ports.cloned().unwrap_or_default();
+        let mut child = ChildStdio {
+            stdin: ChildFd::null(),
+            stdout: ChildFd::null(),
+            stderr: ChildFd::null(),
+        };
+        let mut ours = HostSide {
+            terminal,
+            stdin: None,
+            outputs: Vec::new(),
+        };
+        if ports.stdin_port != 0 {
+            let stream = dial(host, ports.stdin_port, "stdin_port")?;
+            if terminal {
+                ours.stdin = Some((stream, None));
+            } else {
+                let (r, w) = pipe()?;
+                child.stdin = ChildFd::from(r);
+                ours.stdin = Some((stream, Some(w)));
+            }
+        }
+        if ports.stdout_port != 0 {
+            let stream = dial(host, ports.stdout_port, "stdout_port")?;
+            if terminal {
+                ours.outputs.push((format!("{name}-tty"), None, stream));
+            } else {
+                let (r, w) = pipe()?;
+                child.stdout = ChildFd::from(w);
+                ours.outputs
+                    .push((format!("{name}-stdout"), Some(r), stream));
+            }
+        }
+        if ports.stderr_port != 0 && !terminal {
+            let stream = dial(host, ports.stderr_port, "stderr_port")?;
+            let (r, w) = pipe()?;
+            child.stderr = ChildFd::from(w);
+            ours.outputs
+                .push((format!("{name}-stderr"), Some(r), stream));
+        }
+        Ok(StdioSetup { child, ours })
+    }
+}
+
+/// Starts the pumps of a freshly spawned process; `tty_master` is its
+/// terminal's master, if it has one, and `console` the terminal's initial
+/// size (rows, columns).
+pub fn start_io(
+    proc: &Arc<Proc>,
+    ours: HostSide,
+    tty_master: Option<OwnedFd>,
+    console: Option<(u16, u16)>,
+) -> Result<()> {
+    let (exit_r, exit_w) = exit_signal().map_err(|e| Error::io("pipe", e))?;
+    let master = match (ours.terminal, tty_master) {
+        (true, Some(m)) => Some(Arc::new(m)),
+        (true, None) => return Err(Error::Setup("no tty master received".into())),
+        (false, _) => None,
+    };
+    let dup = |m: &Arc<OwnedFd>| -> Result<OwnedFd> {
+        m.try_clone().map_err(|e| Error::io("dup tty master", e))
+    };
+    let mut io = proc.io();
+    io.exit_signal = Some(exit_w);
+    io.tty_master = master.clone();
+    for (name, src, dst) in ours.outputs {
+        let src = match (src, &master) {
+            (Some(fd), _) => fd,
+            (None, Some(m)) => dup(m)?,
+            (None, None) => continue,
+        };
+        let h = spawn_output(name, src, dst, exit_r.clone(), io.output_moved.clone())
+            .map_err(|e| Error::io("starting output pump", e))?;
+        io.outputs.push(h);
+    }
+    if let Some((stream, pipe_w)) = ours.stdin {
+        let dst = match (pipe_w, &master) {
+            (Some(fd), _) => Some(fd),
+            (None, Some(m)) => Some(dup(m)?),
+            (None, None) => None,
+        };
+        if let Some(dst) = dst {
+            io.stdin_ctl = stream.try_clone().ok();
+            let h = spawn_input(format!("{}-stdin", proc.container_id), stream, dst)
+                .map_err(|e| Error::io("starting input pump", e))?;
+            io.inputs.push(h);
+        }
+    }
+    drop(io);
+    if let Some((rows, cols)) = console {
+        let _ = proc.resize(cols, rows);
+    }
+    Ok(())
+}
+
+// The pumps: one thread per stream.
 
 const BUF: usize = 64 * 1024;
 /// How long a tty's output may trail the reap of its process.
@@ -26,7 +178,7 @@ const TTY_SETTLE_MS: u16 = 100;
 
 /// Becomes readable (EOF) when the process has exited: the write end is
 /// dropped by the exit handler.
-pub fn exit_signal() -> std::io::Result<(Arc<OwnedFd>, OwnedFd)> {
+fn exit_signal() -> std::io::Result<(Arc<OwnedFd>, OwnedFd)> {
     let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     Ok((Arc::new(r), w))
 }
@@ -55,7 +207,7 @@ fn forward(dst: &mut Option<HostStream>, data: &[u8], name: &str, moved: &Atomic
 
 /// Starts copying `src` (a pipe read end or a tty master) to `dst`, adding
 /// every byte it moves to `moved`.
-pub fn spawn_output(
+fn spawn_output(
     name: String,
     src: OwnedFd,
     dst: HostStream,
@@ -162,11 +314,7 @@ fn drain_after_exit(
 /// Starts copying the host's stdin stream into `dst` (pipe write end or a
 /// tty master). When the host half-closes (or CloseStdin shuts the stream),
 /// `dst` is dropped: the process reads EOF.
-pub fn spawn_input(
-    name: String,
-    mut src: HostStream,
-    dst: OwnedFd,
-) -> std::io::Result<JoinHandle<()>> {
+fn spawn_input(name: String, mut src: HostStream, dst: OwnedFd) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("in-{name}"))
         .spawn(move || {

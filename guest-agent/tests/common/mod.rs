@@ -451,6 +451,20 @@ impl Env {
         fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }
 
+    /// Mount points the agent sees (it has a mount namespace of its own)
+    /// at or below `dir`.
+    pub fn agent_mounts_below(&self, dir: &Path) -> Vec<PathBuf> {
+        let Some(agent) = &self.agent else {
+            return Vec::new();
+        };
+        let info = fs::read_to_string(format!("/proc/{}/mountinfo", agent.id())).unwrap();
+        info.lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .map(PathBuf::from)
+            .filter(|p| p.starts_with(dir))
+            .collect()
+    }
+
     /// Stops the agent (SIGTERM: it removes its containers), then SIGKILL.
     fn stop_agent(&mut self) {
         if let Some(mut child) = self.agent.take() {

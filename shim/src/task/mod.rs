@@ -1,0 +1,107 @@
+//! What the shim serves behind containerd's Task API: one sandbox (a VM,
+//! or the host-process stand-in) and the containers running in it, each
+//! with its init and exec processes.
+//!
+//! One shim serves one sandbox: a plain container, or a CRI pod's sandbox
+//! container plus the app containers that join it. The sandbox is started
+//! by the first `create` and stopped by `shutdown` once the last container
+//! is gone.
+//!
+//! - [`process`]: a process's state and its transitions (created, running,
+//!   paused, stopped), the exit path and `wait`;
+//! - [`container`]: a container and the steps that create and delete it;
+//! - [`sandbox_lifecycle`]: starting the sandbox, its death, shutdown;
+//! - [`agent_events`]: the loop that turns the agent's events into exits
+//!   and OOM events.
+
+mod agent_events;
+mod container;
+mod process;
+mod sandbox_lifecycle;
+mod undo;
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use containerd_shim::ExitSignal;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::events::Events;
+use crate::sandbox::Sandbox;
+
+use container::Container;
+use process::Process;
+
+/// A poisoned lock still guards consistent data here (no update is left
+/// half-done by a panic), so it is used as it is.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The shim's sandbox and containers.
+pub struct Tasks {
+    namespace: String,
+    exit: Arc<ExitSignal>,
+    events: Arc<Events>,
+    /// Serializes sandbox start so two creates cannot boot two VMs.
+    starting: Mutex<()>,
+    sandbox: Mutex<Option<Arc<Sandbox>>>,
+    config: Mutex<Option<Config>>,
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+    shutting_down: AtomicBool,
+}
+
+impl Tasks {
+    pub fn new(namespace: &str, exit: Arc<ExitSignal>, events: Events) -> Tasks {
+        Tasks {
+            namespace: namespace.to_string(),
+            exit,
+            events: Arc::new(events),
+            starting: Mutex::new(()),
+            sandbox: Mutex::new(None),
+            config: Mutex::new(None),
+            containers: Mutex::new(HashMap::new()),
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    /// Where task events go (in order, from one thread).
+    pub fn events(&self) -> &Arc<Events> {
+        &self.events
+    }
+
+    pub fn container(&self, id: &str) -> Result<Arc<Container>> {
+        lock(&self.containers)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("container {id}")))
+    }
+
+    /// A container's init (`exec_id` empty) or one of its execs.
+    pub fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Process>> {
+        self.container(id)?.process(exec_id)
+    }
+
+    /// The sandbox if it is alive, for calls that are moot otherwise.
+    pub fn live_sandbox(&self) -> Option<Arc<Sandbox>> {
+        lock(&self.sandbox).clone().filter(|s| !s.is_dead())
+    }
+
+    /// The sandbox, for calls that need it alive.
+    pub fn running_sandbox(&self) -> Result<Arc<Sandbox>> {
+        self.live_sandbox()
+            .ok_or_else(|| Error::Sandbox("the sandbox is not running".into()))
+    }
+
+    /// The sandbox process's host pid (0 before it started): the task pid
+    /// containerd sees, since guest pids mean nothing on the host.
+    pub fn sandbox_pid(&self) -> u32 {
+        lock(&self.sandbox).as_ref().map(|s| s.pid()).unwrap_or(0)
+    }
+
+    fn all_containers(&self) -> Vec<Arc<Container>> {
+        lock(&self.containers).values().cloned().collect()
+    }
+}

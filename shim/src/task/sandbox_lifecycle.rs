@@ -1,0 +1,106 @@
+//! The shim's sandbox over its life: started (with the config loaded) by
+//! the first `create`, its death turned into exits of every task, and
+//! stopped, together with the shim, once the last container is deleted.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::agent_events::start_event_loop;
+use super::process::now;
+use super::{lock, Tasks};
+use crate::config::{BackendKind, Config};
+use crate::error::{Error, Result};
+use crate::sandbox::Sandbox;
+use crate::spec::{self, PodRole};
+
+/// Exit status of processes whose sandbox died under them.
+pub const SANDBOX_DIED_STATUS: u32 = 255;
+
+fn set_log_level(level: &str) {
+    log::set_max_level(match level {
+        "error" => log::LevelFilter::Error,
+        "warn" => log::LevelFilter::Warn,
+        "debug" => log::LevelFilter::Debug,
+        "trace" => log::LevelFilter::Trace,
+        _ => log::LevelFilter::Info,
+    });
+}
+
+impl Tasks {
+    /// Returns the running sandbox, starting it for the first container
+    /// (`id`); true when it was started here. `config_path` is the config
+    /// file the runtime options name, if any.
+    pub(super) fn ensure_sandbox(
+        self: &Arc<Self>,
+        id: &str,
+        config_path: Option<&Path>,
+        bundle_spec: &spec::BundleSpec,
+        role: &PodRole,
+    ) -> Result<(Arc<Sandbox>, Config, bool)> {
+        let _g = lock(&self.starting);
+        if let Some(sb) = lock(&self.sandbox).clone() {
+            if sb.is_dead() {
+                return Err(Error::Sandbox(format!(
+                    "sandbox {} has died; its shim accepts no new containers",
+                    sb.id
+                )));
+            }
+            let cfg = lock(&self.config).clone().unwrap_or_default();
+            return Ok((sb, cfg, false));
+        }
+        if let PodRole::Member { sandbox_id } = role {
+            return Err(Error::FailedPrecondition(format!(
+                "pod sandbox {sandbox_id} is not running in this shim; create it first"
+            )));
+        }
+        let (cfg, path) = Config::load(config_path)?;
+        set_log_level(&cfg.log_level);
+        log::info!("config {} (backend {:?})", path.display(), cfg.backend);
+        if cfg.backend == BackendKind::HostUnisolated {
+            log::warn!("backend host-unisolated: containers are NOT isolated in a VM");
+        }
+        let vm = cfg.vm_for_pod(&bundle_spec.annotations)?;
+        let grouping = role.grouping(id).to_string();
+        let sb = Arc::new(Sandbox::start(&cfg, &vm, &self.namespace, &grouping)?);
+        let weak = Arc::downgrade(self);
+        sb.on_death(move |why| {
+            if let Some(tasks) = weak.upgrade() {
+                tasks.sandbox_died(&why);
+            }
+        });
+        *lock(&self.sandbox) = Some(sb.clone());
+        *lock(&self.config) = Some(cfg.clone());
+        start_event_loop(Arc::downgrade(self), sb.clone());
+        Ok((sb, cfg, true))
+    }
+
+    /// Every process still running ends with status 255.
+    pub(super) fn sandbox_died(self: &Arc<Self>, why: &str) {
+        log::error!("sandbox died, its tasks exit with {SANDBOX_DIED_STATUS}: {why}");
+        for c in self.all_containers() {
+            for p in c.all_processes() {
+                p.on_exit(SANDBOX_DIED_STATUS, now(), &self.events);
+            }
+        }
+    }
+
+    /// Stops the sandbox and lets the shim exit, once no container is
+    /// left; does nothing before that.
+    pub fn shutdown(&self) {
+        if !lock(&self.containers).is_empty() {
+            return;
+        }
+        if self.shutting_down.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        log::info!("last container gone; stopping the sandbox and the shim");
+        let sb = lock(&self.sandbox).take();
+        if let Some(sb) = sb {
+            sb.stop();
+        }
+        self.events.close(Duration::from_secs(5));
+        self.exit.signal();
+    }
+}
