@@ -392,7 +392,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             id.as_str(),
             "sh",
             "-c",
-            "test -t 0 && test -t 1 && echo IS-A-TTY; stty size; exit 7",
+            // ctr sends the client's size (ResizePty) only after Start:
+            // wait up to 5 s for it instead of racing it.
+            "test -t 0 && test -t 1 && echo IS-A-TTY; \
+             for i in $(seq 50); do s=$(stty size); [ \"$s\" != '0 0' ] && break; sleep 0.1; done; \
+             echo \"size $s\"; exit 7",
         ]);
         let (out, text) = self.ctr_in_tty(&args, 33, 101, timeout);
         assert_eq!(
@@ -402,7 +406,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             out.describe()
         );
         assert!(text.contains("IS-A-TTY"), "tty output: {text:?}");
-        assert!(text.contains("33 101"), "terminal size: {text:?}");
+        assert!(text.contains("size 33 101"), "terminal size: {text:?}");
     }
 
     /// Every leak this test left behind, described for a human. Waits up to
