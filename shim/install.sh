@@ -6,8 +6,9 @@
 #   DESTDIR          staging root for packaging (default: none)
 #   THAW_KERNEL      guest vmlinux to install (default: build it with
 #                    kernel-config/build.sh, cached)
-#   THAW_ROOT_IMAGE  guest root image to install (default: build an erofs
-#                    image whose /sbin/init is the static thaw-agent)
+#   THAW_ROOT_IMAGE  guest root image to install (default: the one
+#                    guest-agent/build-rootfs.sh builds, the recipe the
+#                    tests use: the static agent as /sbin/init, cached)
 #   CONFIG_DIR       where config.toml goes (default /etc/thaw)
 #
 # Installed:
@@ -33,10 +34,13 @@ say() { echo "install: $*" >&2; }
 cd "$repo"
 say "building the shim and the VMM (release)"
 cargo build --release -p containerd-shim-thaw-v2 -p thaw-vmm
-say "building the guest agent (release, static)"
-RUSTFLAGS="-C target-feature=+crt-static" \
-    cargo build --release -p thaw-agent --target "$target"
-agent="$repo/target/$target/release/thaw-agent"
+# The guest root image and its agent: the one recipe the tests use too
+# (guest-agent/build-rootfs.sh: the `agent` profile, static, cached).
+say "building the guest agent and its root image (static, erofs, cached)"
+built_image=$("$repo/guest-agent/build-rootfs.sh" | tail -n1)
+agent="$repo/target/$target/agent/thaw-agent"
+root_image=${THAW_ROOT_IMAGE:-$built_image}
+[ -f "$root_image" ] || { say "guest root image $root_image not found"; exit 1; }
 
 kernel=${THAW_KERNEL:-}
 if [ -z "$kernel" ]; then
@@ -44,19 +48,6 @@ if [ -z "$kernel" ]; then
     kernel=$("$repo/kernel-config/build.sh" | tail -n1)
 fi
 [ -f "$kernel" ] || { say "guest kernel $kernel not found"; exit 1; }
-
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-root_image=${THAW_ROOT_IMAGE:-}
-if [ -z "$root_image" ]; then
-    say "building the guest root image (erofs, thaw-agent as /sbin/init)"
-    rootfs="$work/rootfs"
-    mkdir -p "$rootfs"/{sbin,proc,sys,dev,run,tmp,etc,mnt}
-    install -m 0755 "$agent" "$rootfs/sbin/init"
-    root_image="$work/root.img"
-    mkfs.erofs --quiet --all-root "$root_image" "$rootfs"
-fi
-[ -f "$root_image" ] || { say "guest root image $root_image not found"; exit 1; }
 
 install -d "$bin" "$share"
 install -m 0755 "$repo/target/release/containerd-shim-thaw-v2" "$bin/"
