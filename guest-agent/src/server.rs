@@ -358,6 +358,16 @@ impl Agent for AgentService {
         Ok(Empty::new())
     }
 
+    async fn update_container(
+        &self,
+        _: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        let rt = self.rt.clone();
+        blocking(move || rt.update(&req.container_id, &req.resources_json)).await?;
+        Ok(Empty::new())
+    }
+
     async fn pause_container(
         &self,
         _: &TtrpcContext,

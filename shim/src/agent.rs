@@ -182,6 +182,16 @@ impl Agent {
         r
     }
 
+    pub fn update(&self, id: &str, resources_json: Vec<u8>) -> Result<()> {
+        let mut r = agent::UpdateContainerRequest::new();
+        r.container_id = id.to_string();
+        r.resources_json = resources_json;
+        self.client
+            .update_container(self.ctx(), &r)
+            .map(|_| ())
+            .map_err(|e| map_err("UpdateContainer", e))
+    }
+
     pub fn pause(&self, id: &str) -> Result<()> {
         self.client
             .pause_container(self.ctx(), &Self::container_req(id))

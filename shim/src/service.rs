@@ -253,11 +253,32 @@ impl Task for Service {
     }
 
     fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
-        let r = self.tasks.container(&req.id).and_then(|_| {
-            Err(Error::Unimplemented(
-                "changing the resources of a running thaw container is not supported yet".into(),
-            ))
-        });
+        let r = (|| {
+            self.tasks.container(&req.id)?;
+            // containerd sends OCI `LinuxResources` as JSON in an Any; the
+            // agent applies it to the container's cgroup in the guest.
+            let any = req
+                .resources
+                .as_ref()
+                .ok_or_else(|| Error::InvalidArgument("update without resources".into()))?;
+            let json: serde_json::Value = serde_json::from_slice(&any.value).map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "resources of type {} are not OCI LinuxResources JSON: {e}",
+                    any.type_url
+                ))
+            })?;
+            if !json.is_object() {
+                return Err(Error::InvalidArgument(format!(
+                    "resources of type {} are not a JSON object",
+                    any.type_url
+                )));
+            }
+            self.tasks
+                .running_sandbox()?
+                .agent()
+                .update(&req.id, any.value.clone())?;
+            Ok(api::Empty::new())
+        })();
         rpc("update", r)
     }
 

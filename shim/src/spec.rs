@@ -200,6 +200,9 @@ const MAX_ETC_FILE: u64 = 64 * 1024;
 pub struct PodEtcFiles {
     pub hosts: String,
     pub resolv_conf: String,
+    /// The first line of the /etc/hostname CRI wrote: the pod's hostname
+    /// (for a hostNetwork pod, the node's; its spec names none).
+    pub hostname: String,
 }
 
 pub fn pod_etc_files(spec: &Value) -> Result<PodEtcFiles> {
@@ -212,11 +215,19 @@ pub fn pod_etc_files(spec: &Value) -> Result<PodEtcFiles> {
         let slot = match dst {
             "/etc/hosts" => &mut files.hosts,
             "/etc/resolv.conf" => &mut files.resolv_conf,
+            "/etc/hostname" => &mut files.hostname,
             _ => continue,
         };
         let src = m.get("source").and_then(Value::as_str).unwrap_or("");
         *slot = read_small_text(Path::new(src), dst)?;
     }
+    files.hostname = files
+        .hostname
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
     Ok(files)
 }
 
@@ -253,10 +264,39 @@ fn is_bind(m: &Value) -> bool {
     t == "bind" || t == "rbind" || opts
 }
 
+/// A spec without a PID or IPC namespace asks for the host's (CRI's
+/// hostPID and hostIPC). In a VM the nearest thing is the guest's own,
+/// where the agent runs: that would hand the container the agent's
+/// processes, so it is refused, naming the field.
+fn refuse_host_namespaces(spec: &Value) -> Result<()> {
+    let Some(list) = spec
+        .get("linux")
+        .and_then(|l| l.get("namespaces"))
+        .and_then(Value::as_array)
+    else {
+        // No linux.namespaces at all: the agent gives the defaults.
+        return Ok(());
+    };
+    let has = |t: &str| {
+        list.iter()
+            .any(|n| n.get("type").and_then(Value::as_str) == Some(t))
+    };
+    for (t, what) in [("pid", "hostPID"), ("ipc", "hostIPC")] {
+        if !has(t) {
+            return Err(Error::InvalidSpec(format!(
+                "linux.namespaces has no {t} namespace, which asks for the host's ({what}): \
+                 a container in a thaw VM cannot share the host's {t} namespace"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The spec as a VM guest gets it: host bind mounts cannot cross into the
 /// VM (no shared filesystem), so the guest-provided ones are dropped and
 /// any other is refused with a clear message.
 pub fn for_vm(spec: &Value) -> Result<Value> {
+    refuse_host_namespaces(spec)?;
     let mut spec = spec.clone();
     if let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) {
         let mut kept = Vec::new();
@@ -365,6 +405,27 @@ mod tests {
     }
 
     #[test]
+    fn host_pid_and_ipc_namespaces_are_refused() {
+        let ns = |types: &[&str]| json!({"linux": {"namespaces": types.iter().map(|t| json!({"type": t})).collect::<Vec<_>>()}});
+        assert!(for_vm(&ns(&["pid", "ipc", "uts", "mount"])).is_ok());
+        // hostNetwork is fine: the container gets the VM's network.
+        assert!(for_vm(&ns(&["pid", "ipc", "mount"])).is_ok());
+        let e = for_vm(&ns(&["ipc", "uts", "mount"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("hostPID") && e.contains("linux.namespaces"),
+            "{e}"
+        );
+        let e = for_vm(&ns(&["pid", "mount"])).unwrap_err().to_string();
+        assert!(e.contains("hostIPC"), "{e}");
+        // A shared pod namespace (a path) is still a namespace entry.
+        let shared = json!({"linux": {"namespaces": [
+            {"type": "pid", "path": "/proc/42/ns/pid"}, {"type": "ipc", "path": "/proc/42/ns/ipc"}]}});
+        assert!(for_vm(&shared).is_ok());
+    }
+
+    #[test]
     fn pod_etc_files_come_from_the_binds_cri_wrote() {
         let dir = tempfile::tempdir().unwrap();
         let hosts = dir.path().join("hosts");
@@ -382,6 +443,7 @@ mod tests {
         ]});
         let f = pod_etc_files(&spec).unwrap();
         assert_eq!(f.hosts, "10.0.0.5\tpod-a\n");
+        assert_eq!(f.hostname, "", "no /etc/hostname bind");
         assert!(f.resolv_conf.contains("nameserver 10.96.0.10"));
         assert_eq!(pod_etc_files(&json!({})).unwrap(), PodEtcFiles::default());
 

@@ -153,6 +153,18 @@ impl AgentConn {
     /// Create (rootfs from the block device `device`), start, read stdout
     /// and stderr to EOF, wait, remove.
     pub fn run(&mut self, id: &str, device: &str, spec: &Value) -> RunResult {
+        self.run_with(id, device, spec, |_| {})
+    }
+
+    /// Like [`AgentConn::run`], calling `after_start` with the agent client
+    /// once the process runs (to act on it while it runs).
+    pub fn run_with(
+        &mut self,
+        id: &str,
+        device: &str,
+        spec: &Value,
+        after_start: impl FnOnce(&AgentClient),
+    ) -> RunResult {
         let (out_port, out_l) = self.listen();
         let (err_port, err_l) = self.listen();
         let mut stdio = Stdio::new();
@@ -196,6 +208,7 @@ impl AgentConn {
         self.client
             .start_process(ctx(120), &req)
             .unwrap_or_else(|e| panic!("StartProcess {id}: {e:?}"));
+        after_start(&self.client);
         lap(1);
         let stdout = out.join().expect("stdout reader");
         let stderr = err.join().expect("stderr reader");

@@ -445,6 +445,53 @@ fn cgroup_limits_apply_in_the_vm() {
     vm.stop();
 }
 
+/// UpdateContainer (CRI's UpdateContainerResources) changes a running
+/// container's limits: the container watches its own memory.max change.
+#[test]
+fn update_changes_a_running_containers_limits() {
+    let _one = one_test_at_a_time();
+    let mut vm = restore();
+    let mut spec = agent::spec(&[
+        "sh",
+        "-c",
+        "cg=/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup); first=$(cat $cg/memory.max); \
+         for i in $(seq 600); do v=$(cat $cg/memory.max); [ \"$v\" != \"$first\" ] && break; sleep 0.1; done; \
+         echo $first $v $(cat $cg/pids.max)",
+    ]);
+    spec["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+            "options": ["nosuid", "noexec", "nodev", "ro"]
+        }));
+    spec["linux"]["resources"] = serde_json::json!({"memory": {"limit": 48u64 << 20}});
+    let r = vm.agent.run_with("update", "/dev/vdb", &spec, |client| {
+        let mut req = thaw_agent_protocol::agent::UpdateContainerRequest::new();
+        req.container_id = "update".into();
+        req.resources_json = serde_json::to_vec(
+            &serde_json::json!({"memory": {"limit": 40u64 << 20}, "pids": {"limit": 20}}),
+        )
+        .unwrap();
+        client
+            .update_container(agent::ctx(120), &req)
+            .expect("UpdateContainer");
+        // Bad input is refused, naming what was wrong.
+        req.resources_json = b"{\"memory\": {\"limit\": \"lots\"}}".to_vec();
+        let e = client
+            .update_container(agent::ctx(120), &req)
+            .expect_err("bad resources accepted");
+        assert!(format!("{e:?}").contains("linux.resources"), "{e:?}");
+    });
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        format!("{} {} 20\n", 48u64 << 20, 40u64 << 20),
+        "stderr: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    vm.stop();
+}
+
 /// A pod runs containers one after another in one VM, so a disk slot is
 /// refilled with another image once its container is removed. The next
 /// container must see the new image, even when both are the same size (the

@@ -153,6 +153,11 @@ pub fn shares_to_weight(shares: u64) -> u64 {
     1 + ((shares - 2) * 9999) / 262_142
 }
 
+/// Applies new limits to an existing container cgroup.
+pub fn update(dir: &Path, res: &LinuxResources) -> Result<()> {
+    apply(dir, res)
+}
+
 fn apply(dir: &Path, res: &LinuxResources) -> Result<()> {
     if let Some(m) = res.memory() {
         let f = "linux.resources.memory";

@@ -228,6 +228,15 @@ impl Runtime {
         cgroup::set_frozen(&self.cgroup_of(id)?, frozen)
     }
 
+    /// New limits for a running container, as OCI `linux.resources` JSON.
+    pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<()> {
+        let res: oci_spec::runtime::LinuxResources = serde_json::from_slice(resources_json)
+            .map_err(|e| {
+                Error::spec("linux.resources", format!("not valid resources JSON: {e}"))
+            })?;
+        cgroup::update(&self.cgroup_of(id)?, &res)
+    }
+
     pub fn stats(&self, id: &str) -> Result<StatsResponse> {
         Ok(cgroup::stats(&self.cgroup_of(id)?))
     }

@@ -149,7 +149,13 @@ impl Tasks {
                 let files = spec::pod_etc_files(&bundle_spec.json)?;
                 let mut r = proto::CreateSandboxRequest::new();
                 r.sandbox_id = sandbox_id.clone();
-                r.hostname = bundle_spec.hostname.clone();
+                // CRI names the hostname in the spec, except for a
+                // hostNetwork pod: then its /etc/hostname holds the node's.
+                r.hostname = if bundle_spec.hostname.is_empty() {
+                    files.hostname
+                } else {
+                    bundle_spec.hostname.clone()
+                };
                 r.hosts = files.hosts;
                 r.resolv_conf = files.resolv_conf;
                 agent.create_sandbox(&r)?;
