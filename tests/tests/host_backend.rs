@@ -527,6 +527,7 @@ fn every_task_method_is_answered_on_the_shim_socket() {
             }
         )
         .is_ok());
+    // Update without resources is a caller's mistake, said so.
     let r = task.update(
         ctx(),
         &api::UpdateTaskRequest {
@@ -534,7 +535,7 @@ fn every_task_method_is_answered_on_the_shim_socket() {
             ..Default::default()
         },
     );
-    assert_eq!(code(r.map(|_| ())), Code::UNIMPLEMENTED);
+    assert_eq!(code(r.map(|_| ())), Code::INVALID_ARGUMENT);
     let r = task.checkpoint(
         ctx(),
         &api::CheckpointTaskRequest {
