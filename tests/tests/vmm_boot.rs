@@ -132,7 +132,7 @@ fn bad_arguments_are_named_and_nothing_is_left() {
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("--vcpus: not a valid number (got \"many\")"),
+        err.contains("invalid value 'many' for '--vcpus <N>'"),
         "{err}"
     );
 
