@@ -3,6 +3,10 @@
 //! templates are fixtures made through the store, and `thaw-vmm` is a
 //! script that records how it was called.
 
+// Test code: a failed step panics with its message. (The workspace denies
+// unwrap and expect outside tests.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

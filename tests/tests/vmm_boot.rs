@@ -6,6 +6,10 @@
 //! On PVM hosts (this project's CI) the guest kernel runs emulated: the
 //! boot takes tens of seconds, hence the generous deadlines.
 
+// Test code: a failed step panics with its message. (The workspace denies
+// unwrap and expect outside tests.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;

@@ -4,6 +4,10 @@
 //! restored from the template comes back on its new vsock socket. Then
 //! `template rm` empties the store. One cold boot in all (30-70 s here).
 
+// Test code: a failed step panics with its message. (The workspace denies
+// unwrap and expect outside tests.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{BufReader, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
