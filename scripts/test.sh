@@ -38,6 +38,7 @@ suites=(
     "unit|host|*:unit"
     "agent-host|host|thaw-agent:host_runtime thaw-agent:pid1_smoke"
     "shim-host|host|thaw-tests:unit thaw-tests:harness thaw-tests:errors thaw-tests:host_backend"
+    "cli|host|thaw-tests:admin_cli"
     "vmm_boot|host|thaw-tests:vmm_boot"
     "vmm_snapshot|host|thaw-tests:vmm_snapshot"
     "vmm_template|host|thaw-tests:vmm_template"

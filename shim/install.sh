@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs thaw for containerd: the shim, the VMM, the guest agent, the
-# guest kernel, the guest root image and a default config.
+# Installs thaw for containerd: the shim, the VMM, the `thaw` admin CLI,
+# the guest agent, the guest kernel, the guest root image and a default
+# config.
 #
 #   PREFIX           install prefix (default /usr/local)
 #   DESTDIR          staging root for packaging (default: none)
@@ -14,6 +15,7 @@
 # Installed:
 #   $PREFIX/bin/containerd-shim-thaw-v2   (containerd finds it in PATH)
 #   $PREFIX/bin/thaw-vmm
+#   $PREFIX/bin/thaw                      (thaw doctor, thaw templates ...)
 #   $PREFIX/bin/thaw-agent                (static; also the root image's init)
 #   $PREFIX/share/thaw/vmlinux
 #   $PREFIX/share/thaw/root.img
@@ -32,8 +34,8 @@ target=x86_64-unknown-linux-gnu
 say() { echo "install: $*" >&2; }
 
 cd "$repo"
-say "building the shim and the VMM (release)"
-cargo build --release -p containerd-shim-thaw-v2 -p thaw-vmm
+say "building the shim, the VMM and the thaw CLI (release)"
+cargo build --release -p containerd-shim-thaw-v2 -p thaw-vmm -p thaw-cli
 # The guest root image and its agent: the one recipe the tests use too
 # (guest-agent/build-rootfs.sh: the `agent` profile, static, cached).
 say "building the guest agent and its root image (static, erofs, cached)"
@@ -52,6 +54,7 @@ fi
 install -d "$bin" "$share"
 install -m 0755 "$repo/target/release/containerd-shim-thaw-v2" "$bin/"
 install -m 0755 "$repo/target/release/thaw-vmm" "$bin/"
+install -m 0755 "$repo/target/release/thaw" "$bin/"
 install -m 0755 "$agent" "$bin/thaw-agent"
 install -m 0644 "$kernel" "$share/vmlinux"
 install -m 0644 "$root_image" "$share/root.img"
@@ -93,5 +96,7 @@ else
     say "kept existing $dest$config_dir/config.toml"
 fi
 
-say "done. Try: ctr run --rm --runtime io.containerd.thaw.v2 docker.io/library/busybox:latest t1 echo hi"
+say "done. Check the host: $prefix/bin/thaw doctor"
+say "Build the default template ahead of the first start: $prefix/bin/thaw templates build"
+say "Try: ctr run --rm --runtime io.containerd.thaw.v2 docker.io/library/busybox:latest t1 echo hi"
 say "For Kubernetes, add the containerd snippet from shim/README.md and restart containerd."

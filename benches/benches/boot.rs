@@ -15,6 +15,10 @@
 //! (default 256, the VMM's and the shim's default), THAW_KERNEL (else
 //! kernel-config/build.sh). QEMU comes from scripts/install-deps.sh.
 
+// Test code: a failed step panics with its message. (The workspace denies
+// unwrap and expect outside tests.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::time::Duration;

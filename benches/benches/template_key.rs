@@ -13,6 +13,10 @@
 //! Environment: THAW_BENCH_RUNS (default 20), THAW_KERNEL (else
 //! kernel-config/build.sh).
 
+// Test code: a failed step panics with its message. (The workspace denies
+// unwrap and expect outside tests.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 

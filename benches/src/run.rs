@@ -179,7 +179,8 @@ pub struct QemuOptions<'a> {
     /// microvm adds its own for the devices it creates.
     pub cmdline: &'a str,
     pub memory_mib: u32,
-    /// PVM hosts: a small CPU model that boots there (see PLATFORM.md).
+    /// PVM hosts: a small CPU model (qemu64 plus TSC-deadline and x2APIC)
+    /// instead of `-cpu host`, whose features the PVM guest cannot all run.
     pub pvm: bool,
     pub deadline: Duration,
 }

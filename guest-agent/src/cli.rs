@@ -1,4 +1,9 @@
 //! Command line and the agent's main loop.
+//!
+//! The parser is hand-written on purpose, unlike the host tools' (clap):
+//! the agent is PID 1 and is read from the root disk at every cold boot,
+//! so its size matters; as init it must also ignore the kernel command
+//! line words it is handed, and it has six options.
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -2,6 +2,10 @@
 //! `thaw-agent` binary, driven over Unix sockets exactly as the shim drives
 //! it over vsock, running busybox containers as root in a scratch directory.
 
+// Test code: a failed step panics with its message. (The workspace denies
+// unwrap and expect outside tests.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{Read, Write};

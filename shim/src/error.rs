@@ -1,17 +1,13 @@
 //! The shim's one error type. Every variant carries enough context for the
 //! message to reach a `ctr` user and make sense on its own.
 
-use std::path::PathBuf;
-
 use containerd_shim::protos::ttrpc::{self, Code};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("config {path}: {message}")]
-    Config { path: PathBuf, message: String },
-
-    #[error("annotation {key}: {message}")]
-    Annotation { key: String, message: String },
+    /// The config file or a pod annotation (the message names which).
+    #[error(transparent)]
+    Config(#[from] thaw_config::Error),
 
     #[error("invalid OCI spec: {0}")]
     InvalidSpec(String),
@@ -73,10 +69,9 @@ impl Error {
 
     fn code(&self) -> Code {
         match self {
-            Error::Config { .. }
-            | Error::Annotation { .. }
-            | Error::InvalidSpec(_)
-            | Error::InvalidArgument(_) => Code::INVALID_ARGUMENT,
+            Error::Config(_) | Error::InvalidSpec(_) | Error::InvalidArgument(_) => {
+                Code::INVALID_ARGUMENT
+            }
             Error::NotFound(_) => Code::NOT_FOUND,
             Error::AlreadyExists(_) => Code::ALREADY_EXISTS,
             Error::FailedPrecondition(_) => Code::FAILED_PRECONDITION,

@@ -4,7 +4,6 @@
 
 mod agent;
 mod child;
-mod config;
 mod error;
 mod events;
 mod image_cache;

@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use thaw_vmm_api::{BootArgs, Disk, RestoreArgs, Serial, TemplateBuildArgs, VmmCommand};
+use thaw_vmm_api::{BootArgs, Disk, RestoreArgs, Serial, VmmCommand};
 
-use crate::config::VmConfig;
+use thaw_config::VmConfig;
 
 /// Where one VM's files live.
 #[derive(Debug, Clone)]
@@ -47,16 +47,7 @@ pub fn boot_command(vm: &VmConfig, paths: &VmPaths) -> Command {
 /// `thaw-vmm template build`: boots the template once (or finds it built)
 /// and prints its snapshot directory on the last line.
 pub fn template_build_command(vm: &VmConfig) -> Command {
-    VmmCommand::TemplateBuild(TemplateBuildArgs {
-        spare_disks: vm.spare_disks,
-        vcpus: vm.vcpus,
-        memory_mib: vm.memory_mib,
-        timeout_secs: vm.template_build_timeout_secs,
-        retry_after_secs: vm.template_retry_secs,
-        store: Some(vm.template_store.clone()),
-        ..TemplateBuildArgs::new(&vm.kernel, &vm.root_image)
-    })
-    .command(&vm.vmm)
+    VmmCommand::TemplateBuild(vm.template_build_args()).command(&vm.vmm)
 }
 
 /// Resuming a template snapshot: new sockets, the same root disk; the

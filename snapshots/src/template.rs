@@ -157,6 +157,24 @@ pub struct TemplateRecord {
     pub build_ms: u64,
 }
 
+impl TemplateRecord {
+    /// One line for `list` (`thaw-vmm template list`, `thaw templates
+    /// list`): key, shape, inputs, creation time.
+    pub fn summary(&self) -> String {
+        format!(
+            "{}  vcpus={} memory_mib={} spare_disks={} kernel={} root={} created={} build_ms={}",
+            self.key,
+            self.inputs.vcpus,
+            self.inputs.memory_mib,
+            self.inputs.spare_disks,
+            self.inputs.kernel.display(),
+            self.inputs.root_image.display(),
+            self.created_unix,
+            self.build_ms
+        )
+    }
+}
+
 /// `<key>.failed`: the last failed build of a key.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailureRecord {

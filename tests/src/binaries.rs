@@ -1,6 +1,6 @@
 //! Builds (once per test process) and locates the binaries the tests run:
-//! the shim, the guest agent (run on the host by the host backend) and,
-//! for VM tests, the VMM.
+//! the shim, the guest agent (run on the host by the host backend), the
+//! VMM and the `thaw` admin CLI.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,6 +17,8 @@ pub struct Binaries {
     /// mid-change); tests that run it fail with this message.
     pub agent_error: Option<String>,
     pub vmm: PathBuf,
+    /// `thaw`, the operator's CLI.
+    pub admin: PathBuf,
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -77,8 +79,10 @@ pub fn binaries() -> &'static Binaries {
             panic!("{e}");
         }
         let agent_error = build("thaw-agent").err();
-        if let Err(e) = build("thaw-vmm") {
-            panic!("{e}");
+        for package in ["thaw-vmm", "thaw-cli"] {
+            if let Err(e) = build(package) {
+                panic!("{e}");
+            }
         }
         let dir = target_dir().join("debug");
         let bins = Binaries {
@@ -86,8 +90,9 @@ pub fn binaries() -> &'static Binaries {
             agent: dir.join("thaw-agent"),
             agent_error,
             vmm: dir.join("thaw-vmm"),
+            admin: dir.join("thaw"),
         };
-        for b in [&bins.shim, &bins.vmm] {
+        for b in [&bins.shim, &bins.vmm, &bins.admin] {
             assert!(b.exists(), "{} missing", b.display());
         }
         bins

@@ -6,6 +6,10 @@
 //! time of each call). `THAW_AGENT_VM_CONSOLE=1` also prints the guest's
 //! console after the restore (agent warnings).
 
+// Test code: a failed step panics with its message. (The workspace denies
+// unwrap and expect outside tests.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::Child;

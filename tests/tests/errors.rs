@@ -2,6 +2,10 @@
 //! leaves nothing behind. These need no VM and no agent: the shim rejects
 //! them before anything starts.
 
+// Test code: a failed step panics with its message. (The workspace denies
+// unwrap and expect outside tests.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::fs;
 
 use thaw_tests::image::BUSYBOX_REF;

@@ -7,6 +7,10 @@
 //! THAW_TEST_BOOT_TIMEOUT and THAW_TEST_AGENT_TIMEOUT (seconds, default 600)
 //! bound the waits for the agent.
 
+// Test code: a failed step panics with its message. (The workspace denies
+// unwrap and expect outside tests.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, Instant};
 
 use thaw_tests::cmd::{self, wait_for};

@@ -2,8 +2,8 @@
 //! or [`TemplateBuildArgs`], wrap it in [`VmmCommand`] and get a
 //! `std::process::Command`. Numbers are always passed (the VMM's defaults
 //! are this crate's `Default`s); optional paths only when set. The VMM's
-//! parsers (`thaw-vmm`'s `cli` and `template` modules) are tested against
-//! these argv.
+//! parser (`thaw-vmm`'s `cli` module, with the `template` subcommand's
+//! arguments in `template`) is tested against these argv.
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};

@@ -1,10 +1,18 @@
-//! `thaw-vmm` command-line parsing. Hand-written: a dozen options do not
-//! need a parser crate, and every mistake names the option at fault.
+//! `thaw-vmm`'s command line, on clap: boot a kernel, resume a snapshot,
+//! or `thaw-vmm template ...`. A bad command line exits 64 (EX_USAGE)
+//! with clap's message, which names the option at fault; `--help` exits 0.
+//! `thaw-vmm-api`'s command builder writes these argv, and the tests below
+//! parse what it writes.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
+
+use clap::error::ErrorKind;
+use clap::{Args, Parser, Subcommand};
 
 use crate::config::{DiskConfig, PvmQuirks, SerialOutput, VmConfig, VsockConfig};
 use crate::snapshot::RestoreOptions;
+use crate::template::TemplateCommand;
 
 /// What the command line asks for: boot a kernel, or resume a snapshot.
 #[derive(Debug)]
@@ -13,175 +21,209 @@ pub enum Launch {
     Restore(RestoreOptions),
 }
 
-pub const USAGE: &str = "\
-usage: thaw-vmm --kernel VMLINUX [options]
-       thaw-vmm --restore SNAPSHOT_DIR [--vsock-uds P] [--disk P[,ro]]... [--serial S] [--api-sock P]
-  --kernel PATH          uncompressed ELF guest kernel (vmlinux)
-  --initramfs PATH       initramfs to load (prefer a root disk: it is faster)
-  --disk PATH[,ro]       virtio-blk disk from a raw file (repeatable; first is /dev/vda)
-  --spare-disks N        empty virtio-blk slots for attach_disk (default 0)
-  --vsock-uds PATH       enable virtio-vsock; host side is this Unix socket
-  --cid N                guest vsock CID (default 3)
-  --vcpus N              number of vCPUs (default 1)
-  --memory-mib N         guest memory in MiB (default 256)
-  --append STRING        extra guest kernel command line
-  --serial stdout|none|PATH  where the guest console goes (default stdout)
-  --api-sock PATH        control socket (pause, resume, stop, status, ...)
-  --pvm auto|on|off      guest workarounds for PVM hosts (default auto)
-  --restore DIR          resume the VM saved in DIR (by the snapshot control
-                         request) instead of booting; --disk replaces its
-                         disks in order, --vsock-uds gives it a new socket";
-
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum CliError {
-    #[error("unknown option {0}")]
-    Unknown(String),
-    #[error("{0} needs a value")]
-    MissingValue(String),
-    #[error("{option}: {reason} (got {value:?})")]
-    BadValue {
-        option: String,
-        value: String,
-        reason: &'static str,
-    },
-    #[error("--kernel is required")]
-    NoKernel,
-    #[error("--cid given without --vsock-uds")]
-    CidWithoutVsock,
-    #[error("help requested")]
-    Help,
-    #[error("{0} cannot be combined with --restore: the snapshot fixes it")]
-    NotWithRestore(String),
+/// Everything `thaw-vmm` can be asked to do.
+#[derive(Debug)]
+pub enum Invocation {
+    Launch(Launch),
+    Template(TemplateCommand),
 }
 
-fn number<T: std::str::FromStr>(option: &str, value: &str) -> Result<T, CliError> {
-    value.parse().map_err(|_| CliError::BadValue {
-        option: option.into(),
-        value: value.into(),
-        reason: "not a valid number",
+/// The exit status of a bad command line (sysexits' EX_USAGE).
+pub const EXIT_USAGE: i32 = 64;
+
+/// Boots one micro-VM and runs it until the guest stops or the control
+/// socket says stop.
+#[derive(Debug, Parser)]
+#[command(
+    name = "thaw-vmm",
+    version,
+    // The last of a repeated option wins, as callers appending overrides expect.
+    args_override_self = true,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true,
+    after_help = "Exit status: 0 the guest reset or powered off, or was stopped; \
+                  2 the guest triple-faulted; 1 a VMM or KVM error; 64 a bad command line."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    launch: LaunchArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build, list and remove VM templates (booted, snapshotted VMs).
+    #[command(subcommand)]
+    Template(TemplateCommand),
+}
+
+#[derive(Debug, Args)]
+struct LaunchArgs {
+    /// Uncompressed ELF guest kernel (vmlinux).
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "restore",
+        conflicts_with = "restore"
+    )]
+    kernel: Option<PathBuf>,
+    /// Initramfs to load (prefer a root disk: it is faster).
+    #[arg(long, value_name = "PATH", conflicts_with = "restore")]
+    initramfs: Option<PathBuf>,
+    /// Virtio-blk disk from a raw file (repeatable; the first is /dev/vda).
+    /// With --restore, replaces the snapshot's disks in order.
+    #[arg(long = "disk", value_name = "PATH[,ro]", value_parser = parse_disk)]
+    disks: Vec<DiskConfig>,
+    /// Empty virtio-blk slots for attach_disk.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        conflicts_with = "restore"
+    )]
+    spare_disks: u8,
+    /// Enable virtio-vsock; the host side is this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    vsock_uds: Option<PathBuf>,
+    /// Guest vsock CID [default: 3].
+    #[arg(
+        long,
+        value_name = "N",
+        requires = "vsock_uds",
+        conflicts_with = "restore"
+    )]
+    cid: Option<u32>,
+    /// Number of vCPUs.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        conflicts_with = "restore"
+    )]
+    vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 256,
+        conflicts_with = "restore"
+    )]
+    memory_mib: u32,
+    /// Extra guest kernel command line.
+    #[arg(
+        long,
+        value_name = "STRING",
+        default_value = "",
+        hide_default_value = true,
+        allow_hyphen_values = true,
+        conflicts_with = "restore"
+    )]
+    append: String,
+    /// Where the guest console goes: stdout, none or a file [default:
+    /// stdout; with --restore, where the snapshotted VM's went].
+    #[arg(long, value_name = "stdout|none|PATH", value_parser = parse_serial)]
+    serial: Option<SerialOutput>,
+    /// Control socket (pause, resume, stop, status, snapshot, ...).
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Guest workarounds for PVM hosts.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = PvmQuirks::Auto,
+          conflicts_with = "restore")]
+    pvm: PvmQuirks,
+    /// Resume the VM saved in DIR (by the snapshot control request) instead
+    /// of booting; --vsock-uds gives it a new socket.
+    #[arg(long, value_name = "DIR")]
+    restore: Option<PathBuf>,
+}
+
+/// `PATH`, `PATH,ro` or `PATH,rw`.
+fn parse_disk(value: &str) -> Result<DiskConfig, String> {
+    let (path, read_only) = match value.strip_suffix(",ro") {
+        Some(p) => (p, true),
+        None => (value.strip_suffix(",rw").unwrap_or(value), false),
+    };
+    if path.is_empty() {
+        return Err("expected PATH or PATH,ro".into());
+    }
+    Ok(DiskConfig {
+        path: path.into(),
+        read_only,
     })
 }
 
-pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Launch, CliError> {
-    let mut cfg = VmConfig::default();
-    let mut restore: Option<PathBuf> = None;
-    let mut seen: Vec<String> = Vec::new();
-    let mut serial_given = false;
-    let mut kernel = None;
-    let mut vsock_uds = None;
-    let mut cid = None;
-    let mut args = args.into_iter();
-    while let Some(opt) = args.next() {
-        if opt == "--help" || opt == "-h" {
-            return Err(CliError::Help);
+fn parse_serial(value: &str) -> Result<SerialOutput, String> {
+    Ok(match value {
+        "stdout" => SerialOutput::Stdout,
+        "none" => SerialOutput::None,
+        file => SerialOutput::File(file.into()),
+    })
+}
+
+impl LaunchArgs {
+    fn into_launch(self) -> Result<Launch, clap::Error> {
+        if let Some(snapshot) = self.restore {
+            return Ok(Launch::Restore(RestoreOptions {
+                snapshot,
+                vsock_uds: self.vsock_uds,
+                disks: self.disks,
+                serial: self.serial,
+                api_socket: self.api_sock,
+            }));
         }
-        let known = [
-            "--kernel",
-            "--initramfs",
-            "--disk",
-            "--spare-disks",
-            "--vsock-uds",
-            "--cid",
-            "--vcpus",
-            "--memory-mib",
-            "--append",
-            "--serial",
-            "--api-sock",
-            "--pvm",
-            "--restore",
-        ];
-        if !known.contains(&opt.as_str()) {
-            return Err(CliError::Unknown(opt));
-        }
-        let value = args
-            .next()
-            .ok_or_else(|| CliError::MissingValue(opt.clone()))?;
-        seen.push(opt.clone());
-        match opt.as_str() {
-            "--restore" => restore = Some(PathBuf::from(value)),
-            "--kernel" => kernel = Some(PathBuf::from(value)),
-            "--initramfs" => cfg.initramfs = Some(value.into()),
-            "--disk" => {
-                let (path, read_only) = match value.strip_suffix(",ro") {
-                    Some(p) => (p, true),
-                    None => (value.strip_suffix(",rw").unwrap_or(&value), false),
-                };
-                if path.is_empty() {
-                    return Err(CliError::BadValue {
-                        option: opt,
-                        value,
-                        reason: "expected PATH or PATH,ro",
-                    });
-                }
-                cfg.disks.push(DiskConfig {
-                    path: path.into(),
-                    read_only,
-                });
-            }
-            "--spare-disks" => cfg.spare_disks = number(&opt, &value)?,
-            "--vsock-uds" => vsock_uds = Some(PathBuf::from(value)),
-            "--cid" => cid = Some(number(&opt, &value)?),
-            "--vcpus" => cfg.vcpus = number(&opt, &value)?,
-            "--memory-mib" => cfg.memory_mib = number(&opt, &value)?,
-            "--append" => cfg.append = value,
-            "--serial" => {
-                serial_given = true;
-                cfg.serial = match value.as_str() {
-                    "stdout" => SerialOutput::Stdout,
-                    "none" => SerialOutput::None,
-                    _ => SerialOutput::File(value.into()),
-                }
-            }
-            "--api-sock" => cfg.api_socket = Some(value.into()),
-            "--pvm" => {
-                cfg.pvm_quirks = match value.as_str() {
-                    "auto" => PvmQuirks::Auto,
-                    "on" => PvmQuirks::On,
-                    "off" => PvmQuirks::Off,
-                    _ => {
-                        return Err(CliError::BadValue {
-                            option: opt,
-                            value,
-                            reason: "expected auto, on or off",
-                        })
-                    }
-                }
-            }
-            _ => return Err(CliError::Unknown(opt)),
-        }
+        // clap enforces it (required_unless_present); this keeps it so.
+        let kernel = self.kernel.ok_or_else(|| {
+            clap::Error::raw(
+                ErrorKind::MissingRequiredArgument,
+                "--kernel or --restore is required\n",
+            )
+        })?;
+        Ok(Launch::Boot(VmConfig {
+            kernel,
+            initramfs: self.initramfs,
+            disks: self.disks,
+            spare_disks: self.spare_disks,
+            vsock: self.vsock_uds.map(|uds_path| VsockConfig {
+                guest_cid: self.cid.unwrap_or(3),
+                uds_path,
+            }),
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            append: self.append,
+            serial: self.serial.unwrap_or(SerialOutput::Stdout),
+            api_socket: self.api_sock,
+            pvm_quirks: self.pvm,
+        }))
     }
-    if let Some(snapshot) = restore {
-        let fixed = [
-            "--kernel",
-            "--initramfs",
-            "--spare-disks",
-            "--cid",
-            "--vcpus",
-            "--memory-mib",
-            "--append",
-            "--pvm",
-        ];
-        if let Some(o) = seen.iter().find(|o| fixed.contains(&o.as_str())) {
-            return Err(CliError::NotWithRestore(o.clone()));
-        }
-        return Ok(Launch::Restore(RestoreOptions {
-            snapshot,
-            vsock_uds,
-            disks: cfg.disks,
-            serial: serial_given.then_some(cfg.serial),
-            api_socket: cfg.api_socket,
-        }));
+}
+
+/// Parses a whole argv, program name first.
+pub fn parse<I, T>(argv: I) -> Result<Invocation, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = Cli::try_parse_from(argv)?;
+    match cli.command {
+        Some(Command::Template(t)) => Ok(Invocation::Template(t)),
+        None => Ok(Invocation::Launch(cli.launch.into_launch()?)),
     }
-    cfg.kernel = kernel.ok_or(CliError::NoKernel)?;
-    cfg.vsock = match (vsock_uds, cid) {
-        (Some(uds_path), cid) => Some(VsockConfig {
-            guest_cid: cid.unwrap_or(3),
-            uds_path,
-        }),
-        (None, Some(_)) => return Err(CliError::CidWithoutVsock),
-        (None, None) => None,
-    };
-    Ok(Launch::Boot(cfg))
+}
+
+/// Prints a parse failure (help to stdout, mistakes to stderr) and returns
+/// the exit status: 0 for --help and --version, 64 for a mistake.
+pub fn report(e: &clap::Error) -> i32 {
+    // Nothing useful is left to do if the terminal is gone.
+    let _ = e.print();
+    report_status(e.kind())
+}
+
+/// 0 for --help and --version, 64 for everything else clap refuses.
+pub fn report_status(kind: ErrorKind) -> i32 {
+    match kind {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
+        _ => EXIT_USAGE,
+    }
 }
 
 #[cfg(test)]
@@ -189,14 +231,28 @@ mod tests {
     use super::*;
 
     fn args(s: &str) -> Vec<String> {
-        s.split_whitespace().map(String::from).collect()
+        std::iter::once("thaw-vmm")
+            .chain(s.split_whitespace())
+            .map(String::from)
+            .collect()
+    }
+
+    fn launch(argv: Vec<String>) -> Launch {
+        match parse(argv).unwrap() {
+            Invocation::Launch(l) => l,
+            other => panic!("expected a launch, got {other:?}"),
+        }
     }
 
     fn boot(s: &str) -> VmConfig {
-        match parse(args(s)).unwrap() {
+        match launch(args(s)) {
             Launch::Boot(c) => c,
             other => panic!("expected a boot, got {other:?}"),
         }
+    }
+
+    fn err(s: &str) -> clap::Error {
+        parse(args(s)).unwrap_err()
     }
 
     #[test]
@@ -224,16 +280,39 @@ mod tests {
     #[test]
     fn defaults_boot_with_just_a_kernel() {
         let c = boot("--kernel /k");
-        assert_eq!((c.vcpus, c.memory_mib, c.vsock.is_none()), (1, 256, true));
+        assert_eq!(
+            c,
+            VmConfig {
+                kernel: "/k".into(),
+                ..VmConfig::default()
+            }
+        );
+        assert_eq!(
+            boot("--kernel /k --vsock-uds /v").vsock.unwrap().guest_cid,
+            3
+        );
+    }
+
+    #[test]
+    fn the_last_of_a_repeated_option_wins() {
+        assert_eq!(boot("--kernel /k --vcpus 2 --vcpus 3").vcpus, 3);
+    }
+
+    #[test]
+    fn append_takes_words_that_look_like_options() {
+        let mut argv = args("--kernel /k --append");
+        argv.push("--foo bar".into());
+        match launch(argv) {
+            Launch::Boot(c) => assert_eq!(c.append, "--foo bar"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
     fn restore_takes_host_resources_only() {
-        match parse(args(
+        match launch(args(
             "--restore /snap --vsock-uds /v2 --disk /img,ro --api-sock /a",
-        ))
-        .unwrap()
-        {
+        )) {
             Launch::Restore(r) => {
                 assert_eq!(r.snapshot, PathBuf::from("/snap"));
                 assert_eq!(r.vsock_uds, Some(PathBuf::from("/v2")));
@@ -242,36 +321,56 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let e = parse(args("--restore /snap --vcpus 2"))
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            e,
-            "--vcpus cannot be combined with --restore: the snapshot fixes it"
-        );
+        for fixed in [
+            "--kernel /k",
+            "--initramfs /i",
+            "--spare-disks 1",
+            "--vcpus 2",
+            "--memory-mib 64",
+            "--append quiet",
+            "--pvm on",
+        ] {
+            let e = err(&format!("--restore /snap {fixed}"));
+            assert_eq!(e.kind(), ErrorKind::ArgumentConflict, "{fixed}: {e}");
+            let option = fixed.split(' ').next().unwrap();
+            assert!(e.to_string().contains(option), "{e}");
+        }
     }
 
     #[test]
     fn mistakes_name_the_option() {
-        let e = |s| parse(args(s)).unwrap_err().to_string();
-        assert_eq!(
-            e("--kernel /k --vcpus two"),
-            "--vcpus: not a valid number (got \"two\")"
-        );
-        assert_eq!(
-            e("--kernel /k --frobnicate 1"),
-            "unknown option --frobnicate"
-        );
-        assert_eq!(e("--kernel"), "--kernel needs a value");
-        assert_eq!(e("--vcpus 1"), "--kernel is required");
-        assert!(e("--kernel /k --pvm maybe").starts_with("--pvm:"));
-        assert_eq!(e("--kernel /k --cid 5"), "--cid given without --vsock-uds");
+        let e = err("--kernel /k --vcpus two");
+        assert_eq!(e.kind(), ErrorKind::ValueValidation);
+        assert!(e.to_string().contains("'--vcpus <N>'"), "{e}");
+        assert!(e.to_string().contains("'two'"), "{e}");
+        assert!(err("--kernel /k --vcpus 300")
+            .to_string()
+            .contains("--vcpus"));
+        let e = err("--kernel /k --frobnicate 1");
+        assert_eq!(e.kind(), ErrorKind::UnknownArgument);
+        assert!(e.to_string().contains("--frobnicate"), "{e}");
+        let e = err("--kernel");
+        assert!(e.to_string().contains("--kernel"), "{e}");
+        let e = err("--vcpus 1");
+        assert_eq!(e.kind(), ErrorKind::MissingRequiredArgument);
+        assert!(e.to_string().contains("--kernel"), "{e}");
+        let e = err("--kernel /k --pvm maybe");
+        assert!(e.to_string().contains("--pvm"), "{e}");
+        let e = err("--kernel /k --cid 5");
+        assert_eq!(e.kind(), ErrorKind::MissingRequiredArgument);
+        assert!(e.to_string().contains("--vsock-uds"), "{e}");
+        let e = err("--kernel /k --disk ,ro");
+        assert!(e.to_string().contains("expected PATH or PATH,ro"), "{e}");
+        for bad in [err("--vcpus x"), err("--kernel /k template list")] {
+            assert_eq!(report_status(bad.kind()), EXIT_USAGE, "{bad}");
+        }
+        assert_eq!(report_status(err("--help").kind()), 0);
+        assert_eq!(report_status(err("template --help").kind()), 0);
     }
 
-    fn api_args(c: thaw_vmm_api::VmmCommand) -> Vec<String> {
-        c.args()
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
+    fn api_args(c: thaw_vmm_api::VmmCommand) -> Vec<OsString> {
+        std::iter::once(OsString::from("thaw-vmm"))
+            .chain(c.args())
             .collect()
     }
 
@@ -280,7 +379,7 @@ mod tests {
     fn reads_the_boot_command_line_the_api_crate_builds() {
         use thaw_vmm_api::{BootArgs, Disk, Pvm, Serial};
         let minimal = api_args(BootArgs::new("/k").into());
-        match parse(minimal).unwrap() {
+        match launch_os(minimal) {
             Launch::Boot(c) => assert_eq!(
                 c,
                 VmConfig {
@@ -304,7 +403,7 @@ mod tests {
             pvm: Pvm::On,
             ..BootArgs::new("/k")
         };
-        match parse(api_args(full.into())).unwrap() {
+        match launch_os(api_args(full.into())) {
             Launch::Boot(c) => assert_eq!(
                 c,
                 VmConfig {
@@ -335,12 +434,31 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
+        let off = BootArgs {
+            pvm: Pvm::Off,
+            serial: Serial::None,
+            ..BootArgs::new("/k")
+        };
+        match launch_os(api_args(off.into())) {
+            Launch::Boot(c) => {
+                assert_eq!(c.pvm_quirks, PvmQuirks::Off);
+                assert_eq!(c.serial, SerialOutput::None);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn launch_os(argv: Vec<OsString>) -> Launch {
+        match parse(argv).unwrap() {
+            Invocation::Launch(l) => l,
+            other => panic!("expected a launch, got {other:?}"),
+        }
     }
 
     #[test]
     fn reads_the_restore_command_line_the_api_crate_builds() {
         use thaw_vmm_api::{Disk, RestoreArgs, Serial};
-        match parse(api_args(RestoreArgs::new("/snap").into())).unwrap() {
+        match launch_os(api_args(RestoreArgs::new("/snap").into())) {
             Launch::Restore(r) => {
                 assert_eq!(r.snapshot, PathBuf::from("/snap"));
                 assert!(r.vsock_uds.is_none() && r.disks.is_empty());
@@ -355,7 +473,7 @@ mod tests {
             api_sock: Some("/a".into()),
             ..RestoreArgs::new("/snap")
         };
-        match parse(api_args(full.into())).unwrap() {
+        match launch_os(api_args(full.into())) {
             Launch::Restore(r) => {
                 assert_eq!(r.snapshot, PathBuf::from("/snap"));
                 assert_eq!(

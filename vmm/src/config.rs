@@ -45,8 +45,9 @@ pub enum SerialOutput {
 
 /// Whether to turn on the guest-side workarounds for hosts whose KVM is PVM
 /// (see kernel-config/). `Auto` looks at the host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 pub enum PvmQuirks {
+    /// On when the host's KVM is PVM (/sys/module/kvm_pvm).
     Auto,
     On,
     Off,

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use thaw_vmm::boot_marker;
-use thaw_vmm::cli::{self, CliError, Launch};
+use thaw_vmm::cli::{self, Invocation, Launch};
 use thaw_vmm::control::{self, VmmControl};
 use thaw_vmm::snapshot::{self, VmHandle};
 use thaw_vmm::vcpu::VmExit;
@@ -109,22 +109,13 @@ fn run(launch: Launch) -> Result<VmExit, Error> {
 }
 
 fn main() {
-    if std::env::args().nth(1).as_deref() == Some("template") {
-        std::process::exit(thaw_vmm::template::main(std::env::args().skip(2).collect()));
-    }
     boot_marker::set_process_start();
-    init_logging();
-    let launch = match cli::parse(std::env::args().skip(1)) {
-        Ok(c) => c,
-        Err(CliError::Help) => {
-            println!("{}", cli::USAGE);
-            return;
-        }
-        Err(e) => {
-            eprintln!("thaw-vmm: {e}\n{}", cli::USAGE);
-            std::process::exit(64);
-        }
+    let launch = match cli::parse(std::env::args_os()) {
+        Ok(Invocation::Launch(l)) => l,
+        Ok(Invocation::Template(t)) => std::process::exit(t.run()),
+        Err(e) => std::process::exit(cli::report(&e)),
     };
+    init_logging();
     match run(launch) {
         Ok(exit) => {
             match &exit {

@@ -313,7 +313,7 @@ impl VmHandle {
     }
 
     fn vcpu_state(&self, fd: &VcpuFd) -> Result<VcpuState, SnapshotError> {
-        // MP state first, vCPU events last (see REFERENCES.md).
+        // MP state first, vCPU events last.
         let mp_state = fd.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?;
         let cpuid = fd
             .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -589,7 +589,7 @@ fn restore_vm_state(fd: &VmFd, s: &VmState) -> Result<(), SnapshotError> {
     Ok(())
 }
 
-/// The order matters (see REFERENCES.md): CPUID, MP state, regs, sregs,
+/// The order matters: CPUID, MP state, regs, sregs,
 /// XSAVE, XCRs, debug regs, LAPIC, MSRs (TSC before TSC deadline), vCPU
 /// events, then tell the guest's kvmclock it was paused.
 fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), SnapshotError> {

@@ -319,30 +319,98 @@ fn walk_test_init(
 }
 
 // ---------------------------------------------------------------------------
-// The `template` subcommand.
+// The `template` subcommand (parsed by clap as part of `cli`).
 
-pub const USAGE: &str = "\
-usage: thaw-vmm template build --kernel VMLINUX --disk ROOT_IMAGE [options]
-       thaw-vmm template list [--store DIR]
-       thaw-vmm template rm KEY [--store DIR]
-       thaw-vmm template gc [--store DIR]
-  build: boot a template VM once, wait until its guest is ready, snapshot it
-         into the store and print its directory (at once if already built)
-  list:  one line per template: key, parameters, inputs, creation time
-  rm:    remove one template
-  gc:    remove templates whose inputs changed since they were built
-options (build):
-  --spare-disks N        empty disk slots kept for attach after restore (default 0)
-  --vcpus N              (default 1)
-  --memory-mib N         (default 256)
-  --ready agent|test-init  what a ready guest looks like (default agent)
-  --ready-port P         vsock port the guest dials when ready
-                         (default 1024 for agent, 1234 for test-init)
-  --timeout SECS         give up on the build after this long (default 300)
-  --retry-after SECS     after a failed build, fail at once with its reason
-                         for this long instead of booting again (default 600)
-  --store DIR            template store (default /var/lib/thaw/templates)";
+/// `thaw-vmm template build|list|rm|gc`.
+#[derive(Debug, clap::Subcommand)]
+pub enum TemplateCommand {
+    /// Boot a template VM once, wait until its guest is ready, snapshot it
+    /// into the store and print its directory (at once if already built).
+    Build(BuildArgs),
+    /// One line per template: key, parameters, inputs, creation time.
+    List(StoreArgs),
+    /// Remove one template.
+    Rm {
+        #[arg(value_name = "KEY", value_parser = parse_key)]
+        key: TemplateKey,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Remove templates whose inputs changed since they were built.
+    Gc(StoreArgs),
+}
 
+#[derive(Debug, clap::Args)]
+pub struct StoreArgs {
+    /// Template store.
+    #[arg(long = "store", value_name = "DIR", default_value = DEFAULT_STORE)]
+    pub dir: PathBuf,
+}
+
+/// What a ready guest looks like (`--ready`); the words are
+/// [`ReadyProbe::arg`]'s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Ready {
+    /// The guest agent dials the ready port.
+    Agent,
+    /// thaw's test init (tests/test-init).
+    TestInit,
+}
+
+impl From<Ready> for ReadyProbe {
+    fn from(r: Ready) -> Self {
+        match r {
+            Ready::Agent => ReadyProbe::Agent,
+            Ready::TestInit => ReadyProbe::TestInit,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+#[command(args_override_self = true)]
+pub struct BuildArgs {
+    /// Uncompressed ELF guest kernel.
+    #[arg(long, value_name = "VMLINUX")]
+    kernel: PathBuf,
+    /// The guest's root disk (read-only; a `,ro` suffix is accepted).
+    #[arg(long = "disk", value_name = "ROOT_IMAGE[,ro]")]
+    disk: PathBuf,
+    /// Empty disk slots kept for attach after restore.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    spare_disks: u8,
+    /// Guest vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..))]
+    vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "N", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    memory_mib: u32,
+    /// What a ready guest looks like.
+    #[arg(long, value_name = "PROBE", value_enum, default_value_t = Ready::Agent)]
+    ready: Ready,
+    /// Vsock port the guest dials when ready [default: 1024 for agent,
+    /// 1234 for test-init].
+    #[arg(long, value_name = "P")]
+    ready_port: Option<u32>,
+    /// Give up on the build after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: u64,
+    /// After a failed build, fail at once with its reason for this many
+    /// seconds instead of booting again.
+    #[arg(long, value_name = "SECS",
+          default_value_t = thaw_snapshots::template::DEFAULT_RETRY_AFTER.as_secs())]
+    retry_after: u64,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+fn parse_key(value: &str) -> Result<TemplateKey, String> {
+    TemplateKey::parse(value).map_err(|e| e.to_string())
+}
+
+/// A parsed `template` command with its defaults resolved.
 #[derive(Debug, PartialEq)]
 enum Subcommand {
     Build {
@@ -356,166 +424,51 @@ enum Subcommand {
     Gc,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq)]
-enum UsageError {
-    #[error("{0}")]
-    Msg(String),
-    #[error("help requested")]
-    Help,
-}
-
-fn usage(msg: impl Into<String>) -> UsageError {
-    UsageError::Msg(msg.into())
-}
-
-fn number<T: std::str::FromStr>(option: &str, value: &str) -> Result<T, UsageError> {
-    value
-        .parse()
-        .map_err(|_| usage(format!("{option}: not a valid number (got {value:?})")))
-}
-
-fn parse(args: &[String]) -> Result<(Subcommand, Store), UsageError> {
-    let (verb, rest) = args
-        .split_first()
-        .ok_or_else(|| usage("missing subcommand"))?;
-    if verb == "--help" || verb == "-h" {
-        return Err(UsageError::Help);
-    }
-    let mut store = PathBuf::from(DEFAULT_STORE);
-    let mut retry_after = thaw_snapshots::template::DEFAULT_RETRY_AFTER.as_secs();
-    let (mut kernel, mut root) = (None, None);
-    let (mut vcpus, mut memory_mib, mut spare_disks) = (1u8, 256u32, 0u8);
-    let (mut probe, mut ready_port, mut timeout) = (ReadyProbe::Agent, None, 300u64);
-    let mut positional = Vec::new();
-    let build = verb == "build";
-    let mut it = rest.iter();
-    while let Some(opt) = it.next() {
-        if opt == "--help" || opt == "-h" {
-            return Err(UsageError::Help);
-        }
-        if !opt.starts_with("--") {
-            positional.push(opt.clone());
-            continue;
-        }
-        let build_only = [
-            "--kernel",
-            "--disk",
-            "--spare-disks",
-            "--vcpus",
-            "--memory-mib",
-            "--ready",
-            "--ready-port",
-            "--timeout",
-            "--retry-after",
-        ];
-        if opt != "--store" && !(build && build_only.contains(&opt.as_str())) {
-            return Err(usage(format!("unknown option {opt} for template {verb}")));
-        }
-        let value = it
-            .next()
-            .ok_or_else(|| usage(format!("{opt} needs a value")))?;
-        match opt.as_str() {
-            "--store" => store = PathBuf::from(value),
-            "--kernel" => kernel = Some(PathBuf::from(value)),
-            "--disk" => root = Some(PathBuf::from(value.strip_suffix(",ro").unwrap_or(value))),
-            "--spare-disks" => spare_disks = number(opt, value)?,
-            "--vcpus" => vcpus = number(opt, value)?,
-            "--memory-mib" => memory_mib = number(opt, value)?,
-            "--ready-port" => ready_port = Some(number(opt, value)?),
-            "--timeout" => timeout = number(opt, value)?,
-            "--retry-after" => retry_after = number(opt, value)?,
-            "--ready" => {
-                probe = match value.as_str() {
-                    "agent" => ReadyProbe::Agent,
-                    "test-init" => ReadyProbe::TestInit,
-                    _ => {
-                        return Err(usage(format!(
-                            "--ready: expected agent or test-init (got {value:?})"
-                        )))
-                    }
-                }
+impl TemplateCommand {
+    fn resolve(self) -> (Subcommand, Store) {
+        match self {
+            TemplateCommand::Build(b) => {
+                let probe = ReadyProbe::from(b.ready);
+                let store =
+                    Store::new(b.store.dir).with_retry_after(Duration::from_secs(b.retry_after));
+                let root_image = match b.disk.to_str().and_then(|d| d.strip_suffix(",ro")) {
+                    Some(stripped) => PathBuf::from(stripped),
+                    None => b.disk,
+                };
+                let cmd = Subcommand::Build {
+                    inputs: TemplateInputs {
+                        kernel: b.kernel,
+                        root_image,
+                        vcpus: b.vcpus,
+                        memory_mib: b.memory_mib,
+                        spare_disks: b.spare_disks,
+                        // The child VMM boots with `--pvm auto`.
+                        guest_cmdline: crate::vm::default_guest_cmdline(crate::vm::host_is_pvm()),
+                    },
+                    probe,
+                    ready_port: b.ready_port.unwrap_or(match probe {
+                        ReadyProbe::Agent => AGENT_PORT,
+                        ReadyProbe::TestInit => TEST_INIT_PORT,
+                    }),
+                    timeout: Duration::from_secs(b.timeout),
+                };
+                (cmd, store)
             }
-            _ => return Err(usage(format!("unknown option {opt}"))),
+            TemplateCommand::List(s) => (Subcommand::List, Store::new(s.dir)),
+            TemplateCommand::Rm { key, store } => (Subcommand::Remove(key), Store::new(store.dir)),
+            TemplateCommand::Gc(s) => (Subcommand::Gc, Store::new(s.dir)),
         }
     }
-    let store = Store::new(store).with_retry_after(Duration::from_secs(retry_after));
-    let no_positional = |positional: &[String]| match positional.first() {
-        Some(p) => Err(usage(format!(
-            "unexpected argument {p:?} for template {verb}"
-        ))),
-        None => Ok(()),
-    };
-    let cmd = match verb.as_str() {
-        "build" => {
-            no_positional(&positional)?;
-            if vcpus == 0 {
-                return Err(usage("--vcpus: must be at least 1 (got \"0\")"));
-            }
-            if memory_mib == 0 {
-                return Err(usage("--memory-mib: must be at least 1 (got \"0\")"));
-            }
-            if timeout == 0 {
-                return Err(usage("--timeout: must be at least 1 (got \"0\")"));
-            }
-            Subcommand::Build {
-                inputs: TemplateInputs {
-                    kernel: kernel.ok_or_else(|| usage("--kernel is required"))?,
-                    root_image: root.ok_or_else(|| usage("--disk is required"))?,
-                    vcpus,
-                    memory_mib,
-                    spare_disks,
-                    // The child VMM boots with `--pvm auto`.
-                    guest_cmdline: crate::vm::default_guest_cmdline(crate::vm::host_is_pvm()),
-                },
-                probe,
-                ready_port: ready_port.unwrap_or(match probe {
-                    ReadyProbe::Agent => AGENT_PORT,
-                    ReadyProbe::TestInit => TEST_INIT_PORT,
-                }),
-                timeout: Duration::from_secs(timeout),
-            }
-        }
-        "list" => {
-            no_positional(&positional)?;
-            Subcommand::List
-        }
-        "gc" => {
-            no_positional(&positional)?;
-            Subcommand::Gc
-        }
-        "rm" => match positional.as_slice() {
-            [key] => Subcommand::Remove(TemplateKey::parse(key).map_err(|e| usage(e.to_string()))?),
-            [] => return Err(usage("template rm needs a KEY")),
-            [_, extra, ..] => {
-                return Err(usage(format!(
-                    "unexpected argument {extra:?} for template rm"
-                )))
-            }
-        },
-        other => return Err(usage(format!("unknown template subcommand {other:?}"))),
-    };
-    Ok((cmd, store))
-}
 
-/// Entry point of `thaw-vmm template ...`; returns the exit status
-/// (0 ok, 1 failed, 64 bad command line).
-pub fn main(args: Vec<String>) -> i32 {
-    let (cmd, store) = match parse(&args) {
-        Ok(c) => c,
-        Err(UsageError::Help) => {
-            println!("{USAGE}");
-            return 0;
-        }
-        Err(e) => {
-            eprintln!("thaw-vmm template: {e}\n{USAGE}");
-            return 64;
-        }
-    };
-    match run(cmd, &store) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("thaw-vmm template: {e}");
-            1
+    /// Runs it; returns the exit status (0 ok, 1 failed).
+    pub fn run(self) -> i32 {
+        let (cmd, store) = self.resolve();
+        match run(cmd, &store) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("thaw-vmm template: {e}");
+                1
+            }
         }
     }
 }
@@ -552,17 +505,7 @@ fn run(cmd: Subcommand, store: &Store) -> Result<(), Error> {
         Subcommand::List => {
             for rec in store.list()? {
                 match rec {
-                    Ok(r) => println!(
-                        "{}  vcpus={} memory_mib={} spare_disks={} kernel={} root={} created={} build_ms={}",
-                        r.key,
-                        r.inputs.vcpus,
-                        r.inputs.memory_mib,
-                        r.inputs.spare_disks,
-                        r.inputs.kernel.display(),
-                        r.inputs.root_image.display(),
-                        r.created_unix,
-                        r.build_ms
-                    ),
+                    Ok(r) => println!("{}", r.summary()),
                     Err(e) => println!("unreadable  {e}"),
                 }
             }
@@ -580,21 +523,37 @@ fn run(cmd: Subcommand, store: &Store) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::{self, Invocation};
+    use clap::error::ErrorKind;
 
-    fn args(s: &str) -> Vec<String> {
-        s.split_whitespace().map(String::from).collect()
+    fn parse_os(argv: Vec<std::ffi::OsString>) -> Result<(Subcommand, Store), clap::Error> {
+        match cli::parse(argv)? {
+            Invocation::Template(t) => Ok(t.resolve()),
+            other => panic!("expected a template command, got {other:?}"),
+        }
+    }
+
+    /// `thaw-vmm template` followed by `s`.
+    fn parse(s: &str) -> Result<(Subcommand, Store), clap::Error> {
+        parse_os(
+            ["thaw-vmm", "template"]
+                .into_iter()
+                .chain(s.split_whitespace())
+                .map(Into::into)
+                .collect(),
+        )
     }
 
     fn err(s: &str) -> String {
-        parse(&args(s)).unwrap_err().to_string()
+        parse(s).unwrap_err().to_string()
     }
 
     #[test]
     fn parses_build() {
-        let (cmd, store) = parse(&args(
+        let (cmd, store) = parse(
             "build --kernel /k --disk /r,ro --spare-disks 2 --vcpus 2 --memory-mib 512 \
              --ready test-init --timeout 90 --store /s",
-        ))
+        )
         .unwrap();
         assert_eq!(store.root(), Path::new("/s"));
         assert_eq!(
@@ -613,7 +572,7 @@ mod tests {
                 timeout: Duration::from_secs(90),
             }
         );
-        let (cmd, store) = parse(&args("build --kernel /k --disk /r --ready-port 7")).unwrap();
+        let (cmd, store) = parse("build --kernel /k --disk /r --ready-port 7").unwrap();
         assert_eq!(store.root(), Path::new(DEFAULT_STORE));
         match cmd {
             Subcommand::Build {
@@ -626,57 +585,58 @@ mod tests {
     #[test]
     fn parses_list_rm_gc() {
         let key = "ab".repeat(32);
-        assert_eq!(parse(&args("list")).unwrap().0, Subcommand::List);
-        assert_eq!(parse(&args("gc --store /x")).unwrap().0, Subcommand::Gc);
+        assert_eq!(parse("list").unwrap().0, Subcommand::List);
+        let (cmd, store) = parse("gc --store /x").unwrap();
+        assert_eq!((cmd, store.root()), (Subcommand::Gc, Path::new("/x")));
         assert_eq!(
-            parse(&args(&format!("rm {key}"))).unwrap().0,
+            parse(&format!("rm {key}")).unwrap().0,
             Subcommand::Remove(TemplateKey::parse(&key).unwrap())
         );
     }
 
     #[test]
     fn mistakes_name_the_option() {
-        assert_eq!(err("build --disk /r"), "--kernel is required");
-        assert_eq!(err("build --kernel /k"), "--disk is required");
-        assert_eq!(
-            err("build --kernel /k --disk /r --vcpus two"),
-            "--vcpus: not a valid number (got \"two\")"
+        let has = |s: &str, words: &[&str]| {
+            let e = err(s);
+            for w in words {
+                assert!(e.contains(w), "{s:?}: {w:?} not in {e}");
+            }
+        };
+        has("build --disk /r", &["--kernel"]);
+        has("build --kernel /k", &["--disk"]);
+        has(
+            "build --kernel /k --disk /r --vcpus two",
+            &["--vcpus", "two"],
         );
-        assert_eq!(
-            err("build --kernel /k --disk /r --spare-disks 300"),
-            "--spare-disks: not a valid number (got \"300\")"
+        has("build --kernel /k --disk /r --vcpus 0", &["--vcpus", "'0'"]);
+        has("build --kernel /k --disk /r --timeout 0", &["--timeout"]);
+        has(
+            "build --kernel /k --disk /r --spare-disks 300",
+            &["--spare-disks", "300"],
         );
-        assert_eq!(
-            err("build --kernel /k --disk /r --ready fast"),
-            "--ready: expected agent or test-init (got \"fast\")"
+        has(
+            "build --kernel /k --disk /r --ready fast",
+            &["--ready", "fast"],
         );
-        assert_eq!(err("build --kernel"), "--kernel needs a value");
-        assert_eq!(
-            err("list --kernel /k"),
-            "unknown option --kernel for template list"
-        );
-        assert_eq!(err("rm"), "template rm needs a KEY");
-        assert!(err("rm nope").contains("not a template key"));
-        assert_eq!(
-            err("frobnicate"),
-            "unknown template subcommand \"frobnicate\""
-        );
-        assert_eq!(err(""), "missing subcommand");
+        has("build --kernel", &["--kernel"]);
+        has("list --kernel /k", &["--kernel"]);
+        has("rm", &["KEY"]);
+        has("rm nope", &["not a template key"]);
+        has("rm nope extra", &["extra"]);
+        has("frobnicate", &["frobnicate"]);
+        let e = parse("").unwrap_err();
+        assert_ne!(e.kind(), ErrorKind::DisplayHelp);
+        assert_ne!(cli::report_status(e.kind()), 0);
     }
 
-    /// What thaw-vmm-api builds is what this parser reads (after the
-    /// `template` word, which `main` takes off).
+    /// What thaw-vmm-api builds is what this parser reads.
     #[test]
     fn reads_the_build_command_line_the_api_crate_builds() {
         use thaw_vmm_api::{TemplateBuildArgs, VmmCommand};
         let parse_api = |t: TemplateBuildArgs| {
-            let args: Vec<String> = VmmCommand::TemplateBuild(t)
-                .args()
-                .into_iter()
-                .map(|a| a.into_string().unwrap())
-                .collect();
+            let args = VmmCommand::TemplateBuild(t).args();
             assert_eq!(args[0], "template");
-            parse(&args[1..]).unwrap()
+            parse_os(std::iter::once("thaw-vmm".into()).chain(args).collect()).unwrap()
         };
         let inputs = |vcpus, memory_mib, spare_disks| TemplateInputs {
             kernel: "/k".into(),
@@ -729,5 +689,15 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// The `--ready` words are the api crate's.
+    #[test]
+    fn ready_words_are_the_api_crates() {
+        use clap::ValueEnum;
+        for r in Ready::value_variants() {
+            let word = r.to_possible_value().unwrap().get_name().to_string();
+            assert_eq!(word, ReadyProbe::from(*r).arg());
+        }
     }
 }

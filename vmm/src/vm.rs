@@ -28,9 +28,10 @@ use crate::devices::Bus;
 use crate::vcpu::{RunControl, Vcpu, VmExit};
 use crate::Error;
 
-/// thaw's guest command line; PVM hosts get the extra workarounds.
-const BASE_CMDLINE: &str = include_str!("../../kernel-config/cmdline.txt");
-const PVM_CMDLINE: &str = include_str!("../../kernel-config/cmdline-pvm.txt");
+/// thaw's guest command line (kernel-config/cmdline*.txt, through the
+/// thaw-kernel-config crate); PVM hosts get the extra workarounds.
+const BASE_CMDLINE: &str = thaw_kernel_config::CMDLINE;
+const PVM_CMDLINE: &str = thaw_kernel_config::CMDLINE_PVM;
 
 const SERIAL_PORT: u64 = 0x3f8;
 const I8042_PORT: u64 = 0x60;

@@ -291,11 +291,14 @@ mod tests {
         // SAFETY: the child only makes raw syscalls and exits.
         match unsafe { nix::unistd::fork() }.unwrap() {
             nix::unistd::ForkResult::Child => {
+                // SAFETY: prctl with integer arguments touches no memory.
                 unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
                 let code = match install(&progs) {
                     Err(_) => 1,
                     Ok(()) => {
                         let mut buf = [0u8; 256];
+                        // SAFETY: getcwd writes at most 256 bytes into buf,
+                        // which has 256.
                         let r = unsafe { libc::syscall(libc::SYS_getcwd, buf.as_mut_ptr(), 256) };
                         let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
                         if r == -1 && errno == 42 {
@@ -305,6 +308,8 @@ mod tests {
                         }
                     }
                 };
+                // SAFETY: _exit ends the forked child without running the
+                // parent's destructors or atexit handlers twice.
                 unsafe { libc::_exit(code) };
             }
             nix::unistd::ForkResult::Parent { child } => {

@@ -23,8 +23,8 @@ use thaw_agent_protocol::agent as proto;
 
 use super::{Attached, Backend};
 use crate::child;
-use crate::config::HostConfig;
 use crate::error::{Error, IoContext, Result};
+use thaw_config::HostConfig;
 
 pub struct HostBackend {
     host: HostConfig,

@@ -26,8 +26,8 @@ use thaw_agent_protocol::{agent as proto, transport, CONTROL_PORT, FIRST_STDIO_P
 
 use crate::agent::Agent;
 use crate::child;
-use crate::config::{BackendKind, Config, VmConfig};
 use crate::error::{Error, IoContext, Result};
+use thaw_config::{BackendKind, Config, VmConfig};
 
 pub use host::{kill_cgroup, HostBackend};
 pub use vm::VmBackend;

@@ -9,9 +9,9 @@ use thaw_agent_protocol::agent as proto;
 use thaw_vmm_api::VmmClient;
 
 use super::{Attached, Backend};
-use crate::config::VmConfig;
 use crate::error::{Error, Result};
 use crate::vmm::{self, VmPaths};
+use thaw_config::VmConfig;
 
 pub struct VmBackend {
     vm: VmConfig,

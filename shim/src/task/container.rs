@@ -18,7 +18,6 @@ use thaw_agent_protocol::agent as proto;
 use super::process::{now, ProcState, Process};
 use super::undo::Undo;
 use super::{lock, Tasks};
-use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::image_cache::{ImageCache, ImageRef};
 use crate::record::ContainerRecord;
@@ -26,6 +25,7 @@ use crate::rootfs;
 use crate::sandbox::{Attached, Sandbox};
 use crate::spec::{self, PodRole};
 use crate::stdio::{self, StdioPaths};
+use thaw_config::Config;
 
 /// How long the agent has to dial the stdio streams it was given.
 const STDIO_CONNECT: Duration = Duration::from_secs(20);

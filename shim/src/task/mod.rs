@@ -26,10 +26,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use containerd_shim::ExitSignal;
 
-use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::events::Events;
 use crate::sandbox::Sandbox;
+use thaw_config::Config;
 
 use container::Container;
 use process::Process;

@@ -10,10 +10,10 @@ use std::time::Duration;
 use super::agent_events::start_event_loop;
 use super::process::now;
 use super::{lock, Tasks};
-use crate::config::{BackendKind, Config};
 use crate::error::{Error, Result};
 use crate::sandbox::Sandbox;
 use crate::spec::{self, PodRole};
+use thaw_config::{BackendKind, Config};
 
 /// Exit status of processes whose sandbox died under them.
 pub const SANDBOX_DIED_STATUS: u32 = 255;

@@ -4,6 +4,10 @@
 //! `ctr run --runtime io.containerd.thaw.v2` in micro-VMs, then the same
 //! with runc, printing output, exit codes and wall times.
 
+// Test code: a failed step panics with its message. (The workspace denies
+// unwrap and expect outside tests.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, Instant};
 
 use thaw_tests::image::BUSYBOX_REF;

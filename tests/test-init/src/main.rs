@@ -15,6 +15,10 @@
 //! Failures are printed to the console and end in a reboot too: the host
 //! test then sees the missing steps.
 
+// Test code: a failed step panics with its message. (The workspace denies
+// unwrap and expect outside tests.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::ffi::CString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
+use virtio_bindings::virtio_blk;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -35,18 +36,19 @@ const SEG_MAX: u32 = 128;
 const ID_BYTES: usize = 20;
 const BOUNCE_SIZE: usize = 128 * 1024;
 
-const FEATURE_SEG_MAX: u64 = 1 << 2;
-const FEATURE_RO: u64 = 1 << 5;
-const FEATURE_FLUSH: u64 = 1 << 9;
+const FEATURE_SEG_MAX: u64 = 1 << virtio_blk::VIRTIO_BLK_F_SEG_MAX;
+const FEATURE_RO: u64 = 1 << virtio_blk::VIRTIO_BLK_F_RO;
+const FEATURE_FLUSH: u64 = 1 << virtio_blk::VIRTIO_BLK_F_FLUSH;
 
-const REQ_IN: u32 = 0;
-const REQ_OUT: u32 = 1;
-const REQ_FLUSH: u32 = 4;
-const REQ_GET_ID: u32 = 8;
+const REQ_IN: u32 = virtio_blk::VIRTIO_BLK_T_IN;
+const REQ_OUT: u32 = virtio_blk::VIRTIO_BLK_T_OUT;
+const REQ_FLUSH: u32 = virtio_blk::VIRTIO_BLK_T_FLUSH;
+const REQ_GET_ID: u32 = virtio_blk::VIRTIO_BLK_T_GET_ID;
 
-const STATUS_OK: u8 = 0;
-const STATUS_IOERR: u8 = 1;
-const STATUS_UNSUPP: u8 = 2;
+// The status byte the device writes (the bindings type them u32).
+const STATUS_OK: u8 = virtio_blk::VIRTIO_BLK_S_OK as u8;
+const STATUS_IOERR: u8 = virtio_blk::VIRTIO_BLK_S_IOERR as u8;
+const STATUS_UNSUPP: u8 = virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {

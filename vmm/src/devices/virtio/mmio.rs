@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use virtio_bindings::{virtio_config, virtio_mmio};
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -36,40 +37,41 @@ const MMIO_VERSION: u32 = 2;
 /// "THAW" in little endian; drivers do not care about the vendor.
 const VENDOR_ID: u32 = 0x5741_4854;
 
-const REG_MAGIC: u64 = 0x000;
-const REG_VERSION: u64 = 0x004;
-const REG_DEVICE_ID: u64 = 0x008;
-const REG_VENDOR_ID: u64 = 0x00c;
-const REG_DEVICE_FEATURES: u64 = 0x010;
-const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-const REG_DRIVER_FEATURES: u64 = 0x020;
-const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
-const REG_QUEUE_SEL: u64 = 0x030;
-const REG_QUEUE_NUM_MAX: u64 = 0x034;
-const REG_QUEUE_NUM: u64 = 0x038;
-const REG_QUEUE_READY: u64 = 0x044;
-const REG_QUEUE_NOTIFY: u64 = 0x050;
-const REG_INTERRUPT_STATUS: u64 = 0x060;
-const REG_INTERRUPT_ACK: u64 = 0x064;
-const REG_STATUS: u64 = 0x070;
-const REG_QUEUE_DESC_LOW: u64 = 0x080;
-const REG_QUEUE_DESC_HIGH: u64 = 0x084;
-const REG_QUEUE_AVAIL_LOW: u64 = 0x090;
-const REG_QUEUE_AVAIL_HIGH: u64 = 0x094;
-const REG_QUEUE_USED_LOW: u64 = 0x0a0;
-const REG_QUEUE_USED_HIGH: u64 = 0x0a4;
-const REG_CONFIG_GENERATION: u64 = 0x0fc;
-const CONFIG_SPACE: u64 = 0x100;
+// Register offsets (virtio spec 4.2.2); the bindings type them u32.
+const REG_MAGIC: u64 = virtio_mmio::VIRTIO_MMIO_MAGIC_VALUE as u64;
+const REG_VERSION: u64 = virtio_mmio::VIRTIO_MMIO_VERSION as u64;
+const REG_DEVICE_ID: u64 = virtio_mmio::VIRTIO_MMIO_DEVICE_ID as u64;
+const REG_VENDOR_ID: u64 = virtio_mmio::VIRTIO_MMIO_VENDOR_ID as u64;
+const REG_DEVICE_FEATURES: u64 = virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES as u64;
+const REG_DEVICE_FEATURES_SEL: u64 = virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64;
+const REG_DRIVER_FEATURES: u64 = virtio_mmio::VIRTIO_MMIO_DRIVER_FEATURES as u64;
+const REG_DRIVER_FEATURES_SEL: u64 = virtio_mmio::VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64;
+const REG_QUEUE_SEL: u64 = virtio_mmio::VIRTIO_MMIO_QUEUE_SEL as u64;
+const REG_QUEUE_NUM_MAX: u64 = virtio_mmio::VIRTIO_MMIO_QUEUE_NUM_MAX as u64;
+const REG_QUEUE_NUM: u64 = virtio_mmio::VIRTIO_MMIO_QUEUE_NUM as u64;
+const REG_QUEUE_READY: u64 = virtio_mmio::VIRTIO_MMIO_QUEUE_READY as u64;
+const REG_QUEUE_NOTIFY: u64 = virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
+const REG_INTERRUPT_STATUS: u64 = virtio_mmio::VIRTIO_MMIO_INTERRUPT_STATUS as u64;
+const REG_INTERRUPT_ACK: u64 = virtio_mmio::VIRTIO_MMIO_INTERRUPT_ACK as u64;
+const REG_STATUS: u64 = virtio_mmio::VIRTIO_MMIO_STATUS as u64;
+const REG_QUEUE_DESC_LOW: u64 = virtio_mmio::VIRTIO_MMIO_QUEUE_DESC_LOW as u64;
+const REG_QUEUE_DESC_HIGH: u64 = virtio_mmio::VIRTIO_MMIO_QUEUE_DESC_HIGH as u64;
+const REG_QUEUE_AVAIL_LOW: u64 = virtio_mmio::VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64;
+const REG_QUEUE_AVAIL_HIGH: u64 = virtio_mmio::VIRTIO_MMIO_QUEUE_AVAIL_HIGH as u64;
+const REG_QUEUE_USED_LOW: u64 = virtio_mmio::VIRTIO_MMIO_QUEUE_USED_LOW as u64;
+const REG_QUEUE_USED_HIGH: u64 = virtio_mmio::VIRTIO_MMIO_QUEUE_USED_HIGH as u64;
+const REG_CONFIG_GENERATION: u64 = virtio_mmio::VIRTIO_MMIO_CONFIG_GENERATION as u64;
+const CONFIG_SPACE: u64 = virtio_mmio::VIRTIO_MMIO_CONFIG as u64;
 
-pub const STATUS_ACKNOWLEDGE: u32 = 1;
-pub const STATUS_DRIVER: u32 = 2;
-pub const STATUS_DRIVER_OK: u32 = 4;
-pub const STATUS_FEATURES_OK: u32 = 8;
-pub const STATUS_NEEDS_RESET: u32 = 0x40;
-pub const STATUS_FAILED: u32 = 0x80;
+pub const STATUS_ACKNOWLEDGE: u32 = virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE;
+pub const STATUS_DRIVER: u32 = virtio_config::VIRTIO_CONFIG_S_DRIVER;
+pub const STATUS_DRIVER_OK: u32 = virtio_config::VIRTIO_CONFIG_S_DRIVER_OK;
+pub const STATUS_FEATURES_OK: u32 = virtio_config::VIRTIO_CONFIG_S_FEATURES_OK;
+pub const STATUS_NEEDS_RESET: u32 = virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
+pub const STATUS_FAILED: u32 = virtio_config::VIRTIO_CONFIG_S_FAILED;
 
-pub const INTERRUPT_USED_RING: u32 = 1;
-pub const INTERRUPT_CONFIG: u32 = 2;
+pub const INTERRUPT_USED_RING: u32 = virtio_mmio::VIRTIO_MMIO_INT_VRING;
+pub const INTERRUPT_CONFIG: u32 = virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MmioError {

@@ -35,19 +35,20 @@ pub mod worker;
 
 use std::sync::Arc;
 
+use virtio_bindings::{virtio_config, virtio_ids, virtio_ring};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Device ids from the virtio spec, section 5.
-pub const TYPE_BLOCK: u32 = 2;
-pub const TYPE_RNG: u32 = 4;
-pub const TYPE_VSOCK: u32 = 19;
+pub const TYPE_BLOCK: u32 = virtio_ids::VIRTIO_ID_BLOCK;
+pub const TYPE_RNG: u32 = virtio_ids::VIRTIO_ID_RNG;
+pub const TYPE_VSOCK: u32 = virtio_ids::VIRTIO_ID_VSOCK;
 
 /// Feature bits shared by every device (virtio spec, section 6).
-pub const FEATURE_VERSION_1: u64 = 1 << 32;
-pub const FEATURE_RING_INDIRECT_DESC: u64 = 1 << 28;
-pub const FEATURE_RING_EVENT_IDX: u64 = 1 << 29;
+pub const FEATURE_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
+pub const FEATURE_RING_INDIRECT_DESC: u64 = 1 << virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+pub const FEATURE_RING_EVENT_IDX: u64 = 1 << virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 /// How a device raises its interrupt: the transport owns the status
 /// register and the irqfd.

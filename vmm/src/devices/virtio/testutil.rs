@@ -5,14 +5,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use virtio_bindings::virtio_ring;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::Interrupt;
 
-pub const F_NEXT: u16 = 1;
-pub const F_WRITE: u16 = 2;
-pub const F_INDIRECT: u16 = 4;
+pub const F_NEXT: u16 = virtio_ring::VRING_DESC_F_NEXT as u16;
+pub const F_WRITE: u16 = virtio_ring::VRING_DESC_F_WRITE as u16;
+pub const F_INDIRECT: u16 = virtio_ring::VRING_DESC_F_INDIRECT as u16;
 
 pub fn mem(size: usize) -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap()

@@ -4,8 +4,11 @@ use std::path::{Path, PathBuf};
 
 use ttrpc_codegen::{Codegen, Customize};
 
-fn generate(out: &Path, customize: Customize) {
-    std::fs::create_dir_all(out).expect("create codegen out dir");
+/// A failed build step, with what was being done; cargo prints it.
+type Result<T> = std::result::Result<T, String>;
+
+fn generate(out: &Path, customize: Customize) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| format!("creating {}: {e}", out.display()))?;
     Codegen::new()
         .out_dir(out)
         .inputs(["proto/agent.proto"])
@@ -13,25 +16,28 @@ fn generate(out: &Path, customize: Customize) {
         .rust_protobuf()
         .customize(customize)
         .run()
-        .expect("ttrpc codegen of proto/agent.proto");
+        .map_err(|e| format!("ttrpc codegen of proto/agent.proto: {e}"))?;
     // Inner attributes and inner doc comments are not allowed in a file
     // pulled in with include!(); lib.rs puts the allows on the modules.
     for name in ["agent.rs", "agent_ttrpc.rs"] {
         let path = out.join(name);
-        let text = std::fs::read_to_string(&path).expect("read generated file");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("reading generated {}: {e}", path.display()))?;
         let kept: Vec<&str> = text
             .lines()
             .filter(|l| !l.starts_with("#![") && !l.starts_with("//!"))
             .collect();
-        std::fs::write(&path, kept.join("\n")).expect("rewrite generated file");
+        std::fs::write(&path, kept.join("\n"))
+            .map_err(|e| format!("rewriting generated {}: {e}", path.display()))?;
     }
+    Ok(())
 }
 
-fn main() {
+fn main() -> Result<()> {
     println!("cargo:rerun-if-changed=proto/agent.proto");
     println!("cargo:rerun-if-changed=build.rs");
-    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR is set by cargo"));
-    generate(&out.join("sync"), Customize::default());
+    let out = PathBuf::from(std::env::var("OUT_DIR").map_err(|e| format!("OUT_DIR: {e}"))?);
+    generate(&out.join("sync"), Customize::default())?;
     if std::env::var_os("CARGO_FEATURE_ASYNC").is_some() {
         generate(
             &out.join("async"),
@@ -39,6 +45,7 @@ fn main() {
                 async_all: true,
                 ..Default::default()
             },
-        );
+        )?;
     }
+    Ok(())
 }

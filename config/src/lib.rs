@@ -1,5 +1,7 @@
-//! The shim's TOML configuration (`/etc/thaw/config.toml` by default) and
-//! the per-pod overrides pods may make through annotations.
+//! thaw's TOML configuration (`/etc/thaw/config.toml` by default) and the
+//! per-pod overrides pods may make through annotations. The shim runs on
+//! it; the `thaw` admin CLI reads it to check an install and to build the
+//! templates the shim will look for.
 //!
 //! Where the file comes from, first match wins: the runtime options'
 //! `ConfigPath` (`ctr run --runtime-config-path`, CRI `options.ConfigPath`),
@@ -11,8 +13,19 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use thaw_vmm_api::TemplateBuildArgs;
 
-use crate::error::{Error, Result};
+/// A configuration mistake, naming the file or annotation and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("config {path}: {message}")]
+    Config { path: PathBuf, message: String },
+
+    #[error("annotation {key}: {message}")]
+    Annotation { key: String, message: String },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/thaw/config.toml";
 pub const CONFIG_ENV: &str = "THAW_CONFIG";
@@ -352,6 +365,22 @@ impl Config {
             }
         }
         Ok(vm)
+    }
+}
+
+impl VmConfig {
+    /// `thaw-vmm template build` for this shape: what the shim runs before
+    /// a start, so a template an operator builds is the one it finds.
+    pub fn template_build_args(&self) -> TemplateBuildArgs {
+        TemplateBuildArgs {
+            spare_disks: self.spare_disks,
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            timeout_secs: self.template_build_timeout_secs,
+            retry_after_secs: self.template_retry_secs,
+            store: Some(self.template_store.clone()),
+            ..TemplateBuildArgs::new(&self.kernel, &self.root_image)
+        }
     }
 }
 

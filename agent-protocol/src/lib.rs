@@ -32,6 +32,8 @@
 #[allow(clippy::all, missing_docs, unused_attributes, unused_mut)]
 #[allow(dead_code, non_camel_case_types, non_snake_case, unused_results)]
 #[allow(non_upper_case_globals, trivial_casts)]
+// Generated: the workspace's unwrap/expect/unsafe rules are for our code.
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::undocumented_unsafe_blocks)]
 #[rustfmt::skip]
 pub mod agent {
     include!(concat!(env!("OUT_DIR"), "/sync/agent.rs"));
@@ -40,6 +42,7 @@ pub mod agent {
 #[allow(clippy::all, missing_docs, unused_imports, unused_results)]
 #[allow(dead_code, non_camel_case_types, non_snake_case)]
 #[allow(non_upper_case_globals, trivial_casts, unsafe_code)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::undocumented_unsafe_blocks)]
 #[rustfmt::skip]
 pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/sync/agent_ttrpc.rs"));
@@ -49,6 +52,7 @@ pub mod agent_ttrpc {
 #[allow(clippy::all, missing_docs, unused_imports, unused_results)]
 #[allow(dead_code, non_camel_case_types, non_snake_case)]
 #[allow(non_upper_case_globals, trivial_casts, unsafe_code)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::undocumented_unsafe_blocks)]
 #[rustfmt::skip]
 pub mod agent_ttrpc_async {
     include!(concat!(env!("OUT_DIR"), "/async/agent_ttrpc.rs"));
