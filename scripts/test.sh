@@ -108,6 +108,13 @@ executables() {
     done
 }
 
+# What could be a leak of this run: this tree's binaries, the harness's
+# containerd dirs, svm guests.
+ours() {
+    pgrep -a -f "$repo/target/|/tmp/thaw-e2e-|qemu-system.*svm-run" | grep -v -e pgrep -e 'test\.sh' -e 'cargo ' || true
+}
+before=$(ours)
+
 results=()
 failed=0
 for entry in "${suites[@]}"; do
@@ -153,8 +160,9 @@ for entry in "${suites[@]}"; do
 done
 
 # Nothing a suite started may outlive it.
-# (This tree's binaries, the harness's containerd dirs, the svm guests.)
-leftovers=$(pgrep -a -f "$repo/target/|/tmp/thaw-e2e-|qemu-system.*svm-run" | grep -v -e pgrep -e 'test\.sh' -e 'cargo ' || true)
+# (This tree's binaries, the harness's containerd dirs, the svm guests;
+# only processes that were not there before the suites started.)
+leftovers=$(ours | grep -v -x -F -f <(printf '%s\n' "$before") || true)
 if [ -n "$leftovers" ]; then
     failed=1
     say "left behind after the suites (a leak):"
