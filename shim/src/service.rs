@@ -136,7 +136,11 @@ impl Task for Service {
         let r = (|| {
             let p = self.tasks.process(&req.id, &req.exec_id)?;
             let sb = self.tasks.running_sandbox()?;
-            let pid = p.start(sb.agent(), self.tasks.events())?;
+            let pid = p.start(
+                sb.agent(),
+                |agent_pid| sb.task_pid(agent_pid),
+                self.tasks.events(),
+            )?;
             Ok(api::StartResponse {
                 pid,
                 ..Default::default()
@@ -168,9 +172,20 @@ impl Task for Service {
             let sb = self.tasks.running_sandbox()?;
             let l = sb.agent().list_pids(&req.id)?;
             let mut out = api::PidsResponse::new();
+            // In a VM every process maps to the VMM's pid: one entry for
+            // the container and one per exec, so `ctr tasks ps` still
+            // tells them apart by exec id, and no guest pid leaks out.
+            let mut seen_plain = false;
             for p in l.processes {
+                let pid = sb.task_pid(p.pid);
+                if p.exec_id.is_empty() && pid != p.pid {
+                    if seen_plain {
+                        continue;
+                    }
+                    seen_plain = true;
+                }
                 let mut info = ProcessInfo::new();
-                info.pid = p.pid;
+                info.pid = pid;
                 if !p.exec_id.is_empty() {
                     let d = ProcessDetails {
                         exec_id: p.exec_id.clone(),

@@ -63,8 +63,26 @@ fn vm_exec_ps_metrics_pause_resume_kill() {
     ]);
     assert_eq!(out.code(), Some(4), "{}", out.describe());
     assert!(out.stdout.contains("in-vm"));
+    // containerd sees host pids only: the VMM's, never a guest pid.
+    let vmm = vmm_pid(&c).expect("no thaw-vmm process").to_string();
+    let ls = c.ctr(&["tasks", "ls"]);
+    let task_pid = ls
+        .stdout
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id.as_str()))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(task_pid, vmm, "{}", ls.describe());
     let out = c.ctr(&["tasks", "ps", &id]);
-    assert!(out.stdout.lines().count() >= 2, "{}", out.describe());
+    let pids: Vec<&str> = out
+        .stdout
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(!pids.is_empty(), "{}", out.describe());
+    assert!(pids.iter().all(|p| *p == vmm), "{}", out.describe());
     let out = c.ctr(&["tasks", "metrics", &id]);
     assert!(out.stdout.contains("memory.usage"), "{}", out.describe());
     assert!(c.ctr(&["tasks", "pause", &id]).success());

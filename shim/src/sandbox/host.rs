@@ -128,6 +128,10 @@ fn losetup(args: &[&str]) -> Result<String> {
 }
 
 impl Backend for HostBackend {
+    fn agent_pids_are_host_pids(&self) -> bool {
+        true
+    }
+
     fn check(&self) -> Result<()> {
         if !self.host.agent.exists() {
             return Err(Error::Sandbox(format!(

@@ -73,6 +73,11 @@ pub trait Backend: Send + Sync {
     fn restored(&self) -> bool {
         false
     }
+    /// Whether the agent's pids are host pids (the agent runs as a host
+    /// process); in a VM they are guest pids, meaningless on the host.
+    fn agent_pids_are_host_pids(&self) -> bool {
+        false
+    }
     /// Runs once the sandbox process has exited, however it ended.
     fn after_exit(&self) {}
     fn describe(&self) -> String;
@@ -342,6 +347,18 @@ impl Sandbox {
     /// The sandbox process (VMM) pid.
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// The pid containerd is told for a process the agent reported as
+    /// `agent_pid`: in a VM always the VMM's. A guest pid would point
+    /// containerd and cAdvisor at whatever host process has that number
+    /// (a guest's pid 1 at the host's init).
+    pub fn task_pid(&self, agent_pid: u32) -> u32 {
+        if self.backend.agent_pids_are_host_pids() {
+            agent_pid
+        } else {
+            self.pid
+        }
     }
 
     pub fn uds(&self) -> &Path {

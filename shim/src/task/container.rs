@@ -217,7 +217,9 @@ impl Tasks {
             .map_err(|e| Error::InvalidSpec(format!("encoding the spec: {e}")))?;
         creq.rootfs = MessageField::some(rootfs);
         creq.stdio = MessageField::some(pending.ports());
-        let pid = agent.create_container(&creq)?;
+        let guest_pid = agent.create_container(&creq)?;
+        let pid = sb.task_pid(guest_pid);
+        log::debug!("{id}: init is pid {guest_pid} in the sandbox, {pid} for containerd");
         {
             let (sb, id, a) = (sb.clone(), id.clone(), attached.clone());
             undo.push(move || {
@@ -308,7 +310,7 @@ impl Tasks {
         r.process_json = serde_json::to_vec(&process)
             .map_err(|e| Error::InvalidSpec(format!("encoding the exec spec: {e}")))?;
         r.stdio = MessageField::some(pending.ports());
-        let pid = sb.agent().exec_process(&r)?;
+        let pid = sb.task_pid(sb.agent().exec_process(&r)?);
         let bridges = match pending.connect(STDIO_CONNECT) {
             Ok(b) => b,
             Err(e) => {

@@ -117,7 +117,14 @@ impl Process {
     }
 
     /// Created -> running. Publishes TaskStart (init) or TaskExecStarted.
-    pub fn start(&self, agent: &Agent, events: &Events) -> Result<u32> {
+    /// `task_pid` maps the agent's pid to the one containerd sees (see
+    /// [`crate::sandbox::Sandbox::task_pid`]).
+    pub fn start(
+        &self,
+        agent: &Agent,
+        task_pid: impl Fn(u32) -> u32,
+        events: &Events,
+    ) -> Result<u32> {
         let (id, exec_id) = (&self.container_id, &self.exec_id);
         // Held across the RPC so the exit (which takes the same lock) is
         // published after TaskStart.
@@ -127,9 +134,9 @@ impl Process {
                 "process {id}/{exec_id} is not in created state"
             )));
         }
-        let pid = agent.start_process(id, exec_id)?;
-        if pid != 0 {
-            st.pid = pid;
+        let agent_pid = agent.start_process(id, exec_id)?;
+        if agent_pid != 0 {
+            st.pid = task_pid(agent_pid);
         }
         st.status = Status::RUNNING;
         let pid = st.pid;
