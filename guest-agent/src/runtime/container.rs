@@ -441,10 +441,15 @@ impl Runtime {
                 errors.push(format!("pid {} did not exit after SIGKILL", p.pid()));
             }
         }
-        if let Some(mut m) = c.rootfs.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            m.unmount();
-        }
+        let rootfs = c.rootfs.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let device = rootfs.and_then(MountedRootfs::unmount_keeping_device);
         rootfs::unmount_below(&c.dir);
+        if let Some(dev) = device {
+            // An error keeps the host from refilling the disk slot.
+            if let Err(e) = rootfs::wait_released(&dev) {
+                errors.push(e.to_string());
+            }
+        }
         if let Err(e) = fs::remove_dir_all(&c.dir) {
             errors.push(format!("removing {}: {e}", c.dir.display()));
         }

@@ -3,7 +3,9 @@
 //! whose upper layer is a tmpfs, so the image itself is never written.
 
 use std::fs;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use thaw_agent_protocol::agent::Rootfs;
@@ -20,6 +22,45 @@ pub struct MountedRootfs {
     pub merged: PathBuf,
     /// Mount points in mount order.
     mounts: Vec<PathBuf>,
+    /// The block device under the lower layer, when the image is one. The
+    /// host refills its disk slot with another image once the container is
+    /// gone, so removal waits until it is let go.
+    device: Option<PathBuf>,
+}
+
+/// How long an unmounted device may stay busy before removal fails.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits until nothing holds `dev` open exclusively (a mounted filesystem
+/// does), then opens and closes it: closing the last opener drops the
+/// device's page cache, so a new image in the same slot is read afresh.
+/// Fails if that takes longer than [`RELEASE_TIMEOUT`].
+pub fn wait_released(dev: &Path) -> Result<()> {
+    wait_released_within(dev, RELEASE_TIMEOUT)
+}
+
+fn wait_released_within(dev: &Path, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL)
+            .open(dev)
+        {
+            Ok(_) => return Ok(()),
+            // Gone already: nothing can read stale data from it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => {
+                return Err(Error::Internal(format!(
+                    "rootfs device {} is still in use after unmounting: {e}",
+                    dev.display()
+                )))
+            }
+        }
+    }
 }
 
 fn check_overlay_path(p: &Path, field: &str) -> Result<String> {
@@ -48,6 +89,7 @@ impl MountedRootfs {
         let mut done = MountedRootfs {
             merged: dir.join("rootfs"),
             mounts: Vec::new(),
+            device: None,
         };
         match done.mount_inner(dir, r) {
             Ok(()) => Ok(done),
@@ -91,6 +133,7 @@ impl MountedRootfs {
                 )
             })?;
             self.mounts.push(lower.clone());
+            self.device = Some(PathBuf::from(&r.source));
             lower
         };
         let scratch = dir.join("scratch");
@@ -135,6 +178,16 @@ impl MountedRootfs {
                 log::warn!("unmounting {}: {e}", m.display());
             }
         }
+    }
+}
+
+impl MountedRootfs {
+    /// Unmounts and hands back the block device to wait for (with
+    /// [`wait_released`]) before the host may reuse its slot, once
+    /// anything else mounted over the tree is gone too.
+    pub fn unmount_keeping_device(mut self) -> Option<PathBuf> {
+        self.unmount();
+        self.device.take()
     }
 }
 
