@@ -193,42 +193,73 @@ const GUEST_REMAPPED: &[&str] = &["/dev/shm"];
 /// The largest /etc file taken from the host into the guest.
 const MAX_ETC_FILE: u64 = 64 * 1024;
 
-/// The pod's /etc/hosts and /etc/resolv.conf as CRI wrote them on the host
-/// (the sources of the spec's binds; empty when the spec has none), for
-/// the guest to serve the same to every container of the pod.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct PodEtcFiles {
-    pub hosts: String,
-    pub resolv_conf: String,
-    /// The first line of the /etc/hostname CRI wrote: the pod's hostname
-    /// (for a hostNetwork pod, the node's; its spec names none).
-    pub hostname: String,
-}
-
-pub fn pod_etc_files(spec: &Value) -> Result<PodEtcFiles> {
-    let mut files = PodEtcFiles::default();
+/// The /etc files a spec binds from the host (CRI writes a pod's
+/// /etc/hosts, /etc/hostname and /etc/resolv.conf and binds them into every
+/// container), read for the guest: `(name, content)` with name `hosts`,
+/// `hostname` or `resolv.conf`. The binds themselves cannot cross into the
+/// VM; the agent serves these contents at the same places.
+pub fn etc_files_from_binds(spec: &Value) -> Result<Vec<(String, String)>> {
+    let mut files = Vec::new();
     let Some(mounts) = spec.get("mounts").and_then(Value::as_array) else {
         return Ok(files);
     };
     for m in mounts.iter().filter(|m| is_bind(m)) {
         let dst = m.get("destination").and_then(Value::as_str).unwrap_or("");
-        let slot = match dst {
-            "/etc/hosts" => &mut files.hosts,
-            "/etc/resolv.conf" => &mut files.resolv_conf,
-            "/etc/hostname" => &mut files.hostname,
-            _ => continue,
+        let Some(name) = dst.strip_prefix("/etc/") else {
+            continue;
         };
+        if !matches!(name, "hosts" | "hostname" | "resolv.conf") {
+            continue;
+        }
         let src = m.get("source").and_then(Value::as_str).unwrap_or("");
-        *slot = read_small_text(Path::new(src), dst)?;
+        files.push((name.to_string(), read_small_text(Path::new(src), dst)?));
     }
-    files.hostname = files
-        .hostname
-        .lines()
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_string();
     Ok(files)
+}
+
+/// A pod's /etc/hosts, /etc/resolv.conf and hostname for the guest to serve
+/// to its containers, from the sandbox spec (its binds, its hostname).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PodEtcFiles {
+    pub hosts: String,
+    pub resolv_conf: String,
+    pub hostname: String,
+}
+
+pub fn pod_etc_files(spec: &BundleSpec) -> Result<PodEtcFiles> {
+    let mut files = PodEtcFiles {
+        hostname: spec.hostname.clone(),
+        ..Default::default()
+    };
+    let mut bound_hostname = String::new();
+    for (name, content) in etc_files_from_binds(&spec.json)? {
+        match name.as_str() {
+            "hosts" => files.hosts = content,
+            "resolv.conf" => files.resolv_conf = content,
+            _ => bound_hostname = content.lines().next().unwrap_or("").trim().to_string(),
+        }
+    }
+    if files.hostname.is_empty() {
+        files.hostname = bound_hostname;
+    }
+    // CRI leaves a hostNetwork pod's spec hostname empty and writes the
+    // node's hostname into its /etc/hostname: the same, from here.
+    if files.hostname.is_empty() && !has_namespace(&spec.json, "network") {
+        files.hostname = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default();
+    }
+    Ok(files)
+}
+
+fn has_namespace(spec: &Value, kind: &str) -> bool {
+    spec.get("linux")
+        .and_then(|l| l.get("namespaces"))
+        .and_then(Value::as_array)
+        .is_some_and(|list| {
+            list.iter()
+                .any(|n| n.get("type").and_then(Value::as_str) == Some(kind))
+        })
 }
 
 fn read_small_text(path: &Path, dst: &str) -> Result<String> {
@@ -269,20 +300,16 @@ fn is_bind(m: &Value) -> bool {
 /// where the agent runs: that would hand the container the agent's
 /// processes, so it is refused, naming the field.
 fn refuse_host_namespaces(spec: &Value) -> Result<()> {
-    let Some(list) = spec
+    let listed = spec
         .get("linux")
         .and_then(|l| l.get("namespaces"))
-        .and_then(Value::as_array)
-    else {
+        .is_some_and(Value::is_array);
+    if !listed {
         // No linux.namespaces at all: the agent gives the defaults.
         return Ok(());
-    };
-    let has = |t: &str| {
-        list.iter()
-            .any(|n| n.get("type").and_then(Value::as_str) == Some(t))
-    };
+    }
     for (t, what) in [("pid", "hostPID"), ("ipc", "hostIPC")] {
-        if !has(t) {
+        if !has_namespace(spec, t) {
             return Err(Error::InvalidSpec(format!(
                 "linux.namespaces has no {t} namespace, which asks for the host's ({what}): \
                  a container in a thaw VM cannot share the host's {t} namespace"
@@ -426,34 +453,62 @@ mod tests {
     }
 
     #[test]
-    fn pod_etc_files_come_from_the_binds_cri_wrote() {
+    fn etc_files_come_from_the_binds_cri_wrote() {
         let dir = tempfile::tempdir().unwrap();
         let hosts = dir.path().join("hosts");
         let resolv = dir.path().join("resolv.conf");
+        let hostname = dir.path().join("hostname");
         std::fs::write(&hosts, "10.0.0.5\tpod-a\n").unwrap();
         std::fs::write(
             &resolv,
             "nameserver 10.96.0.10\nsearch ns.svc.cluster.local\n",
         )
         .unwrap();
-        let spec = json!({"mounts": [
+        std::fs::write(&hostname, "node-7\n").unwrap();
+        let json = json!({"mounts": [
             {"destination": "/etc/hosts", "type": "bind", "source": hosts, "options": ["rbind", "rw"]},
             {"destination": "/etc/resolv.conf", "type": "bind", "source": resolv, "options": ["rbind", "ro"]},
+            {"destination": "/etc/hostname", "type": "bind", "source": hostname, "options": ["rbind", "rw"]},
+            {"destination": "/etc/other", "type": "bind", "source": hosts, "options": ["rbind"]},
             {"destination": "/proc", "type": "proc", "source": "proc"},
-        ]});
-        let f = pod_etc_files(&spec).unwrap();
+        ], "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}]}});
+        let files = etc_files_from_binds(&json).unwrap();
+        let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["hosts", "resolv.conf", "hostname"]);
+        let spec = |json: Value, hostname: &str| BundleSpec {
+            json,
+            annotations: HashMap::new(),
+            root_path: None,
+            hostname: hostname.into(),
+        };
+        let f = pod_etc_files(&spec(json.clone(), "")).unwrap();
         assert_eq!(f.hosts, "10.0.0.5\tpod-a\n");
-        assert_eq!(f.hostname, "", "no /etc/hostname bind");
         assert!(f.resolv_conf.contains("nameserver 10.96.0.10"));
-        assert_eq!(pod_etc_files(&json!({})).unwrap(), PodEtcFiles::default());
+        assert_eq!(
+            f.hostname, "node-7",
+            "from the bound file when the spec has none"
+        );
+        assert_eq!(
+            pod_etc_files(&spec(json.clone(), "pod-a"))
+                .unwrap()
+                .hostname,
+            "pod-a"
+        );
+        // hostNetwork (no network namespace), nothing bound: the node's name.
+        let host_net = json!({"linux": {"namespaces": [{"type": "pid"}]}});
+        let node = nix::unistd::gethostname()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert_eq!(pod_etc_files(&spec(host_net, "")).unwrap().hostname, node);
 
         std::fs::write(&hosts, vec![b'x'; 70 * 1024]).unwrap();
-        let e = pod_etc_files(&spec).unwrap_err().to_string();
+        let e = etc_files_from_binds(&json).unwrap_err().to_string();
         assert!(e.contains("/etc/hosts") && e.contains("larger than"), "{e}");
         let missing = json!({"mounts": [
             {"destination": "/etc/resolv.conf", "type": "bind", "source": "/nonexistent/resolv", "options": ["rbind"]},
         ]});
-        let e = pod_etc_files(&missing).unwrap_err().to_string();
+        let e = etc_files_from_binds(&missing).unwrap_err().to_string();
         assert!(e.contains("/nonexistent/resolv"), "{e}");
     }
 }

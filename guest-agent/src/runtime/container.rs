@@ -163,7 +163,8 @@ impl Runtime {
         let etc = match &sandbox {
             Some(sb) => sb.etc.clone(),
             None => EtcFiles::write(&dir.join("etc"), &hostname, "", "")?,
-        };
+        }
+        .with_overrides(&dir.join("etc"), &req.etc_files)?;
         let pod = spec::PodContext {
             sandbox: sandbox.as_deref(),
             sandbox_init_pid,

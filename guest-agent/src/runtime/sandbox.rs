@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 
+use thaw_agent_protocol::agent::EtcFile;
+
 use crate::error::{Error, Result};
 use crate::runtime::rootfs::unmount_below;
 
@@ -41,7 +43,44 @@ pub fn default_hosts(hostname: &str) -> String {
     s
 }
 
+/// The largest /etc file accepted from the host.
+const MAX_ETC_FILE: usize = 64 * 1024;
+
 impl EtcFiles {
+    /// These files with some replaced by the host's copies (CreateContainer's
+    /// `etc_files`), written into `dir`.
+    pub fn with_overrides(&self, dir: &Path, files: &[EtcFile]) -> Result<EtcFiles> {
+        let mut out = self.clone();
+        if files.is_empty() {
+            return Ok(out);
+        }
+        fs::create_dir_all(dir).map_err(|e| Error::path("creating directory", dir, e))?;
+        for f in files {
+            let field = format!("etc_files[{}]", f.name);
+            if f.content.len() > MAX_ETC_FILE {
+                return Err(Error::InvalidRequest(format!(
+                    "{field}: {} bytes, more than {MAX_ETC_FILE}",
+                    f.content.len()
+                )));
+            }
+            let path = match f.name.as_str() {
+                "hosts" | "hostname" | "resolv.conf" => dir.join(&f.name),
+                other => {
+                    return Err(Error::InvalidRequest(format!(
+                        "{field}: {other:?} is not hosts, hostname or resolv.conf"
+                    )))
+                }
+            };
+            write_file(&path, &f.content)?;
+            match f.name.as_str() {
+                "hosts" => out.hosts = path,
+                "hostname" => out.hostname = path,
+                _ => out.resolv_conf = Some(path),
+            }
+        }
+        Ok(out)
+    }
+
     /// Writes the files into `dir`. Empty `hosts` gets a default; empty
     /// `resolv_conf` falls back to the guest's own, if any.
     pub fn write(dir: &Path, hostname: &str, hosts: &str, resolv_conf: &str) -> Result<EtcFiles> {

@@ -146,16 +146,10 @@ impl Tasks {
         let agent = sb.agent();
         if started_here {
             if let PodRole::Sandbox { sandbox_id } = &role {
-                let files = spec::pod_etc_files(&bundle_spec.json)?;
+                let files = spec::pod_etc_files(bundle_spec)?;
                 let mut r = proto::CreateSandboxRequest::new();
                 r.sandbox_id = sandbox_id.clone();
-                // CRI names the hostname in the spec, except for a
-                // hostNetwork pod: then its /etc/hostname holds the node's.
-                r.hostname = if bundle_spec.hostname.is_empty() {
-                    files.hostname
-                } else {
-                    bundle_spec.hostname.clone()
-                };
+                r.hostname = files.hostname;
                 r.hosts = files.hosts;
                 r.resolv_conf = files.resolv_conf;
                 agent.create_sandbox(&r)?;
@@ -217,6 +211,14 @@ impl Tasks {
             .map_err(|e| Error::InvalidSpec(format!("encoding the spec: {e}")))?;
         creq.rootfs = MessageField::some(rootfs);
         creq.stdio = MessageField::some(pending.ports());
+        creq.etc_files = spec::etc_files_from_binds(&bundle_spec.json)?
+            .into_iter()
+            .map(|(name, content)| proto::EtcFile {
+                name,
+                content,
+                ..Default::default()
+            })
+            .collect();
         let guest_pid = agent.create_container(&creq)?;
         let pid = sb.task_pid(guest_pid);
         log::debug!("{id}: init is pid {guest_pid} in the sandbox, {pid} for containerd");
