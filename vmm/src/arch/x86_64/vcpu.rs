@@ -228,4 +228,86 @@ mod tests {
             ]
         );
     }
+
+    /// A real KVM round trip: two vCPUs set up for boot and changed the way
+    /// a running guest changes them, saved, restored into a new VM, and
+    /// saved again: what the new vCPUs hold is what the old ones held.
+    #[test]
+    fn state_restored_into_a_new_vm_saves_back_the_same() {
+        let kvm = Kvm::new().expect("/dev/kvm (the unit tests run on a KVM host)");
+        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+        let msr_indices = msr_index_list(&kvm).unwrap();
+        let new_vm = || {
+            let vm = kvm.create_vm().unwrap();
+            super::super::vm::setup(&vm).unwrap();
+            vm
+        };
+        let vm = new_vm();
+        let vcpus: Vec<VcpuFd> = (0..2u8)
+            .map(|id| {
+                let vcpu = vm.create_vcpu(u64::from(id)).unwrap();
+                setup_boot(&vcpu, &supported, id, 2).unwrap();
+                vcpu
+            })
+            .collect();
+        let mut regs = vcpus[0].get_regs().unwrap();
+        regs.rax = 0x1234_5678;
+        regs.rip = 0x0100_0000;
+        vcpus[0].set_regs(&regs).unwrap();
+        const MSR_LSTAR: u32 = 0xc000_0082;
+        let lstar = kvm_msr_entry {
+            index: MSR_LSTAR,
+            data: 0xffff_ffff_8100_0000,
+            ..Default::default()
+        };
+        let set = vcpus[0].set_msrs(&Msrs::from_entries(&[lstar]).unwrap());
+        assert_eq!(set.unwrap(), 1);
+        let mut dr = vcpus[0].get_debug_regs().unwrap();
+        dr.db[0] = 0x4000;
+        vcpus[0].set_debug_regs(&dr).unwrap();
+
+        let saved: Vec<VcpuState> = vcpus
+            .iter()
+            .map(|v| save(v, &vm, &msr_indices).unwrap())
+            .collect();
+        let saved = crate::devices::persist::through_state_file(&saved);
+        assert_eq!(saved[0].regs.rax, 0x1234_5678);
+        assert_eq!(
+            saved[0].mp_state.mp_state,
+            kvm_bindings::KVM_MP_STATE_RUNNABLE
+        );
+        assert_eq!(
+            saved[1].mp_state.mp_state,
+            kvm_bindings::KVM_MP_STATE_UNINITIALIZED,
+            "the second vCPU still waits for INIT/SIPI"
+        );
+        assert_eq!(saved[0].msrs.first().map(|e| e.index), Some(MSR_IA32_TSC));
+        let msr = |s: &VcpuState, index| s.msrs.iter().find(|e| e.index == index).map(|e| e.data);
+        assert_eq!(msr(&saved[0], MSR_LSTAR), Some(lstar.data));
+
+        let vm2 = new_vm();
+        for (id, s) in (0u64..).zip(&saved) {
+            let vcpu = vm2.create_vcpu(id).unwrap();
+            restore(&vcpu, s).unwrap();
+            let again = save(&vcpu, &vm2, &msr_indices).unwrap();
+            assert_eq!(again.cpuid, s.cpuid);
+            assert_eq!(again.mp_state, s.mp_state);
+            assert_eq!(again.regs, s.regs);
+            assert_eq!(again.sregs, s.sregs);
+            assert_eq!(again.xsave.region, s.xsave.region);
+            assert_eq!(again.xcrs, s.xcrs);
+            assert_eq!(again.debug_regs, s.debug_regs);
+            assert_eq!(again.lapic, s.lapic);
+            assert_eq!(again.events, s.events);
+            // Every MSR comes back, the TSC where it was and still counting.
+            let others = |m: &[kvm_msr_entry]| -> Vec<kvm_msr_entry> {
+                m.iter()
+                    .filter(|e| e.index != MSR_IA32_TSC)
+                    .copied()
+                    .collect()
+            };
+            assert_eq!(others(&again.msrs), others(&s.msrs));
+            assert!(msr(&again, MSR_IA32_TSC) >= msr(s, MSR_IA32_TSC));
+        }
+    }
 }

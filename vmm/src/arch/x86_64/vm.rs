@@ -99,4 +99,49 @@ mod tests {
             (123_456_789, 0, 0, 0)
         );
     }
+
+    /// A real KVM round trip: the interrupt controllers and the PIT come
+    /// back as saved, and the guest's clock continues from the saved value
+    /// instead of jumping by the time the state sat on disk.
+    #[test]
+    fn state_restored_into_a_new_vm_saves_back_the_same() {
+        let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm (the unit tests run on a KVM host)");
+        let vm = kvm.create_vm().unwrap();
+        setup(&vm).unwrap();
+        // What a guest changes: an IOAPIC redirection entry, the PIC's mask.
+        let mut ioapic = kvm_irqchip {
+            chip_id: KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut ioapic).unwrap();
+        // SAFETY: KVM filled the `ioapic` member for this chip id.
+        unsafe { ioapic.chip.ioapic.redirtbl[5].bits = 0x0000_0000_0000_a025 };
+        vm.set_irqchip(&ioapic).unwrap();
+        let saved = crate::devices::persist::through_state_file(&save(&vm).unwrap());
+        // SAFETY: as above.
+        let redir5 = |s: &VmState| unsafe { s.ioapic.chip.ioapic.redirtbl[5].bits };
+        assert_eq!(redir5(&saved), 0xa025);
+
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let vm2 = kvm.create_vm().unwrap();
+        setup(&vm2).unwrap();
+        restore(&vm2, &saved).unwrap();
+        let again = save(&vm2).unwrap();
+        assert_eq!(redir5(&again), 0xa025);
+        // The PIT's load times are host times, taken again on restore.
+        let pit = |s: &VmState| {
+            let mut p = s.pit;
+            p.channels.iter_mut().for_each(|c| c.count_load_time = 0);
+            p
+        };
+        assert_eq!(pit(&again), pit(&saved));
+        let bytes = |c: &kvm_irqchip| serde_json::to_string(c).unwrap();
+        assert_eq!(bytes(&again.pic_master), bytes(&saved.pic_master));
+        assert_eq!(bytes(&again.pic_slave), bytes(&saved.pic_slave));
+        let advanced = again.clock.clock - saved.clock.clock;
+        assert!(
+            advanced < 200_000_000,
+            "the clock jumped {advanced} ns across a 300 ms pause"
+        );
+    }
 }
