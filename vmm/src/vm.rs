@@ -601,4 +601,104 @@ mod tests {
         assert!(list.len() <= 127, "{} characters: {list}", list.len());
         assert!(list.split(',').any(|f| f == "erms"), "{list}");
     }
+
+    /// A VM over 1 MiB of anonymous memory with the configured devices; no
+    /// kernel, no vCPUs (KVM is needed for the irqfds and ioeventfds).
+    fn vm_with_devices(config: VmConfig) -> Vm {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut vm = Vm::create_with_memory(config, mem).expect("/dev/kvm");
+        vm.attach_devices().unwrap();
+        vm
+    }
+
+    #[test]
+    fn restored_slots_land_where_saved_and_take_host_resources_by_role() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = |name: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, [0u8; 4096]).unwrap();
+            crate::config::DiskConfig {
+                path: p,
+                read_only: true,
+            }
+        };
+        let config = VmConfig {
+            disks: vec![image("a.img"), image("b.img")],
+            spare_disks: 2,
+            vsock: Some(crate::config::VsockConfig {
+                guest_cid: 3,
+                uds_path: dir.path().join("v1.sock"),
+            }),
+            serial: SerialOutput::None,
+            ..VmConfig::default()
+        };
+        let vm = vm_with_devices(config.clone());
+        let roles: Vec<SlotRole> = vm.virtio.iter().map(|s| s.role).collect();
+        use SlotRole::*;
+        assert_eq!(
+            roles,
+            [Disk(0), Disk(1), SpareDisk(0), SpareDisk(1), Vsock, Rng]
+        );
+        assert_eq!(vm.spare_disks.len(), 2);
+        let saved: Vec<VirtioSlotState> = vm
+            .virtio
+            .iter()
+            .map(|s| {
+                s.handle.pause().unwrap();
+                s.save().unwrap()
+            })
+            .collect();
+        let saved = crate::devices::persist::through_state_file(&saved);
+
+        // The new VM's host resources: another second disk, another socket.
+        let mut config2 = config.clone();
+        config2.disks[1] = image("c.img");
+        config2.vsock = Some(crate::config::VsockConfig {
+            guest_cid: 3,
+            uds_path: dir.path().join("v2.sock"),
+        });
+        let restore_all = |config: &VmConfig, saved: &[VirtioSlotState]| {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+            let mut vm = Vm::create_with_memory(config.clone(), mem).unwrap();
+            for s in saved {
+                vm.restore_virtio(s)?;
+            }
+            vm.resume_virtio()?;
+            Ok::<_, Error>(vm)
+        };
+        let vm2 = restore_all(&config2, &saved).unwrap();
+        for (a, b) in vm.virtio.iter().zip(&vm2.virtio) {
+            assert_eq!((a.role, a.base, a.irq), (b.role, b.base, b.irq));
+        }
+        assert_eq!(vm2.cmdline, vm.cmdline, "the guest finds each where it was");
+        assert_eq!(vm2.spare_disks.len(), 2);
+        let disk_path = |slot: &VirtioSlot| match &slot.handle {
+            VirtioHandle::Block(t) => lock(t).device().path(),
+            _ => None,
+        };
+        let paths: Vec<Option<PathBuf>> = vm2.virtio.iter().map(disk_path).collect();
+        assert_eq!(paths[0], Some(config2.disks[0].path.clone()));
+        assert_eq!(paths[1], Some(config2.disks[1].path.clone()));
+        assert_eq!((paths[2].clone(), paths[3].clone()), (None, None));
+        assert!(dir.path().join("v2.sock").exists());
+
+        // A state in a slot of another kind is refused by name.
+        let mut wrong = saved.clone();
+        wrong[0].role = SlotRole::Rng;
+        let e = restore_all(&config2, &wrong).err().unwrap().to_string();
+        assert!(
+            e.contains("rng from snapshot") && e.contains("block"),
+            "{e}"
+        );
+        // A spare slot that held a disk has no image to reopen.
+        vm.disk_attacher()(1, &config.disks[0].path, true).unwrap();
+        let spare = vm.virtio[3].save().unwrap();
+        let mut attached = saved.clone();
+        attached[3] = spare;
+        let e = restore_all(&config2, &attached).err().unwrap().to_string();
+        assert!(
+            e.contains("spare1 from snapshot") && e.contains("no image path"),
+            "{e}"
+        );
+    }
 }
