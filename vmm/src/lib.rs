@@ -1,9 +1,12 @@
 //! thaw's KVM virtual machine monitor.
 //!
-//! Layout: `arch/` (x86_64 boot structures and vCPU setup), `devices/`
-//! (serial, i8042, virtio over MMIO), `vm` (building a VM), `vcpu` (vCPU
-//! threads, pause/resume), `control` (the control socket), `cli` and
-//! `config` (what a VM is made of), `boot_marker` (boot timing).
+//! Layout: `arch/` (x86_64 boot structures, the VM's and the vCPUs' KVM
+//! state), `devices/` (serial, i8042, virtio over MMIO, the `Persist`
+//! trait), `vm` (building a VM, fresh or from saved states), `slots` (the
+//! virtio slot table), `vcpu` (vCPU threads, pause/resume), `memory`
+//! (guest RAM in a snapshot), `snapshot` (save/restore orchestration),
+//! `control` (the control socket), `cli` and `config` (what a VM is made
+//! of), `boot_marker` (boot timing).
 
 pub mod arch;
 pub mod boot_marker;
@@ -11,7 +14,9 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod memory;
 pub mod profile;
+pub mod slots;
 pub mod snapshot;
 pub mod template;
 pub mod vcpu;

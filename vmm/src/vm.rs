@@ -6,25 +6,24 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
 
-use crate::arch::{boot_params, cpuid, layout, mptable, regs};
+use crate::arch::{self, boot_params, layout, mptable, regs};
 use crate::boot_marker::{BootMarker, BootTimes};
 use crate::config::{PvmQuirks, SerialOutput, VmConfig};
-use crate::devices::legacy::{Serial, SerialSnapshot, I8042};
+use crate::devices::legacy::{I8042State, Serial, SerialResources, SerialState, I8042};
 use crate::devices::virtio::block::{Block, BlockError};
-use crate::devices::virtio::mmio::{MmioError, MmioTransport};
+use crate::devices::virtio::mmio::{MmioError, MmioResources, MmioTransport};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::VirtioDevice;
-use crate::devices::Bus;
+use crate::devices::{Bus, Persist};
+use crate::slots::{SlotRole, VirtioHandle, VirtioSlot, VirtioSlotState, VirtioState};
 use crate::vcpu::{RunControl, Vcpu, VmExit};
 use crate::Error;
 
@@ -92,79 +91,40 @@ pub enum DeviceError {
     #[error("serial from snapshot: {0}")]
     SerialState(#[source] std::io::Error),
     #[error("no IRQ left for {0}")]
-    NoIrq(String),
-    #[error("{name}: {source}")]
+    NoIrq(SlotRole),
+    #[error("{slot}: {source}")]
     Transport {
-        name: String,
+        slot: SlotRole,
         #[source]
         source: MmioError,
     },
-    #[error("{name} from snapshot: {source}")]
-    DiskState {
-        name: String,
+    #[error("{slot} from snapshot: {source}")]
+    Restore {
+        slot: SlotRole,
         #[source]
-        source: BlockError,
+        source: MmioError,
     },
-    #[error("{name} from snapshot: {source}")]
-    VsockState {
-        name: String,
-        #[source]
-        source: VsockError,
-    },
+    #[error("{slot} from snapshot: it holds a {kind} device")]
+    WrongKind { slot: SlotRole, kind: &'static str },
     #[error("{0} from snapshot: no vsock socket configured")]
-    NoVsockSocket(String),
-    #[error("{name} from snapshot: landed at {placed:?}, saved at {base:#x}/{irq}")]
+    NoVsockSocket(SlotRole),
+    #[error("{slot} from snapshot: landed at {placed:?}, saved at {base:#x}/{irq}")]
     Misplaced {
-        name: String,
+        slot: SlotRole,
         placed: Option<(u64, u32)>,
         base: u64,
         irq: u32,
     },
-    #[error("resuming {name}: {source}")]
+    #[error("resuming {slot}: {source}")]
     Resume {
-        name: String,
+        slot: SlotRole,
         #[source]
         source: MmioError,
     },
 }
 
-/// A virtio device behind its transport, with its concrete type kept so it
-/// can be paused, saved and rebuilt.
-#[derive(Clone)]
-pub enum VirtioHandle {
-    Block(Arc<Mutex<MmioTransport<Block>>>),
-    Vsock(Arc<Mutex<MmioTransport<Vsock>>>),
-    Rng(Arc<Mutex<MmioTransport<Rng>>>),
-}
-
 pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl VirtioHandle {
-    pub fn pause(&self) -> Result<(), MmioError> {
-        match self {
-            VirtioHandle::Block(t) => lock(t).pause(),
-            VirtioHandle::Vsock(t) => lock(t).pause(),
-            VirtioHandle::Rng(t) => lock(t).pause(),
-        }
-    }
-
-    pub fn resume(&self) -> Result<(), MmioError> {
-        match self {
-            VirtioHandle::Block(t) => lock(t).resume(),
-            VirtioHandle::Vsock(t) => lock(t).resume(),
-            VirtioHandle::Rng(t) => lock(t).resume(),
-        }
-    }
-}
-
-/// One virtio device on the MMIO bus.
-pub struct VirtioSlot {
-    pub name: String,
-    pub base: u64,
-    pub irq: u32,
-    pub handle: VirtioHandle,
 }
 
 pub struct Vm {
@@ -179,6 +139,7 @@ pub struct Vm {
     /// Empty disk slots, filled through the control socket.
     pub spare_disks: Vec<Arc<Mutex<MmioTransport<Block>>>>,
     pub serial: Option<Arc<Mutex<Serial>>>,
+    pub i8042: Option<Arc<Mutex<I8042>>>,
     pub times: BootTimes,
     pub control: Arc<RunControl>,
     cmdline: String,
@@ -214,19 +175,7 @@ impl Vm {
             }
         }
         let fd = kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?;
-        fd.set_tss_address(layout::KVM_TSS_ADDR as usize)
-            .map_err(kvm_error("KVM_SET_TSS_ADDR"))?;
-        fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
-            .map_err(kvm_error("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        // The irqchip and PIT must exist before any vCPU.
-        fd.create_irq_chip()
-            .map_err(kvm_error("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit).map_err(kvm_error("KVM_CREATE_PIT2"))?;
-
+        arch::vm::setup(&fd)?;
         register_memory(&fd, &mem)?;
 
         Ok(Self {
@@ -240,6 +189,7 @@ impl Vm {
             virtio: Vec::new(),
             spare_disks: Vec::new(),
             serial: None,
+            i8042: None,
             times: BootTimes::default(),
             control: RunControl::new(),
             cmdline: String::new(),
@@ -257,23 +207,21 @@ impl Vm {
 
     /// Serial console, i8042 (for reset), boot marker, virtio devices.
     pub fn attach_devices(&mut self) -> Result<(), Error> {
-        self.attach_legacy_devices(None)?;
+        self.attach_legacy_devices(None, None)?;
         let mem = self.mem.clone();
-        for (i, disk) in self.config.disks.clone().iter().enumerate() {
+        for (i, disk) in (0u8..).zip(self.config.disks.clone()) {
             let dev =
                 Block::new(&disk.path, disk.read_only).map_err(|source| DeviceError::Disk {
                     path: disk.path.clone(),
                     source,
                 })?;
-            self.add_virtio(
-                format!("disk{i}"),
-                MmioTransport::new(mem.clone(), dev),
-                VirtioHandle::Block,
-            )?;
+            let slot = SlotRole::Disk(i);
+            self.add_virtio(slot, new_transport(&mem, slot, dev)?, VirtioHandle::Block)?;
         }
         for i in 0..self.config.spare_disks {
-            let t = MmioTransport::new(mem.clone(), Block::empty());
-            self.add_virtio(format!("spare{i}"), t, VirtioHandle::Block)?;
+            let slot = SlotRole::SpareDisk(i);
+            let t = new_transport(&mem, slot, Block::empty())?;
+            self.add_virtio(slot, t, VirtioHandle::Block)?;
         }
         if let Some(v) = self.config.vsock.clone() {
             let dev =
@@ -281,24 +229,92 @@ impl Vm {
                     path: v.uds_path.clone(),
                     source,
                 })?;
-            self.add_virtio(
-                "vsock".into(),
-                MmioTransport::new(mem.clone(), dev),
-                VirtioHandle::Vsock,
-            )?;
+            let slot = SlotRole::Vsock;
+            self.add_virtio(slot, new_transport(&mem, slot, dev)?, VirtioHandle::Vsock)?;
         }
+        let slot = SlotRole::Rng;
         self.add_virtio(
-            "rng".into(),
-            MmioTransport::new(mem, Rng::new()),
+            slot,
+            new_transport(&mem, slot, Rng::new())?,
             VirtioHandle::Rng,
-        )?;
+        )
+    }
+
+    /// Puts a saved virtio device back, in its saved slot, on the host
+    /// resources its role names in this VM's configuration. Paused, like
+    /// every restored device: see [`Vm::resume_virtio`].
+    pub fn restore_virtio(&mut self, saved: &VirtioSlotState) -> Result<(), Error> {
+        let slot = saved.role;
+        let mem = self.mem.clone();
+        let restored = |source| DeviceError::Restore { slot, source };
+        let wrong_kind = |kind| DeviceError::WrongKind { slot, kind };
+        match &saved.state {
+            VirtioState::Block(state) => {
+                // Disks get their paths. Spare slots come back empty; one
+                // that held a disk when saved has no path to reopen, so the
+                // restore is refused (MissingPath) rather than pulling a
+                // mounted filesystem from under the guest.
+                let image = match slot {
+                    SlotRole::Disk(n) => self.config.disks.get(usize::from(n)),
+                    SlotRole::SpareDisk(_) => None,
+                    _ => return Err(wrong_kind("block").into()),
+                };
+                let device = image.map(|d| d.path.clone());
+                let t = MmioTransport::<Block>::restore(state, MmioResources { mem, device })
+                    .map_err(restored)?;
+                self.add_virtio(slot, t, VirtioHandle::Block)?;
+            }
+            VirtioState::Vsock(state) => {
+                if slot != SlotRole::Vsock {
+                    return Err(wrong_kind("vsock").into());
+                }
+                let Some(v) = &self.config.vsock else {
+                    return Err(DeviceError::NoVsockSocket(slot).into());
+                };
+                let device = v.uds_path.clone();
+                let t = MmioTransport::<Vsock>::restore(state, MmioResources { mem, device })
+                    .map_err(restored)?;
+                self.add_virtio(slot, t, VirtioHandle::Vsock)?;
+            }
+            VirtioState::Rng(state) => {
+                if slot != SlotRole::Rng {
+                    return Err(wrong_kind("rng").into());
+                }
+                let t = MmioTransport::<Rng>::restore(state, MmioResources { mem, device: () })
+                    .map_err(restored)?;
+                self.add_virtio(slot, t, VirtioHandle::Rng)?;
+            }
+        }
+        let placed = self.virtio.last().map(|s| (s.base, s.irq));
+        if placed != Some((saved.base, saved.irq)) {
+            return Err(DeviceError::Misplaced {
+                slot,
+                placed,
+                base: saved.base,
+                irq: saved.irq,
+            }
+            .into());
+        }
         Ok(())
     }
 
-    /// Serial (fresh, or from a snapshot), i8042 and the boot marker.
+    /// Starts the restored virtio devices whose driver had started them.
+    pub fn resume_virtio(&self) -> Result<(), Error> {
+        for s in &self.virtio {
+            s.handle.resume().map_err(|source| DeviceError::Resume {
+                slot: s.role,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Serial, i8042 (fresh, or from a snapshot's states) and the boot
+    /// marker.
     pub fn attach_legacy_devices(
         &mut self,
-        serial_state: Option<&SerialSnapshot>,
+        serial_state: Option<&SerialState>,
+        i8042_state: Option<&I8042State>,
     ) -> Result<(), Error> {
         let serial_irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
             .map_err(DeviceError::SerialEventFd)?;
@@ -315,15 +331,27 @@ impl Vm {
         };
         let serial = match serial_state {
             Some(state) => {
-                Serial::from_state(state, serial_irq, out).map_err(DeviceError::SerialState)?
+                let res = SerialResources {
+                    irq: serial_irq,
+                    out,
+                };
+                Serial::restore(state, res).map_err(DeviceError::SerialState)?
             }
             None => Serial::new(serial_irq, out),
         };
         let serial = Arc::new(Mutex::new(serial));
         self.io_bus.insert(SERIAL_PORT, 8, serial.clone())?;
         self.serial = Some(serial);
-        self.io_bus
-            .insert(I8042_PORT, 5, Arc::new(Mutex::new(I8042::new())))?;
+        let i8042 = match i8042_state {
+            Some(state) => {
+                let Ok(dev) = I8042::restore(state, ());
+                dev
+            }
+            None => I8042::new(),
+        };
+        let i8042 = Arc::new(Mutex::new(i8042));
+        self.io_bus.insert(I8042_PORT, 5, i8042.clone())?;
+        self.i8042 = Some(i8042);
         let marker = Arc::new(Mutex::new(BootMarker::new(self.times.clone())));
         self.io_bus
             .insert(u64::from(layout::BOOT_MARKER_PORT), 1, marker.clone())?;
@@ -337,8 +365,8 @@ impl Vm {
     /// order gives each the address and IRQ the guest knows.
     pub fn add_virtio<D>(
         &mut self,
-        name: String,
-        transport: Result<MmioTransport<D>, MmioError>,
+        role: SlotRole,
+        transport: MmioTransport<D>,
         wrap: impl FnOnce(Arc<Mutex<MmioTransport<D>>>) -> VirtioHandle,
     ) -> Result<(), Error>
     where
@@ -348,12 +376,8 @@ impl Vm {
         let base = layout::VIRTIO_MMIO_START + index * layout::VIRTIO_MMIO_SLOT_SIZE;
         let irq = layout::FIRST_VIRTIO_IRQ + index as u32;
         if irq > layout::MAX_IRQ {
-            return Err(DeviceError::NoIrq(name).into());
+            return Err(DeviceError::NoIrq(role).into());
         }
-        let transport = match transport {
-            Ok(t) => t,
-            Err(source) => return Err(DeviceError::Transport { name, source }.into()),
-        };
         for (q, evt) in transport.queue_events().iter().enumerate() {
             self.fd
                 .register_ioevent(evt, &IoEventAddress::Mmio(base + 0x50), q as u32)
@@ -366,13 +390,11 @@ impl Vm {
         self.mmio_bus
             .insert(base, layout::VIRTIO_MMIO_SLOT_SIZE, transport.clone())?;
         let handle = wrap(transport);
-        if name.starts_with("spare") {
-            if let VirtioHandle::Block(t) = &handle {
-                self.spare_disks.push(t.clone());
-            }
+        if let (SlotRole::SpareDisk(_), VirtioHandle::Block(t)) = (role, &handle) {
+            self.spare_disks.push(t.clone());
         }
         self.virtio.push(VirtioSlot {
-            name,
+            role,
             base,
             irq,
             handle,
@@ -446,22 +468,18 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_error("KVM_GET_SUPPORTED_CPUID"))?;
         for id in 0..self.config.vcpus {
-            let vcpu = self
-                .fd
-                .create_vcpu(u64::from(id))
-                .map_err(kvm_error("KVM_CREATE_VCPU"))?;
-            let mut cpuid = supported.clone();
-            cpuid::normalize(&mut cpuid, id, self.config.vcpus);
-            vcpu.set_cpuid2(&cpuid)
-                .map_err(kvm_error("KVM_SET_CPUID2"))?;
-            regs::setup_msrs(&vcpu)?;
-            regs::setup_sregs(&vcpu)?;
-            regs::setup_regs(&vcpu, id == 0)?;
-            regs::setup_fpu(&vcpu)?;
-            regs::setup_lapic(&vcpu)?;
+            let vcpu = self.create_vcpu(id)?;
+            arch::vcpu::setup_boot(&vcpu, &supported, id, self.config.vcpus)?;
             self.vcpus.push(Arc::new(Mutex::new(vcpu)));
         }
         Ok(())
+    }
+
+    /// A new vCPU with nothing set up (the VM's own vCPUs are in `vcpus`).
+    pub fn create_vcpu(&self, id: u8) -> Result<VcpuFd, Error> {
+        self.fd
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_error("KVM_CREATE_VCPU"))
     }
 
     /// Starts the vCPUs and returns a handle plus the channel on which the
@@ -521,6 +539,15 @@ impl Vm {
     }
 }
 
+fn new_transport<D: VirtioDevice>(
+    mem: &GuestMemoryMmap,
+    slot: SlotRole,
+    device: D,
+) -> Result<MmioTransport<D>, DeviceError> {
+    MmioTransport::new(mem.clone(), device)
+        .map_err(|source| DeviceError::Transport { slot, source })
+}
+
 fn register_memory(fd: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Error> {
     for (slot, region) in mem.iter().enumerate() {
         let region_desc = kvm_userspace_memory_region {
@@ -573,5 +600,105 @@ mod tests {
             .expect("cmdline-pvm.txt clears CPU features");
         assert!(list.len() <= 127, "{} characters: {list}", list.len());
         assert!(list.split(',').any(|f| f == "erms"), "{list}");
+    }
+
+    /// A VM over 1 MiB of anonymous memory with the configured devices; no
+    /// kernel, no vCPUs (KVM is needed for the irqfds and ioeventfds).
+    fn vm_with_devices(config: VmConfig) -> Vm {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut vm = Vm::create_with_memory(config, mem).expect("/dev/kvm");
+        vm.attach_devices().unwrap();
+        vm
+    }
+
+    #[test]
+    fn restored_slots_land_where_saved_and_take_host_resources_by_role() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = |name: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, [0u8; 4096]).unwrap();
+            crate::config::DiskConfig {
+                path: p,
+                read_only: true,
+            }
+        };
+        let config = VmConfig {
+            disks: vec![image("a.img"), image("b.img")],
+            spare_disks: 2,
+            vsock: Some(crate::config::VsockConfig {
+                guest_cid: 3,
+                uds_path: dir.path().join("v1.sock"),
+            }),
+            serial: SerialOutput::None,
+            ..VmConfig::default()
+        };
+        let vm = vm_with_devices(config.clone());
+        let roles: Vec<SlotRole> = vm.virtio.iter().map(|s| s.role).collect();
+        use SlotRole::*;
+        assert_eq!(
+            roles,
+            [Disk(0), Disk(1), SpareDisk(0), SpareDisk(1), Vsock, Rng]
+        );
+        assert_eq!(vm.spare_disks.len(), 2);
+        let saved: Vec<VirtioSlotState> = vm
+            .virtio
+            .iter()
+            .map(|s| {
+                s.handle.pause().unwrap();
+                s.save().unwrap()
+            })
+            .collect();
+        let saved = crate::devices::persist::through_state_file(&saved);
+
+        // The new VM's host resources: another second disk, another socket.
+        let mut config2 = config.clone();
+        config2.disks[1] = image("c.img");
+        config2.vsock = Some(crate::config::VsockConfig {
+            guest_cid: 3,
+            uds_path: dir.path().join("v2.sock"),
+        });
+        let restore_all = |config: &VmConfig, saved: &[VirtioSlotState]| {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+            let mut vm = Vm::create_with_memory(config.clone(), mem).unwrap();
+            for s in saved {
+                vm.restore_virtio(s)?;
+            }
+            vm.resume_virtio()?;
+            Ok::<_, Error>(vm)
+        };
+        let vm2 = restore_all(&config2, &saved).unwrap();
+        for (a, b) in vm.virtio.iter().zip(&vm2.virtio) {
+            assert_eq!((a.role, a.base, a.irq), (b.role, b.base, b.irq));
+        }
+        assert_eq!(vm2.cmdline, vm.cmdline, "the guest finds each where it was");
+        assert_eq!(vm2.spare_disks.len(), 2);
+        let disk_path = |slot: &VirtioSlot| match &slot.handle {
+            VirtioHandle::Block(t) => lock(t).device().path(),
+            _ => None,
+        };
+        let paths: Vec<Option<PathBuf>> = vm2.virtio.iter().map(disk_path).collect();
+        assert_eq!(paths[0], Some(config2.disks[0].path.clone()));
+        assert_eq!(paths[1], Some(config2.disks[1].path.clone()));
+        assert_eq!((paths[2].clone(), paths[3].clone()), (None, None));
+        assert!(dir.path().join("v2.sock").exists());
+
+        // A state in a slot of another kind is refused by name.
+        let mut wrong = saved.clone();
+        wrong[0].role = SlotRole::Rng;
+        let e = restore_all(&config2, &wrong).err().unwrap().to_string();
+        assert!(
+            e.contains("rng from snapshot") && e.contains("block"),
+            "{e}"
+        );
+        // A spare slot that held a disk has no image to reopen.
+        vm.disk_attacher()(1, &config.disks[0].path, true).unwrap();
+        let spare = vm.virtio[3].save().unwrap();
+        let mut attached = saved.clone();
+        attached[3] = spare;
+        let e = restore_all(&config2, &attached).err().unwrap().to_string();
+        assert!(
+            e.contains("spare1 from snapshot") && e.contains("no image path"),
+            "{e}"
+        );
     }
 }

@@ -2,23 +2,22 @@
 //! virtio devices additionally implement [`virtio::VirtioDevice`] and are
 //! reached through the MMIO transport.
 //!
-//! Snapshots (added by the device models): every state is a plain serde
-//! struct; host resources (image files, socket paths) are given again when
-//! rebuilding.
-//! - Save: `transport.pause()` (stops and joins the device worker, takes
-//!   the queues back), then `transport.state()` (`mmio::MmioState`) and the
-//!   device's own `state()` (`BlockState`, `VsockState`; `Rng` has none),
-//!   `Serial::state()` (`SerialSnapshot`). `transport.resume()` continues.
-//! - Restore: `Block::from_state(&s, Some(new_path))`,
-//!   `Vsock::from_state(&s, new_uds_path)` (queues a TRANSPORT_RESET
-//!   event), `Rng::new()`; then `MmioTransport::from_state(mem, device,
-//!   &mmio_state)`, register its eventfds with KVM, `resume()`.
+//! Snapshots: every device with state implements [`Persist`]. Its state
+//! is a plain serde struct kept next to the device (`SerialState`,
+//! `I8042State`, `BlockState`, `VsockState`, `RngState`); the virtio-MMIO
+//! transport's `Persist` wraps its device's state with the transport
+//! registers and queues (`mmio::MmioDeviceState`). A transport is saved
+//! after `pause()` (which stops the device worker and takes the queues
+//! back) and comes back from `restore` paused: register its eventfds with
+//! KVM, then `resume()`.
 
 pub mod bus;
 pub mod legacy;
+pub mod persist;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
+pub use persist::Persist;
 
 /// What a device asks of the VMM after an access (e.g. the guest asked to
 /// reset the machine through the i8042 controller).

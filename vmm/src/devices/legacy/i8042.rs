@@ -6,8 +6,11 @@
 //! CTR reads to time out, which costs seconds under instruction emulation.
 
 use std::collections::VecDeque;
+use std::convert::Infallible;
 
-use crate::devices::{BusDevice, DeviceRequest};
+use serde::{Deserialize, Serialize};
+
+use crate::devices::{BusDevice, DeviceRequest, Persist};
 
 /// The controller spans ports 0x60 (data) to 0x64 (command/status).
 pub const I8042_PORT: u64 = 0x60;
@@ -43,6 +46,17 @@ pub struct I8042 {
     /// A command whose argument byte is expected on the data port.
     pending_command: Option<u8>,
     output: VecDeque<u8>,
+}
+
+/// The controller as a snapshot records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {
+    /// The controller configuration byte.
+    pub ctr: u8,
+    pub last_was_command: bool,
+    pub pending_command: Option<u8>,
+    /// Replies the guest has not read yet, oldest first.
+    pub output: Vec<u8>,
 }
 
 impl Default for I8042 {
@@ -107,6 +121,36 @@ impl I8042 {
             None => self.push(0xfa),
         }
         DeviceRequest::None
+    }
+}
+
+impl Persist for I8042 {
+    type State = I8042State;
+    type Resources = ();
+    type Error = Infallible;
+
+    fn save(&self) -> Result<I8042State, Infallible> {
+        Ok(I8042State {
+            ctr: self.ctr,
+            last_was_command: self.status_last_command,
+            pending_command: self.pending_command,
+            output: self.output.iter().copied().collect(),
+        })
+    }
+
+    fn restore(state: &I8042State, (): ()) -> Result<Self, Infallible> {
+        let mut dev = Self {
+            ctr: state.ctr,
+            status_last_command: state.last_was_command,
+            pending_command: state.pending_command,
+            output: VecDeque::new(),
+        };
+        // Through `push`, so a state with more than the bound keeps the
+        // newest replies, as the running controller would have.
+        for &b in &state.output {
+            dev.push(b);
+        }
+        Ok(dev)
     }
 }
 
@@ -181,6 +225,34 @@ mod tests {
         dev.write(DATA, &[0xff]);
         assert_eq!(read(&mut dev, DATA), 0xfa);
         assert_eq!(read(&mut dev, COMMAND) & STATUS_OUTPUT_FULL, 0);
+    }
+
+    #[test]
+    fn restored_controller_answers_as_the_saved_one() {
+        let mut dev = I8042::new();
+        dev.write(COMMAND, &[CMD_WRITE_CTR]);
+        dev.write(DATA, &[0x47]);
+        dev.write(COMMAND, &[CMD_SELF_TEST]);
+        dev.write(COMMAND, &[CMD_READ_CTR]);
+        // Half a command: its argument byte comes after the restore.
+        dev.write(COMMAND, &[CMD_WRITE_OUTPUT_PORT]);
+        let state = crate::devices::persist::through_state_file(&dev.save().unwrap());
+        let Ok(mut restored) = I8042::restore(&state, ());
+        assert_eq!(restored.save().unwrap(), state);
+        assert_eq!(read(&mut restored, COMMAND), read(&mut dev, COMMAND));
+        assert_eq!(read(&mut restored, DATA), 0x55);
+        assert_eq!(read(&mut restored, DATA), 0x47);
+        assert_eq!(read(&mut restored, COMMAND) & STATUS_OUTPUT_FULL, 0);
+        assert_eq!(restored.write(DATA, &[0xfe]), DeviceRequest::Reset);
+
+        // More pending replies than the controller keeps: the newest stay.
+        let state = I8042State {
+            output: (0..40).collect(),
+            ..state
+        };
+        let Ok(mut restored) = I8042::restore(&state, ());
+        assert_eq!(restored.output.len(), MAX_PENDING);
+        assert_eq!(read(&mut restored, DATA), 40 - MAX_PENDING as u8);
     }
 
     #[test]

@@ -5,9 +5,11 @@
 //!   its irq eventfd as irqfd on [`COM1_GSI`].
 //! - [`I8042::new`] at [`I8042_PORT`] (length [`I8042_PORT_LEN`]); a write of
 //!   0xfe to port 0x64 returns `DeviceRequest::Reset`.
+//! - Snapshots: both implement [`crate::devices::Persist`] ([`SerialState`]
+//!   with new [`SerialResources`]; [`I8042State`] with none).
 
 pub mod i8042;
 pub mod serial;
 
-pub use i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
-pub use serial::{Serial, SerialSnapshot, COM1_GSI, COM1_PORT, SERIAL_PORT_LEN};
+pub use i8042::{I8042State, I8042, I8042_PORT, I8042_PORT_LEN};
+pub use serial::{Serial, SerialResources, SerialState, COM1_GSI, COM1_PORT, SERIAL_PORT_LEN};

@@ -8,10 +8,10 @@ use std::io::{self, Write};
 
 use serde::{Deserialize, Serialize};
 use vm_superio::serial::NoEvents;
-use vm_superio::{Serial as Uart, SerialState, Trigger};
+use vm_superio::{Serial as Uart, SerialState as UartState, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::{BusDevice, DeviceRequest};
+use crate::devices::{BusDevice, DeviceRequest, Persist};
 
 pub const COM1_PORT: u64 = 0x3f8;
 pub const SERIAL_PORT_LEN: u64 = 8;
@@ -36,7 +36,7 @@ pub struct Serial {
 
 /// The UART registers and unread input, as a snapshot records them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SerialSnapshot {
+pub struct SerialState {
     pub baud_divisor_low: u8,
     pub baud_divisor_high: u8,
     pub interrupt_enable: u8,
@@ -70,10 +70,24 @@ impl Serial {
         }
         self.uart.enqueue_raw_bytes(&input[..n]).unwrap_or(0)
     }
+}
 
-    pub fn state(&self) -> SerialSnapshot {
+/// What a restored serial port runs on.
+pub struct SerialResources {
+    /// The eventfd registered as irqfd on [`COM1_GSI`].
+    pub irq: EventFd,
+    /// Where guest output goes now.
+    pub out: Output,
+}
+
+impl Persist for Serial {
+    type State = SerialState;
+    type Resources = SerialResources;
+    type Error = io::Error;
+
+    fn save(&self) -> io::Result<SerialState> {
         let s = self.uart.state();
-        SerialSnapshot {
+        Ok(SerialState {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
             interrupt_enable: s.interrupt_enable,
@@ -84,11 +98,11 @@ impl Serial {
             modem_status: s.modem_status,
             scratch: s.scratch,
             in_buffer: s.in_buffer,
-        }
+        })
     }
 
-    pub fn from_state(state: &SerialSnapshot, irq: EventFd, out: Output) -> io::Result<Self> {
-        let s = SerialState {
+    fn restore(state: &SerialState, res: SerialResources) -> io::Result<Self> {
+        let s = UartState {
             baud_divisor_low: state.baud_divisor_low,
             baud_divisor_high: state.baud_divisor_high,
             interrupt_enable: state.interrupt_enable,
@@ -100,7 +114,7 @@ impl Serial {
             scratch: state.scratch,
             in_buffer: state.in_buffer.clone(),
         };
-        let uart = Uart::from_state(&s, IrqTrigger(irq), NoEvents, out)
+        let uart = Uart::from_state(&s, IrqTrigger(res.irq), NoEvents, res.out)
             .map_err(|e| io::Error::other(format!("serial state: {e}")))?;
         Ok(Self { uart })
     }
@@ -176,25 +190,41 @@ mod tests {
     }
 
     #[test]
-    fn input_is_readable_by_the_guest_and_state_round_trips() {
+    fn restored_port_has_the_registers_input_and_interrupts_of_the_saved_one() {
         let mut port = Serial::new(irq(), Box::new(io::sink()));
         port.write(7, &[0x5a]); // scratch register
+        port.write(3, &[0x03]); // LCR: 8 data bits
+        port.write(1, &[0x03]); // IER: data available and THR empty
         assert_eq!(port.enqueue_input(b"ab"), 2);
-        let state = port.state();
-        let json = serde_json::to_string(&state).unwrap();
-        let mut restored = Serial::from_state(
-            &serde_json::from_str(&json).unwrap(),
-            irq(),
-            Box::new(io::sink()),
+        let regs = |p: &mut Serial| {
+            [1u64, 2, 3, 4, 5, 6, 7].map(|off| {
+                let mut b = [0u8];
+                p.read(off, &mut b);
+                b[0]
+            })
+        };
+        let state = crate::devices::persist::through_state_file(&port.save().unwrap());
+        let out = Captured::default();
+        let new_irq = irq();
+        let mut restored = Serial::restore(
+            &state,
+            SerialResources {
+                irq: new_irq.try_clone().unwrap(),
+                out: Box::new(out.clone()),
+            },
         )
         .unwrap();
+        assert_eq!(restored.save().unwrap(), state);
+        assert_eq!(regs(&mut restored), regs(&mut port));
         let mut b = [0u8];
-        restored.read(7, &mut b);
-        assert_eq!(b[0], 0x5a);
         restored.read(0, &mut b);
         assert_eq!(b[0], b'a');
         restored.read(0, &mut b);
         assert_eq!(b[0], b'b');
+        // Output goes to the new writer and raises the new irqfd.
+        restored.write(0, b"x");
+        assert_eq!(&*out.0.lock().unwrap(), b"x");
+        assert!(new_irq.read().unwrap() >= 1);
     }
 
     #[test]

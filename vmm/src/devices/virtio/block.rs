@@ -4,7 +4,8 @@
 //! [`Block::empty`] for a spare slot that [`Block::attach`] fills later (the
 //! guest gets a config-change interrupt and sees the new capacity);
 //! optionally [`Block::with_id`]. Wrap in `MmioTransport`. Snapshots:
-//! [`Block::state`] and [`Block::from_state`] (with the new disk path).
+//! [`Persist`] with [`BlockState`]; the image is not part of it and is
+//! reopened by path on restore.
 //!
 //! Requests are served synchronously on the worker thread, one at a time:
 //! a rootfs image is read mostly once, and this keeps the device simple.
@@ -28,6 +29,7 @@ use super::{
     read_config_bytes, ActivateContext, ActivateError, Interrupt, PauseError, VirtioDevice,
     FEATURE_RING_EVENT_IDX, FEATURE_RING_INDIRECT_DESC, FEATURE_VERSION_1, TYPE_BLOCK,
 };
+use crate::devices::Persist;
 
 pub const SECTOR_SIZE: u64 = 512;
 pub const QUEUE_SIZE: u16 = 256;
@@ -214,10 +216,27 @@ impl Block {
         self.disk().capacity_sectors
     }
 
-    pub fn state(&self) -> BlockState {
+    fn config(&self) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        c[..8].copy_from_slice(&self.capacity_sectors().to_le_bytes());
+        // size_max (8..12) unused; seg_max at 12.
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c
+    }
+}
+
+impl Persist for Block {
+    type State = BlockState;
+    /// The image to reopen for an attached disk: it must have the size the
+    /// guest already knows. `None` for a slot that was empty (a slot that
+    /// held a disk is then refused: the guest may have it mounted).
+    type Resources = Option<PathBuf>;
+    type Error = BlockError;
+
+    fn save(&self) -> Result<BlockState, BlockError> {
         let disk = self.disk();
         let id_len = disk.id.iter().position(|&b| b == 0).unwrap_or(ID_BYTES);
-        BlockState {
+        Ok(BlockState {
             attached: disk.file.is_some(),
             read_only: disk.read_only,
             offered_read_only: self.offered_read_only,
@@ -225,12 +244,10 @@ impl Block {
             id: String::from_utf8_lossy(&disk.id[..id_len]).into_owned(),
             acked_features: self.acked_features,
             config_generation: self.config_generation.load(Ordering::SeqCst),
-        }
+        })
     }
 
-    /// Rebuild a device from a snapshot. An attached disk is reopened at
-    /// `path`, which must have the size the guest already knows.
-    pub fn from_state(state: &BlockState, path: Option<&Path>) -> Result<Self, BlockError> {
+    fn restore(state: &BlockState, image: Option<PathBuf>) -> Result<Self, BlockError> {
         let mut disk = Disk {
             file: None,
             path: None,
@@ -239,17 +256,17 @@ impl Block {
             id: default_id(),
         };
         if state.attached {
-            let path = path.ok_or(BlockError::MissingPath)?;
-            let (file, found) = open_image(path, state.read_only)?;
+            let path = image.ok_or(BlockError::MissingPath)?;
+            let (file, found) = open_image(&path, state.read_only)?;
             if found != state.capacity_sectors {
                 return Err(BlockError::SizeChanged {
-                    path: path.to_path_buf(),
+                    path,
                     expected: state.capacity_sectors,
                     found,
                 });
             }
             disk.file = Some(file);
-            disk.path = Some(path.to_path_buf());
+            disk.path = Some(path);
         } else {
             disk.capacity_sectors = 0;
         }
@@ -260,14 +277,6 @@ impl Block {
             .store(state.config_generation, Ordering::SeqCst);
         block.announced_generation = state.config_generation;
         Ok(block)
-    }
-
-    fn config(&self) -> [u8; 16] {
-        let mut c = [0u8; 16];
-        c[..8].copy_from_slice(&self.capacity_sectors().to_le_bytes());
-        // size_max (8..12) unused; seg_max at 12.
-        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        c
     }
 }
 
@@ -547,7 +556,7 @@ fn split_status(writable: &[Buf]) -> Option<(GuestAddress, Vec<Buf>)> {
 mod tests {
     use super::*;
     use crate::devices::virtio::mmio::tests::{negotiate, r, setup_queue, w, ALL_OK};
-    use crate::devices::virtio::mmio::MmioTransport;
+    use crate::devices::virtio::mmio::{MmioResources, MmioTransport};
     use crate::devices::virtio::testutil::{mem, CountingInterrupt, TestQueue, F_NEXT, F_WRITE};
     use crate::devices::BusDevice;
     use std::io::Write;
@@ -878,12 +887,14 @@ mod tests {
         // Pause: the ring position survives into the state and a resumed
         // device carries on from there.
         t.pause().unwrap();
-        let state = t.state().unwrap();
-        assert_eq!(state.queues[0].next_avail, 1);
-        assert_eq!(state.queues[0].next_used, 1);
-        let bstate = t.device().state();
-        let restored = Block::from_state(&bstate, Some(f.as_path())).unwrap();
-        let mut t2 = MmioTransport::from_state(m.clone(), restored, &state).unwrap();
+        let state = t.save().unwrap();
+        assert_eq!(state.transport.queues[0].next_avail, 1);
+        assert_eq!(state.transport.queues[0].next_used, 1);
+        let res = MmioResources {
+            mem: m.clone(),
+            device: Some(f.as_path().to_path_buf()),
+        };
+        let mut t2 = MmioTransport::<Block>::restore(&state, res).unwrap();
         t2.resume().unwrap();
         m.write_obj(6u64, GuestAddress(HDR + 8)).unwrap();
         q.add_chain(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
@@ -949,27 +960,107 @@ mod tests {
         assert_eq!(u64::from_le_bytes(cap), 16);
 
         t.pause().unwrap();
-        let state = t.device().state();
+        let state = t.device().save().unwrap();
         assert!(state.attached);
         assert!(matches!(
-            Block::from_state(&state, None),
+            Block::restore(&state, None),
             Err(BlockError::MissingPath)
         ));
-        let empty_state = Block::empty().state();
-        let restored = Block::from_state(&empty_state, None).unwrap();
+        let empty_state = Block::empty().save().unwrap();
+        let restored = Block::restore(&empty_state, None).unwrap();
         assert_eq!(restored.capacity_sectors(), 0);
     }
 
     #[test]
-    fn from_state_refuses_a_disk_of_another_size() {
+    fn restore_refuses_a_disk_of_another_size() {
         let f = disk();
-        let state = Block::new(f.as_path(), true).unwrap().state();
+        let state = Block::new(f.as_path(), true).unwrap().save().unwrap();
         let other = TempFile::new().unwrap();
         other.as_file().set_len(4096 * 2).unwrap();
         assert!(matches!(
-            Block::from_state(&state, Some(other.as_path())),
+            Block::restore(&state, Some(other.as_path().to_path_buf())),
             Err(BlockError::SizeChanged { .. })
         ));
+    }
+
+    /// Capacity, seg_max, features, config generation: what a driver reads.
+    fn visible(t: &mut MmioTransport<Block>) -> Vec<u32> {
+        let mut v: Vec<u32> = (0..4).map(|i| r(t, 0x100 + 4 * i)).collect();
+        for sel in 0..2 {
+            w(t, 0x14, sel);
+            v.push(r(t, 0x10));
+        }
+        v.extend([r(t, 0x70), r(t, 0xfc)]);
+        v
+    }
+
+    #[test]
+    fn restored_disk_and_spare_slot_serve_like_the_saved_ones() {
+        let f = disk();
+        let m = mem(0x40000);
+        let dev = Block::new(f.as_path(), false).unwrap().with_id("rootfs-7");
+        let mut t = MmioTransport::new(m.clone(), dev).unwrap();
+        negotiate(&mut t);
+        let mut q = TestQueue::new(&m, 0, 16);
+        setup_queue(&mut t, 0, &q);
+        w(&mut t, 0x70, ALL_OK);
+        m.write_slice(&[0x3c; 512], GuestAddress(DATA)).unwrap();
+        m.write_obj(REQ_OUT, GuestAddress(HDR)).unwrap();
+        m.write_obj(3u64, GuestAddress(HDR + 8)).unwrap();
+        q.add_chain(&[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)]);
+        w(&mut t, 0x50, 0);
+        assert!(q.wait_used(1, Duration::from_secs(5)));
+        t.pause().unwrap();
+        let state = crate::devices::persist::through_state_file(&t.save().unwrap());
+        assert_eq!(state.device.id, "rootfs-7");
+
+        // A "new process": a fresh transport over the same guest memory.
+        let res = MmioResources {
+            mem: m.clone(),
+            device: Some(f.as_path().to_path_buf()),
+        };
+        let mut t2 = MmioTransport::<Block>::restore(&state, res).unwrap();
+        assert_eq!(t2.save().unwrap(), state);
+        assert_eq!(visible(&mut t2), visible(&mut t));
+        t2.resume().unwrap();
+        assert!(t2.is_active());
+        // The write before the snapshot reads back; the id is the saved one.
+        m.write_obj(REQ_IN, GuestAddress(HDR)).unwrap();
+        q.add_chain(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
+        m.write_obj(REQ_GET_ID, GuestAddress(HDR + 0x100)).unwrap();
+        let id_at = DATA + 0x1000;
+        q.add_chain(&[
+            (HDR + 0x100, 16, false),
+            (id_at, 20, true),
+            (STATUS + 1, 1, true),
+        ]);
+        w(&mut t2, 0x50, 0);
+        assert!(q.wait_used(3, Duration::from_secs(5)));
+        let mut got = [0u8; 512];
+        m.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert_eq!(got, [0x3c; 512]);
+        let mut id = [0u8; 8];
+        m.read_slice(&mut id, GuestAddress(id_at)).unwrap();
+        assert_eq!(&id, b"rootfs-7");
+
+        // An empty spare slot comes back empty and can still take a disk,
+        // announced to the driver when it runs again.
+        let mut spare = MmioTransport::new(m.clone(), Block::empty()).unwrap();
+        negotiate(&mut spare);
+        setup_queue(&mut spare, 0, &TestQueue::new(&m, 0x30000, 16));
+        w(&mut spare, 0x70, ALL_OK);
+        spare.pause().unwrap();
+        let state = crate::devices::persist::through_state_file(&spare.save().unwrap());
+        let res = MmioResources {
+            mem: m.clone(),
+            device: None,
+        };
+        let mut spare2 = MmioTransport::<Block>::restore(&state, res).unwrap();
+        assert_eq!(visible(&mut spare2), visible(&mut spare));
+        spare2.device_mut().attach(f.as_path(), true).unwrap();
+        spare2.resume().unwrap();
+        assert_ne!(r(&mut spare2, 0x60) & 2, 0, "config change announced");
+        assert_eq!(r(&mut spare2, 0x100), 8);
     }
 
     #[test]

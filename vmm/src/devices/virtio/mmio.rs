@@ -10,9 +10,11 @@
 //!   register [`MmioTransport::queue_events`]`[i]` as ioeventfd at
 //!   `base + 0x50` (datamatch `i`) and [`MmioTransport::interrupt_event`]
 //!   as irqfd on the slot's GSI.
-//! - Snapshots: [`MmioTransport::pause`], [`MmioTransport::state`], and on
-//!   the restoring side [`MmioTransport::from_state`] then
-//!   [`MmioTransport::resume`] (after registering the eventfds with KVM).
+//! - Snapshots: for a device that implements [`Persist`], the transport
+//!   does too. [`MmioTransport::pause`] then `save` ([`MmioDeviceState`]:
+//!   the device's state inside the transport's); on the restoring side
+//!   `restore` (new guest memory and the device's new host resources), then
+//!   [`MmioTransport::resume`] after registering the eventfds with KVM.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -27,7 +29,7 @@ use super::{
     ActivateContext, ActivateError, Interrupt, PauseError, VirtioDevice, FEATURE_RING_EVENT_IDX,
     FEATURE_VERSION_1,
 };
-use crate::devices::{BusDevice, DeviceRequest};
+use crate::devices::{BusDevice, DeviceRequest, Persist};
 
 /// Size of the register window each device occupies.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
@@ -89,6 +91,8 @@ pub enum MmioError {
     Pause(#[from] PauseError),
     #[error(transparent)]
     Activate(#[from] ActivateError),
+    #[error(transparent)]
+    Device(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// The interrupt status register plus the irqfd that raises the GSI.
@@ -160,6 +164,20 @@ impl QueueSnapshot {
             used_ring: self.used_ring,
         })
     }
+}
+
+/// A virtio device behind its transport, as a snapshot records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioDeviceState<S> {
+    pub transport: MmioState,
+    pub device: S,
+}
+
+/// What a restored transport runs on: the new VM's guest memory and its
+/// device's host resources.
+pub struct MmioResources<R> {
+    pub mem: GuestMemoryMmap,
+    pub device: R,
 }
 
 /// The transport's registers as a snapshot records them.
@@ -272,7 +290,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         Ok(())
     }
 
-    /// Restart a paused device (same process, or after `from_state`).
+    /// Restart a paused device (same process, or after `restore`).
     pub fn resume(&mut self) -> Result<(), MmioError> {
         if !self.paused {
             return Ok(());
@@ -291,7 +309,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     /// The transport registers. Fails while the device runs, because its
     /// queues (and their ring positions) then belong to the worker.
-    pub fn state(&self) -> Result<MmioState, MmioError> {
+    fn registers(&self) -> Result<MmioState, MmioError> {
         if self.active {
             return Err(MmioError::NotPaused);
         }
@@ -308,10 +326,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
         })
     }
 
-    /// Rebuild a transport around `device` (itself rebuilt from its own
-    /// state) from a snapshot. The result is paused: register the eventfds
-    /// with KVM, then call `resume`.
-    pub fn from_state(
+    /// A transport around `device` (itself rebuilt from its own state) with
+    /// the saved registers and queues. The result is paused.
+    fn with_registers(
         mem: GuestMemoryMmap,
         device: D,
         state: &MmioState,
@@ -633,6 +650,33 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 }
 
+impl<D: VirtioDevice + Persist> Persist for MmioTransport<D> {
+    type State = MmioDeviceState<D::State>;
+    type Resources = MmioResources<D::Resources>;
+    type Error = MmioError;
+
+    /// Only after [`MmioTransport::pause`] (or before the driver started
+    /// the device): a running worker owns the queues.
+    fn save(&self) -> Result<Self::State, MmioError> {
+        Ok(MmioDeviceState {
+            transport: self.registers()?,
+            device: self
+                .device
+                .save()
+                .map_err(|e| MmioError::Device(Box::new(e)))?,
+        })
+    }
+
+    /// The device first (its own state over its new host resources), then
+    /// the transport around it. The result is paused: register the
+    /// eventfds with KVM, then call [`MmioTransport::resume`].
+    fn restore(state: &Self::State, res: Self::Resources) -> Result<Self, MmioError> {
+        let device =
+            D::restore(&state.device, res.device).map_err(|e| MmioError::Device(Box::new(e)))?;
+        Self::with_registers(res.mem, device, &state.transport)
+    }
+}
+
 impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
@@ -719,6 +763,25 @@ pub(crate) mod tests {
         }
         fn pause(&mut self) -> Result<Vec<Queue>, PauseError> {
             self.live_queues.take().ok_or(PauseError::NotActive)
+        }
+    }
+
+    /// Its state is its config space; a state of all 0xff is refused.
+    impl Persist for FakeDevice {
+        type State = [u8; 8];
+        type Resources = ();
+        type Error = std::io::Error;
+        fn save(&self) -> std::io::Result<[u8; 8]> {
+            Ok(self.config)
+        }
+        fn restore(state: &[u8; 8], (): ()) -> std::io::Result<Self> {
+            if *state == [0xff; 8] {
+                return Err(std::io::Error::other("refused by the device"));
+            }
+            Ok(Self {
+                config: *state,
+                ..Self::default()
+            })
         }
     }
 
@@ -915,7 +978,7 @@ pub(crate) mod tests {
         w(&mut t, REG_QUEUE_READY, 0);
         w(&mut t, REG_QUEUE_NUM, 2);
         t.pause().unwrap();
-        let st = t.state().unwrap();
+        let st = t.save().unwrap().transport;
         assert_eq!(st.queues[0].desc_table, 0x1000);
         assert!(st.queues[0].ready);
     }
@@ -964,47 +1027,85 @@ pub(crate) mod tests {
         }
     }
 
+    /// Every register a driver can read, from every queue.
+    fn registers(t: &mut MmioTransport<FakeDevice>) -> Vec<u32> {
+        let mut regs = Vec::new();
+        for off in [
+            REG_MAGIC,
+            REG_DEVICE_ID,
+            REG_INTERRUPT_STATUS,
+            REG_STATUS,
+            REG_CONFIG_GENERATION,
+            CONFIG_SPACE,
+            CONFIG_SPACE + 4,
+        ] {
+            regs.push(r(t, off));
+        }
+        for sel in 0..2 {
+            w(t, REG_DEVICE_FEATURES_SEL, sel);
+            regs.push(r(t, REG_DEVICE_FEATURES));
+        }
+        for q in 0..2 {
+            w(t, REG_QUEUE_SEL, q);
+            regs.push(r(t, REG_QUEUE_NUM_MAX));
+            regs.push(r(t, REG_QUEUE_READY));
+        }
+        regs
+    }
+
     #[test]
-    fn pause_state_from_state_resume_round_trip() {
+    fn pause_save_restore_resume_round_trip() {
         let (m, mut t) = transport();
+        t.device_mut().config = *b"abcdefgh";
         negotiate(&mut t);
         setup_queue(&mut t, 0, &TestQueue::new(&m, 0x1000, 16));
         setup_queue(&mut t, 1, &TestQueue::new(&m, 0x2000, 8));
         w(&mut t, REG_STATUS, ALL_OK);
+        t.interrupt.signal_used_queue();
         // The worker advanced the rings.
         let live = t.device_mut().live_queues.as_mut().unwrap();
         live[0].set_next_avail(5);
         live[0].set_next_used(4);
-        assert!(matches!(t.state(), Err(MmioError::NotPaused)));
+        assert!(matches!(t.save(), Err(MmioError::NotPaused)));
         t.pause().unwrap();
-        let state = t.state().unwrap();
-        assert_eq!(state.queues[0].next_avail, 5);
-        assert_eq!(state.queues[0].next_used, 4);
-        let json = serde_json::to_string(&state).unwrap();
-        let back: MmioState = serde_json::from_str(&json).unwrap();
+        let state = crate::devices::persist::through_state_file(&t.save().unwrap());
+        assert_eq!(state.transport.queues[0].next_avail, 5);
+        assert_eq!(state.transport.queues[0].next_used, 4);
+        assert_eq!(&state.device, b"abcdefgh");
 
+        let res = || MmioResources {
+            mem: m.clone(),
+            device: (),
+        };
         let shared = Arc::new(Mutex::new(
-            MmioTransport::from_state(m.clone(), FakeDevice::default(), &back).unwrap(),
+            MmioTransport::<FakeDevice>::restore(&state, res()).unwrap(),
         ));
         let mut t2 = shared.lock().unwrap();
-        assert_eq!(t2.device().acked, back.acked_features);
+        assert_eq!(t2.save().unwrap(), state, "restored paused, same state");
+        assert_eq!(t2.device().acked, state.transport.acked_features);
         assert_eq!(t2.device().activations, 0);
         t2.resume().unwrap();
         assert_eq!(t2.device().activations, 1);
         let live = t2.device().live_queues.as_ref().unwrap();
         assert_eq!(live[0].next_avail(), 5);
         assert_eq!(live[0].next_used(), 4);
+        assert_eq!(registers(&mut t2), registers(&mut t));
         assert_eq!(r(&mut *t2, REG_STATUS), ALL_OK);
+        // The pending interrupt is raised again on the new irqfd.
+        assert_eq!(t2.interrupt_event().read().unwrap(), 1);
 
         // A snapshot that does not fit the device is refused.
-        let mut bad = back.clone();
-        bad.queues[0].size = 3;
-        assert!(MmioTransport::from_state(m.clone(), FakeDevice::default(), &bad).is_err());
-        let mut bad = back.clone();
-        bad.device_type = 2;
-        assert!(MmioTransport::from_state(m.clone(), FakeDevice::default(), &bad).is_err());
-        let mut bad = back;
-        bad.queues[1].used_ring = 1 << 40;
-        assert!(MmioTransport::from_state(m, FakeDevice::default(), &bad).is_err());
+        let refused = |f: &dyn Fn(&mut MmioDeviceState<[u8; 8]>)| {
+            let mut bad = state.clone();
+            f(&mut bad);
+            MmioTransport::<FakeDevice>::restore(&bad, res()).err()
+        };
+        assert!(refused(&|s| s.transport.queues[0].size = 3).is_some());
+        assert!(refused(&|s| s.transport.queues.truncate(1)).is_some());
+        assert!(refused(&|s| s.transport.device_type = 2).is_some());
+        assert!(refused(&|s| s.transport.queues[1].used_ring = 1 << 40).is_some());
+        let e = refused(&|s| s.device = [0xff; 8]).unwrap();
+        assert!(matches!(e, MmioError::Device(_)), "{e:?}");
+        assert_eq!(e.to_string(), "refused by the device");
     }
 }

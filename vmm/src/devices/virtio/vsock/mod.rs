@@ -6,11 +6,11 @@
 //!   host processes may connect before the guest driver is up (they wait in
 //!   the backlog). Host CID is 2. The socket file is removed on drop.
 //! - [`Vsock::send_transport_reset`]: tell the guest every connection is
-//!   gone (after a snapshot restore). [`Vsock::from_state`] queues one by
-//!   itself, delivered as soon as the guest has an event buffer.
-//! - Snapshots: [`Vsock::state`] / [`Vsock::from_state`] (new uds path).
-//!   Connections are not part of a snapshot; a same-process pause/resume
-//!   keeps them.
+//!   gone (after a snapshot restore). `restore` queues one by itself,
+//!   delivered as soon as the guest has an event buffer.
+//! - Snapshots: [`Persist`] with [`VsockState`]; the restored device listens
+//!   on a new uds path. Connections are not part of a snapshot; a
+//!   same-process pause/resume keeps them.
 //!
 //! Limits that keep a hostile guest or a slow host peer from growing the
 //! VMM: [`connection::BUF_ALLOC`] buffered bytes per connection,
@@ -42,6 +42,7 @@ use super::{
     read_config_bytes, ActivateContext, ActivateError, Interrupt, PauseError, VirtioDevice,
     FEATURE_RING_EVENT_IDX, FEATURE_VERSION_1, TYPE_VSOCK,
 };
+use crate::devices::Persist;
 use muxer::{Muxer, MAX_PENDING_CTRL, MAX_PKT_PAYLOAD};
 use packet::{Header, EVENT_TRANSPORT_RESET, HDR_LEN};
 
@@ -122,18 +123,25 @@ impl Vsock {
         self.reset_pending.store(true, Ordering::SeqCst);
         let _ = self.reset_evt.write(1);
     }
+}
 
-    pub fn state(&self) -> VsockState {
-        VsockState {
+impl Persist for Vsock {
+    type State = VsockState;
+    /// The Unix socket path to listen on (bound at once).
+    type Resources = PathBuf;
+    type Error = VsockError;
+
+    fn save(&self) -> Result<VsockState, VsockError> {
+        Ok(VsockState {
             guest_cid: self.guest_cid,
             acked_features: self.acked_features,
-        }
+        })
     }
 
-    /// Rebuild from a snapshot, listening on `uds_path`. The guest's old
-    /// connections are gone, so a transport reset is queued.
-    pub fn from_state(state: &VsockState, uds_path: &Path) -> Result<Self, VsockError> {
-        let mut v = Self::new(state.guest_cid, uds_path)?;
+    /// The guest's old connections are gone, so a transport reset is
+    /// queued.
+    fn restore(state: &VsockState, uds_path: PathBuf) -> Result<Self, VsockError> {
+        let mut v = Self::new(state.guest_cid, &uds_path)?;
         v.acked_features = state.acked_features & v.avail_features();
         v.reset_pending.store(true, Ordering::SeqCst);
         Ok(v)

@@ -19,7 +19,7 @@ use super::muxer::MAX_PENDING_CTRL;
 use super::packet::*;
 use super::*;
 use crate::devices::virtio::mmio::tests::{negotiate, r, setup_queue, w, ALL_OK};
-use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::mmio::{MmioResources, MmioTransport};
 use crate::devices::virtio::testutil::{mem, CountingInterrupt, TestQueue, F_NEXT};
 use crate::devices::BusDevice;
 
@@ -575,11 +575,11 @@ fn pause_resume_keeps_connections_and_restore_sends_reset() {
 
     // Snapshot and restore in a "new process" with a new socket path.
     let queues = dev.pause().unwrap();
-    let state = dev.state();
+    let state = dev.save().unwrap();
     drop(dev);
     assert!(!uds.exists(), "socket file removed with the device");
     let uds2 = dir.as_path().join("restored.sock");
-    let mut restored = Vsock::from_state(&state, &uds2).unwrap();
+    let mut restored = Vsock::restore(&state, uds2.clone()).unwrap();
     assert_eq!(restored.guest_cid(), 3);
     g.give_event_buffer();
     g.activate(&mut restored, queues);
@@ -588,6 +588,80 @@ fn pause_resume_keeps_connections_and_restore_sends_reset() {
     let mut b = [0u8; 1];
     assert_eq!(peer.read(&mut b).unwrap(), 0);
     // The new listener works.
+    let mut host = UnixStream::connect(&uds2).unwrap();
+    host.write_all(b"CONNECT 1025\n").unwrap();
+    let (req, _) = g.recv();
+    assert_eq!((req.op, req.dst_port), (OP_REQUEST, 1025));
+}
+
+/// The transport around a fresh device, driven to DRIVER_OK by `g`, whose
+/// kicks then go to the transport's eventfds.
+fn running_transport(g: &mut Guest, uds: &Path) -> MmioTransport<Vsock> {
+    let mut t =
+        MmioTransport::new(g.mem.clone(), Vsock::new(DEFAULT_GUEST_CID, uds).unwrap()).unwrap();
+    negotiate(&mut t);
+    setup_queue(&mut t, 0, &g.rx);
+    setup_queue(&mut t, 1, &g.tx);
+    setup_queue(&mut t, 2, &g.evq);
+    w(&mut t, 0x70, ALL_OK);
+    g.evts = t
+        .queue_events()
+        .iter()
+        .map(|e| e.try_clone().unwrap())
+        .collect();
+    t
+}
+
+#[test]
+fn restored_transport_resets_connections_and_listens_on_the_new_path() {
+    let dir = TempDir::new().unwrap();
+    let uds1 = uds(&dir);
+    let mut g = Guest::new();
+    let mut t = running_transport(&mut g, &uds1);
+    g.give_rx(16);
+    let mut host = UnixStream::connect(&uds1).unwrap();
+    host.write_all(b"CONNECT 1024\n").unwrap();
+    let (req, _) = g.recv();
+    g.send(g.hdr(OP_RESPONSE, 1024, req.src_port), &[]);
+    let mut line = String::new();
+    BufReader::new(host.try_clone().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("OK "), "{line}");
+
+    t.pause().unwrap();
+    let state = crate::devices::persist::through_state_file(&t.save().unwrap());
+    assert_eq!(state.device.guest_cid, DEFAULT_GUEST_CID);
+    let cid_and_status = |t: &mut MmioTransport<Vsock>| (r(t, 0x100), r(t, 0x70));
+    let before = cid_and_status(&mut t);
+    drop(t);
+    assert!(!uds1.exists(), "socket file removed with the device");
+
+    // A "new process": a fresh transport over the same guest memory,
+    // listening elsewhere.
+    let uds2 = dir.as_path().join("restored.sock");
+    let res = MmioResources {
+        mem: g.mem.clone(),
+        device: uds2.clone(),
+    };
+    let mut t2 = MmioTransport::<Vsock>::restore(&state, res).unwrap();
+    assert_eq!(t2.save().unwrap(), state);
+    assert_eq!(cid_and_status(&mut t2), before);
+    t2.resume().unwrap();
+    g.evts = t2
+        .queue_events()
+        .iter()
+        .map(|e| e.try_clone().unwrap())
+        .collect();
+    // The guest hears that its connections are gone; the host side of the
+    // old one is closed with the old device.
+    g.give_event_buffer();
+    assert_eq!(g.next_event(), Some((4, EVENT_TRANSPORT_RESET)));
+    host.set_read_timeout(Some(WAIT)).unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(host.read(&mut b).unwrap(), 0);
+    // The RX buffers given before the snapshot carry the next request: the
+    // ring positions came through the state.
     let mut host = UnixStream::connect(&uds2).unwrap();
     host.write_all(b"CONNECT 1025\n").unwrap();
     let (req, _) = g.recv();
