@@ -146,8 +146,10 @@ impl CriSetup {
     }
 
     /// The CRI settings a node has besides the runtimes: the streaming
-    /// server on loopback, and CNI from Debian's plugin directory and the
-    /// private configuration.
+    /// server on loopback, CNI from Debian's plugin directory and the
+    /// private configuration, and `restrict_oom_score_adj` (as nodes that
+    /// run inside a container set it: root here may not lower a process's
+    /// `oom_score_adj`, and CRI gives every sandbox -998).
     pub fn own_tables(&self) -> String {
         format!(
             r#"
@@ -155,6 +157,7 @@ impl CriSetup {
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   enable_tls_streaming = false
+  restrict_oom_score_adj = true
 
 [plugins."io.containerd.grpc.v1.cri".cni]
   bin_dir = "{CNI_BIN_DIR}"
