@@ -1006,10 +1006,17 @@ fn list_container_stats(x: &Ctx) -> Res {
     Ok(())
 }
 
-const MEM_LIMIT: &str =
-    "cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes";
-const CPU_QUOTA: &str =
-    "cat /sys/fs/cgroup/cpu.max 2>/dev/null || cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us";
+/// A shell script printing the first readable file of the container's
+/// cgroup: `v2` (relative to its cgroup v2 directory, which is `/` inside a
+/// cgroup namespace and the full path without one) or `v1` (the v1
+/// controller file runc mounts at the container's own directory).
+fn cgroup_file(v2: &str, v1: &str) -> String {
+    format!(
+        "p=$(sed -n 's/^0:://p' /proc/self/cgroup); \
+         for f in /sys/fs/cgroup$p/{v2} /sys/fs/cgroup/{v2} /sys/fs/cgroup/{v1}; do \
+         [ -r \"$f\" ] && exec cat \"$f\"; done; echo no cgroup file {v2} or {v1} >&2; exit 1"
+    )
+}
 
 /// UpdateContainerResources: the new memory limit and CPU quota are what
 /// the container's cgroup says.
@@ -1027,7 +1034,9 @@ fn update_resources(x: &Ctx) -> Res {
             l.resources = Some(res(128, 50_000));
         }
     })?;
-    let mem = x.sh(&id, MEM_LIMIT)?;
+    let mem_limit = cgroup_file("memory.max", "memory/memory.limit_in_bytes");
+    let cpu_quota = cgroup_file("cpu.max", "cpu/cpu.cfs_quota_us");
+    let mem = x.sh(&id, &mem_limit)?;
     ensure(mem.trim() == (128i64 << 20).to_string(), || {
         format!("memory limit at create {mem:?}, want {}", 128i64 << 20)
     })?;
@@ -1038,11 +1047,11 @@ fn update_resources(x: &Ctx) -> Res {
             ..Default::default()
         })
         .map_err(|e| st("UpdateContainerResources", e))?;
-    let mem = x.sh(&id, MEM_LIMIT)?;
+    let mem = x.sh(&id, &mem_limit)?;
     ensure(mem.trim() == (256i64 << 20).to_string(), || {
         format!("memory limit after update {mem:?}, want {}", 256i64 << 20)
     })?;
-    let cpu = x.sh(&id, CPU_QUOTA)?;
+    let cpu = x.sh(&id, &cpu_quota)?;
     ensure(cpu.split_whitespace().next() == Some("150000"), || {
         format!("cpu quota after update {cpu:?}, want 150000")
     })
