@@ -18,7 +18,10 @@
 //!
 //! Environment: THAW_CRI_LATENCY_RUNS (default 5) pods per handler for the
 //! latency figures; THAW_TEST_AGENT_TIMEOUT (seconds, default 600) bounds
-//! the slow CRI calls (pod and container start) as it bounds the shim's.
+//! the slow CRI calls (pod and container start) as it bounds the shim's;
+//! THAW_CRI_CHECK_SECS (default 600) bounds one check, all its calls
+//! together, so that a hung call fails its check and the suite goes on;
+//! THAW_CRI_ONLY=<text> runs only the checks whose name contains it.
 
 use std::collections::HashMap;
 use std::fs;
@@ -42,6 +45,17 @@ const POD_NS: &str = "thaw-cri";
 
 fn slow_timeout() -> Duration {
     let secs = std::env::var("THAW_TEST_AGENT_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(600);
+    Duration::from_secs(secs)
+}
+
+/// How long one check may take, all its calls together
+/// (THAW_CRI_CHECK_SECS, default 600: a first thaw pod may build the VM
+/// template, a cold boot).
+fn check_budget() -> Duration {
+    let secs = std::env::var("THAW_CRI_CHECK_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(600);
@@ -100,8 +114,14 @@ impl Outcome {
 struct Ctx<'a> {
     c: &'a PrivateContainerd,
     setup: &'a CriSetup,
-    cri: Cri,
-    slow: Cri,
+    /// The connection with the quick deadline, and with the slow one
+    /// (pod and container start): use [`Ctx::quick`] and [`Ctx::slow`],
+    /// which also keep within the check's own deadline.
+    base_quick: Cri,
+    base_slow: Cri,
+    /// When the running check must be over: a hung call fails the check
+    /// (with the call named in the error), not the whole suite.
+    deadline: std::cell::Cell<Instant>,
     handler: &'static str,
     seq: std::cell::Cell<u32>,
 }
@@ -162,6 +182,23 @@ fn namespaces(o: &PodOpts) -> api::NamespaceOption {
 }
 
 impl Ctx<'_> {
+    /// Time left for the running check (at least a second, so that a call
+    /// made after the deadline fails by itself rather than hangs).
+    fn left(&self) -> Duration {
+        self.deadline
+            .get()
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1))
+    }
+
+    fn quick(&self) -> Cri {
+        self.base_quick.with_timeout(QUICK.min(self.left()))
+    }
+
+    fn slow(&self) -> Cri {
+        self.base_slow.with_timeout(slow_timeout().min(self.left()))
+    }
+
     fn next(&self) -> u32 {
         let n = self.seq.get() + 1;
         self.seq.set(n);
@@ -212,7 +249,7 @@ impl Ctx<'_> {
         let (config, log_dir) = self.pod_config(name, &opts);
         fs::create_dir_all(&log_dir).map_err(|e| format!("log dir: {e}"))?;
         let id = self
-            .slow
+            .slow()
             .run_pod_sandbox(RunPodSandboxRequest {
                 config: Some(config.clone()),
                 runtime_handler: self.handler.into(),
@@ -225,7 +262,7 @@ impl Ctx<'_> {
             config,
             log_dir,
             opts,
-            cri: self.slow.clone(),
+            cri: self.base_quick.clone(),
         })
     }
 
@@ -269,7 +306,7 @@ impl Ctx<'_> {
             fs::create_dir_all(pod.log_dir.join(&m.name)).map_err(|e| format!("log dir: {e}"))?;
         }
         let id = self
-            .slow
+            .slow()
             .create_container(api::CreateContainerRequest {
                 pod_sandbox_id: pod.id.clone(),
                 config: Some(config),
@@ -282,7 +319,7 @@ impl Ctx<'_> {
     }
 
     fn start(&self, id: &str) -> Res {
-        self.slow
+        self.slow()
             .start_container(api::StartContainerRequest {
                 container_id: id.into(),
             })
@@ -311,7 +348,7 @@ impl Ctx<'_> {
     }
 
     fn status(&self, id: &str) -> Res<api::ContainerStatus> {
-        self.cri
+        self.quick()
             .container_status(api::ContainerStatusRequest {
                 container_id: id.into(),
                 verbose: false,
@@ -322,7 +359,7 @@ impl Ctx<'_> {
     }
 
     fn pod_status(&self, id: &str) -> Res<api::PodSandboxStatus> {
-        self.cri
+        self.quick()
             .pod_sandbox_status(api::PodSandboxStatusRequest {
                 pod_sandbox_id: id.into(),
                 verbose: false,
@@ -333,7 +370,7 @@ impl Ctx<'_> {
     }
 
     fn wait_exited(&self, id: &str) -> Res<api::ContainerStatus> {
-        let deadline = Instant::now() + slow_timeout();
+        let deadline = Instant::now() + self.left();
         loop {
             let s = self.status(id)?;
             if s.state == ContainerState::ContainerExited as i32 {
@@ -349,7 +386,7 @@ impl Ctx<'_> {
     /// ExecSync: (stdout, stderr, exit code).
     fn exec(&self, id: &str, cmd: &[&str]) -> Res<(String, String, i32)> {
         let r = self
-            .slow
+            .slow()
             .exec_sync(api::ExecSyncRequest {
                 container_id: id.into(),
                 cmd: cmd.iter().map(|s| s.to_string()).collect(),
@@ -427,7 +464,7 @@ fn pod_lifecycle(x: &Ctx) -> Vec<Outcome> {
         })
     })());
     let listed = |filter: api::PodSandboxFilter| -> Res<Vec<api::PodSandbox>> {
-        Ok(x.cri
+        Ok(x.quick()
             .list_pod_sandbox(api::ListPodSandboxRequest {
                 filter: Some(filter),
             })
@@ -471,7 +508,7 @@ fn pod_lifecycle(x: &Ctx) -> Vec<Outcome> {
         let req = api::StopPodSandboxRequest {
             pod_sandbox_id: pod.id.clone(),
         };
-        x.slow
+        x.slow()
             .stop_pod_sandbox(req.clone())
             .map_err(|e| st("StopPodSandbox", e))?;
         let s = x.pod_status(&pod.id)?;
@@ -479,7 +516,7 @@ fn pod_lifecycle(x: &Ctx) -> Vec<Outcome> {
             format!("state {} after StopPodSandbox, want NOTREADY", s.state)
         })?;
         // kubelet stops pods again after a restart: it must be idempotent.
-        x.slow
+        x.slow()
             .stop_pod_sandbox(req)
             .map_err(|e| st("second StopPodSandbox", e))?;
         Ok(())
@@ -489,10 +526,10 @@ fn pod_lifecycle(x: &Ctx) -> Vec<Outcome> {
             let req = api::RemovePodSandboxRequest {
                 pod_sandbox_id: pod.id.clone(),
             };
-            x.slow
+            x.slow()
                 .remove_pod_sandbox(req.clone())
                 .map_err(|e| st("RemovePodSandbox", e))?;
-            match x.cri.pod_sandbox_status(api::PodSandboxStatusRequest {
+            match x.quick().pod_sandbox_status(api::PodSandboxStatusRequest {
                 pod_sandbox_id: pod.id.clone(),
                 verbose: false,
             }) {
@@ -503,7 +540,7 @@ fn pod_lifecycle(x: &Ctx) -> Vec<Outcome> {
             ensure(!all.iter().any(|p| p.id == pod.id), || {
                 "removed pod still listed".into()
             })?;
-            x.slow
+            x.slow()
                 .remove_pod_sandbox(req)
                 .map_err(|e| st("second RemovePodSandbox", e))?;
             Ok(())
@@ -572,7 +609,7 @@ fn two_containers(x: &Ctx) -> Res {
         })?;
     }
     let list = x
-        .cri
+        .quick()
         .list_containers(api::ListContainersRequest {
             filter: Some(api::ContainerFilter {
                 pod_sandbox_id: pod.id.clone(),
@@ -645,7 +682,7 @@ fn stop_grace(x: &Ctx) -> Res {
     )?;
     let stop = |id: &str, grace: i64| -> Res<Duration> {
         let t = Instant::now();
-        x.slow
+        x.slow()
             .stop_container(api::StopContainerRequest {
                 container_id: id.into(),
                 timeout: grace,
@@ -690,12 +727,12 @@ fn remove_container(x: &Ctx) -> Res {
     x.wait_exited(&done)?;
     let running = x.sleeper(&pod, "running")?;
     for id in [&done, &running] {
-        x.slow
+        x.slow()
             .remove_container(api::RemoveContainerRequest {
                 container_id: id.clone(),
             })
             .map_err(|e| st("RemoveContainer", e))?;
-        match x.cri.container_status(api::ContainerStatusRequest {
+        match x.quick().container_status(api::ContainerStatusRequest {
             container_id: id.clone(),
             verbose: false,
         }) {
@@ -704,7 +741,7 @@ fn remove_container(x: &Ctx) -> Res {
         }
     }
     let left = x
-        .cri
+        .quick()
         .list_containers(api::ListContainersRequest {
             filter: Some(api::ContainerFilter {
                 pod_sandbox_id: pod.id.clone(),
@@ -750,7 +787,7 @@ fn exec_stream(x: &Ctx) -> Res {
     let pod = x.run_pod("exec", PodOpts::default())?;
     let id = x.sleeper(&pod, "c")?;
     let url = x
-        .cri
+        .quick()
         .exec(api::ExecRequest {
             container_id: id.clone(),
             cmd: ["sh", "-c", "read l; echo \"got:$l\"; echo err >&2; exit 3"]
@@ -764,9 +801,9 @@ fn exec_stream(x: &Ctx) -> Res {
         })
         .map_err(|e| st("Exec", e))?
         .url;
-    let mut s = Stream::open(&url, QUICK)?;
+    let mut s = Stream::open(&url, QUICK.min(x.left()))?;
     s.send_stdin(b"hello\n")?;
-    s.read_to_end(slow_timeout())?;
+    s.read_to_end(x.left())?;
     let (out, err) = (
         String::from_utf8_lossy(&s.out.stdout).into_owned(),
         String::from_utf8_lossy(&s.out.stderr).into_owned(),
@@ -793,7 +830,7 @@ fn attach_stream(x: &Ctx) -> Res {
         |c| c.stdin = true,
     )?;
     let url = x
-        .cri
+        .quick()
         .attach(api::AttachRequest {
             container_id: id.clone(),
             stdin: true,
@@ -803,9 +840,9 @@ fn attach_stream(x: &Ctx) -> Res {
         })
         .map_err(|e| st("Attach", e))?
         .url;
-    let mut s = Stream::open(&url, QUICK)?;
+    let mut s = Stream::open(&url, QUICK.min(x.left()))?;
     s.send_stdin(b"ping\n")?;
-    s.read_until(slow_timeout(), |o| {
+    s.read_until(x.left(), |o| {
         String::from_utf8_lossy(&o.stdout).contains("echo:ping")
     })?;
     let out = String::from_utf8_lossy(&s.out.stdout).into_owned();
@@ -900,7 +937,7 @@ fn reopen_log(x: &Ctx) -> Res {
     let path = container_log(&pod, "ticker");
     let has_ticks = |p: &Path| fs::read_to_string(p).is_ok_and(|t| t.contains("stdout F tick"));
     let wait = |p: &Path| -> Res {
-        let deadline = Instant::now() + slow_timeout();
+        let deadline = Instant::now() + x.left();
         while !has_ticks(p) {
             if Instant::now() > deadline {
                 return Err(format!("no tick lines in {}", p.display()));
@@ -912,7 +949,7 @@ fn reopen_log(x: &Ctx) -> Res {
     wait(&path)?;
     let rotated = path.with_extension("log.1");
     fs::rename(&path, &rotated).map_err(|e| format!("rotate: {e}"))?;
-    x.cri
+    x.quick()
         .reopen_container_log(api::ReopenContainerLogRequest {
             container_id: id.clone(),
         })
@@ -962,7 +999,7 @@ fn busy_sleeper(x: &Ctx, pod: &Pod, name: &str) -> Res<String> {
         ],
         |_| {},
     )?;
-    let deadline = Instant::now() + slow_timeout();
+    let deadline = Instant::now() + x.left();
     let log = container_log(pod, name);
     while !fs::read_to_string(&log).is_ok_and(|t| t.contains("warm")) {
         if Instant::now() > deadline {
@@ -977,7 +1014,7 @@ fn container_stats(x: &Ctx) -> Res {
     let pod = x.run_pod("stats", PodOpts::default())?;
     let id = busy_sleeper(x, &pod, "busy")?;
     let s = x
-        .cri
+        .quick()
         .container_stats(api::ContainerStatsRequest {
             container_id: id.clone(),
         })
@@ -992,7 +1029,7 @@ fn list_container_stats(x: &Ctx) -> Res {
     let a = busy_sleeper(x, &pod, "a")?;
     let b = busy_sleeper(x, &pod, "b")?;
     let all = x
-        .cri
+        .quick()
         .list_container_stats(api::ListContainerStatsRequest {
             filter: Some(api::ContainerStatsFilter {
                 pod_sandbox_id: pod.id.clone(),
@@ -1009,7 +1046,7 @@ fn list_container_stats(x: &Ctx) -> Res {
         sane_stats(s, id)?;
     }
     // The unfiltered list (what kubelet's summary API asks) must work too.
-    x.cri
+    x.quick()
         .list_container_stats(api::ListContainerStatsRequest { filter: None })
         .map_err(|e| st("ListContainerStats without filter", e))?;
     Ok(())
@@ -1049,7 +1086,7 @@ fn update_resources(x: &Ctx) -> Res {
     ensure(mem.trim() == (128i64 << 20).to_string(), || {
         format!("memory limit at create {mem:?}, want {}", 128i64 << 20)
     })?;
-    x.cri
+    x.quick()
         .update_container_resources(api::UpdateContainerResourcesRequest {
             container_id: id.clone(),
             linux: Some(res(256, 150_000)),
@@ -1352,6 +1389,7 @@ fn run_checks(x: &Ctx, list: &[Check]) -> Vec<(String, Outcome)> {
             }
             continue;
         }
+        x.deadline.set(Instant::now() + check_budget());
         match check {
             Check::One(name, f) => {
                 let t = Instant::now();
@@ -1511,8 +1549,9 @@ fn cri_conformance_runc_and_thaw() {
     let ctx = |handler| Ctx {
         c: &c,
         setup,
-        cri: cri.clone(),
-        slow: slow.clone(),
+        base_quick: cri.clone(),
+        base_slow: slow.clone(),
+        deadline: std::cell::Cell::new(Instant::now() + check_budget()),
         handler,
         seq: std::cell::Cell::new(0),
     };
