@@ -23,6 +23,10 @@
 //! together, so that a hung call fails its check and the suite goes on;
 //! THAW_CRI_ONLY=<text> runs only the checks whose name contains it.
 
+// Test code: a failed setup step panics with its message. (The workspace
+// denies unwrap and expect outside tests.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::HashMap;
 use std::fs;
 use std::panic::{catch_unwind, AssertUnwindSafe};
