@@ -4,6 +4,9 @@ set -euo pipefail
 pkgs=(
     linux-source-6.1 build-essential bc flex bison libelf-dev libssl-dev cpio xz-utils kmod
     erofs-utils e2fsprogs busybox-static containerd runc protobuf-compiler
+    # CNI plugins (bridge, host-local, loopback) for the CRI suite's pods
+    # with a network namespace of their own (tests/tests/cri.rs).
+    containernetworking-plugins
     # The boot benchmark's baseline (benches/benches/boot.rs).
     qemu-system-x86
 )

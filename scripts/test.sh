@@ -44,11 +44,13 @@ suites=(
     "vmm_template|host|thaw-tests:vmm_template"
     "agent_vm|host|thaw-tests:agent_vm"
     "vm|host|thaw-tests:vm"
+    "cri|host|thaw-tests:cri"
     "vmm_boot|svm|thaw-tests:vmm_boot"
     "vmm_snapshot|svm|thaw-tests:vmm_snapshot"
     "vmm_template|svm|thaw-tests:vmm_template"
     "agent_vm|svm|thaw-tests:agent_vm"
     "vm|svm|thaw-tests:vm"
+    "cri|svm|thaw-tests:cri"
 )
 
 say() { printf '\n=== %s\n' "$*"; }

@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::binaries::{binaries, Binaries};
 use crate::cmd::{self, Output};
+use crate::cri::{CriSetup, CRI_NAMESPACE};
 use crate::image;
 
 /// The runtime name users type.
@@ -50,7 +51,11 @@ pub struct PrivateContainerd {
     pub marker: String,
     child: Option<Child>,
     log: PathBuf,
-    ids: Mutex<Vec<String>>,
+    /// Set when containerd serves CRI (see [`PrivateContainerd::start_cri`]).
+    pub cri: Option<CriSetup>,
+    /// (namespace, id) of every task the test started, for the shim socket
+    /// leak check.
+    ids: Mutex<Vec<(String, String)>>,
     counter: Mutex<u32>,
     _serial: MutexGuard<'static, ()>,
 }
@@ -96,6 +101,21 @@ impl PrivateContainerd {
 
     /// Like `start`, letting the test edit the shim config text first.
     pub fn start_with(backend: Backend, edit: impl FnOnce(String) -> String) -> Self {
+        Self::start_inner(backend, edit, false)
+    }
+
+    /// Starts containerd with its CRI plugin enabled, as a Kubernetes node
+    /// runs it: the runtimes come from the CRI snippet in `shim/README.md`
+    /// (read from there, so the documentation stays true; only its
+    /// `ConfigPath` is replaced by this test's shim config), CNI from a
+    /// private config directory (a `bridge` network that carries no host
+    /// address), and pods' cgroups under a parent of this test's own.
+    /// No image is imported: see [`Self::import_image_in`].
+    pub fn start_cri(backend: Backend) -> Self {
+        Self::start_inner(backend, |c| c, true)
+    }
+
+    fn start_inner(backend: Backend, edit: impl FnOnce(String) -> String, cri: bool) -> Self {
         let serial = serial();
         let bins = binaries().clone();
         let dir = tempfile::Builder::new()
@@ -124,13 +144,37 @@ impl PrivateContainerd {
 
         let address = dir.join("containerd.sock");
         let config = dir.join("containerd.toml");
+        let mut disabled = vec![
+            "io.containerd.snapshotter.v1.btrfs",
+            "io.containerd.snapshotter.v1.zfs",
+            "io.containerd.snapshotter.v1.devmapper",
+            "io.containerd.snapshotter.v1.aufs",
+            "io.containerd.tracing.processor.v1.otlp",
+            "io.containerd.internal.v1.tracing",
+        ];
+        let cri = if cri {
+            Some(CriSetup::prepare(&dir, &marker, &shim_config))
+        } else {
+            disabled.insert(0, "io.containerd.grpc.v1.cri");
+            None
+        };
+        let (snippet_top, snippet_tables) = match &cri {
+            Some(c) => c.readme_snippet_parts(),
+            None => ("version = 2".to_string(), String::new()),
+        };
+        let cri_tables = cri.as_ref().map(CriSetup::own_tables).unwrap_or_default();
+        let disabled = disabled
+            .iter()
+            .map(|p| format!("\"{p}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
         fs::write(
             &config,
             format!(
-                r#"version = 2
+                r#"{snippet_top}
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
+disabled_plugins = [{disabled}]
 
 [grpc]
   address = "{sock}"
@@ -140,6 +184,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
 
 [debug]
   level = "debug"
+{cri_tables}
+{snippet_tables}
 "#,
                 root = dir.join("root").display(),
                 state = dir.join("state").display(),
@@ -159,6 +205,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             marker,
             child: Some(child),
             log,
+            cri,
             ids: Mutex::new(Vec::new()),
             counter: Mutex::new(0),
             _serial: serial,
@@ -216,22 +263,41 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         let mut c = self.counter.lock().unwrap();
         *c += 1;
         let id = format!("{prefix}-{}", *c);
-        self.ids.lock().unwrap().push(id.clone());
+        self.remember_id(&id);
         id
     }
 
     /// Records an id created outside `new_id` (e.g. a sandbox id).
     pub fn remember_id(&self, id: &str) {
-        self.ids.lock().unwrap().push(id.to_string());
+        self.remember_id_in(NAMESPACE, id);
+    }
+
+    /// Records a task id of namespace `ns` (CRI's are in `k8s.io`).
+    pub fn remember_id_in(&self, ns: &str, id: &str) {
+        self.ids
+            .lock()
+            .unwrap()
+            .push((ns.to_string(), id.to_string()));
     }
 
     fn ctr_command(&self) -> Command {
+        self.ctr_command_in(NAMESPACE)
+    }
+
+    fn ctr_command_in(&self, ns: &str) -> Command {
         let mut c = Command::new("ctr");
         c.arg("--address")
             .arg(&self.address)
             .arg("--namespace")
-            .arg(NAMESPACE);
+            .arg(ns);
         c
+    }
+
+    /// `ctr <args>` in namespace `ns`.
+    pub fn ctr_in(&self, ns: &str, args: &[&str], timeout: Duration) -> Output {
+        let mut c = self.ctr_command_in(ns);
+        c.args(args);
+        cmd::run(&mut c, timeout)
     }
 
     /// `ctr <args>` with a 60 s deadline.
@@ -259,18 +325,27 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
     }
 
     pub fn import_image(&self, name: &str, corrupt: bool) {
+        self.import_image_in(NAMESPACE, name, |work| {
+            image::build_image_tar(work, name, corrupt)
+        });
+    }
+
+    /// Builds an image tar with `build` (given a scratch directory) and
+    /// imports it into namespace `ns` under `name`.
+    pub fn import_image_in(&self, ns: &str, name: &str, build: impl FnOnce(&Path) -> PathBuf) {
         let work = self.dir.join("image-build");
         fs::create_dir_all(&work).unwrap();
-        let tar = image::build_image_tar(&work, name, corrupt);
-        let out = self.ctr_timeout(
+        let tar = build(&work);
+        let out = self.ctr_in(
+            ns,
             &["images", "import", tar.to_str().unwrap()],
             Duration::from_secs(120),
         );
         assert!(out.success(), "import: {}", out.describe());
-        let ls = self.ctr(&["images", "ls", "-q"]);
+        let ls = self.ctr_in(ns, &["images", "ls", "-q"], Duration::from_secs(60));
         assert!(
-            ls.stdout.contains(name),
-            "image not listed: {}",
+            ls.stdout.lines().any(|l| l.trim() == name),
+            "image {name} not listed in namespace {ns}: {}",
             ls.describe()
         );
         let _ = fs::remove_dir_all(&work);
@@ -453,11 +528,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         for s in sockets_under(&self.thaw_state) {
             out.push(format!("socket: {}", s.display()));
         }
-        for id in self.ids.lock().unwrap().iter() {
-            let p = shim_socket_path(&self.address, NAMESPACE, id);
+        for (ns, id) in self.ids.lock().unwrap().iter() {
+            let p = shim_socket_path(&self.address, ns, id);
             if p.exists() {
-                out.push(format!("shim socket for {id}: {}", p.display()));
+                out.push(format!("shim socket for {ns}/{id}: {}", p.display()));
             }
+        }
+        if let Some(cri) = &self.cri {
+            out.extend(cri.leaks());
         }
         let refs = self.thaw_state.join("images/refs");
         if let Ok(rd) = fs::read_dir(&refs) {
@@ -492,20 +570,22 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
     fn shutdown(&mut self) {
         // Remove what the test left through containerd first, so shims get
         // their Shutdown call and clean up the normal way.
-        let tasks = self.ctr_timeout(&["tasks", "ls", "-q"], Duration::from_secs(10));
-        for t in tasks.stdout.lines().filter(|l| !l.trim().is_empty()) {
-            let _ = self.ctr_timeout(
-                &["tasks", "kill", "-a", "-s", "SIGKILL", t.trim()],
-                Duration::from_secs(10),
-            );
-            let _ = self.ctr_timeout(
-                &["tasks", "delete", "-f", t.trim()],
-                Duration::from_secs(20),
-            );
+        let mut namespaces = vec![NAMESPACE];
+        if self.cri.is_some() {
+            namespaces.push(CRI_NAMESPACE);
         }
-        let cs = self.ctr_timeout(&["containers", "ls", "-q"], Duration::from_secs(10));
-        for c in cs.stdout.lines().filter(|l| !l.trim().is_empty()) {
-            let _ = self.ctr_timeout(&["containers", "delete", c.trim()], Duration::from_secs(20));
+        for ns in namespaces {
+            let t10 = Duration::from_secs(10);
+            let t20 = Duration::from_secs(20);
+            let tasks = self.ctr_in(ns, &["tasks", "ls", "-q"], t10);
+            for t in tasks.stdout.lines().filter(|l| !l.trim().is_empty()) {
+                let _ = self.ctr_in(ns, &["tasks", "kill", "-a", "-s", "SIGKILL", t.trim()], t10);
+                let _ = self.ctr_in(ns, &["tasks", "delete", "-f", t.trim()], t20);
+            }
+            let cs = self.ctr_in(ns, &["containers", "ls", "-q"], t10);
+            for c in cs.stdout.lines().filter(|l| !l.trim().is_empty()) {
+                let _ = self.ctr_in(ns, &["containers", "delete", c.trim()], t20);
+            }
         }
         if let Some(mut child) = self.child.take() {
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);
@@ -538,8 +618,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
                 let _ = Command::new("losetup").arg("-d").arg(dev).status();
             }
         }
-        for id in self.ids.lock().unwrap().iter() {
-            let _ = fs::remove_file(shim_socket_path(&self.address, NAMESPACE, id));
+        for (ns, id) in self.ids.lock().unwrap().iter() {
+            let _ = fs::remove_file(shim_socket_path(&self.address, ns, id));
+        }
+        if let Some(cri) = &self.cri {
+            cri.clean_up();
         }
         if std::env::var_os("THAW_TEST_KEEP").is_none() {
             let _ = fs::remove_dir_all(&self.dir);

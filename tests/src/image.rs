@@ -82,12 +82,56 @@ pub fn populate_rootfs(root: &Path, corrupt: bool) {
 /// Builds the image tar for `name` in `work` and returns its path.
 pub fn build_image_tar(work: &Path, name: &str, corrupt: bool) -> PathBuf {
     let root = work.join("rootfs");
-    let layout = work.join("layout");
     let _ = fs::remove_dir_all(&root);
-    let _ = fs::remove_dir_all(&layout);
     fs::create_dir_all(&root).unwrap();
-    fs::create_dir_all(&layout).unwrap();
     populate_rootfs(&root, corrupt);
+    let config = serde_json::json!({
+        "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+        "Cmd": ["sh"],
+        "WorkingDir": "/"
+    });
+    pack_image(work, &root, name, config, "thaw-tests: busybox-static")
+}
+
+/// The pod sandbox ("pause") image CRI starts first in every pod: only the
+/// static busybox, sleeping forever. `env` goes into the image config, so
+/// the harness can tell the pause processes of its pods from others'.
+pub fn build_pause_image_tar(work: &Path, name: &str, env: &[&str]) -> PathBuf {
+    let root = work.join("rootfs");
+    let _ = fs::remove_dir_all(&root);
+    fs::create_dir_all(root.join("bin")).unwrap();
+    let busybox = root.join("bin/busybox");
+    fs::copy("/bin/busybox", &busybox).expect("busybox-static must be installed");
+    fs::set_permissions(&busybox, fs::Permissions::from_mode(0o755)).unwrap();
+    let mut envs = vec!["PATH=/bin".to_string()];
+    envs.extend(env.iter().map(|e| e.to_string()));
+    let config = serde_json::json!({
+        "Env": envs,
+        "Entrypoint": ["/bin/busybox", "sleep", "infinity"],
+        "WorkingDir": "/"
+    });
+    pack_image(
+        work,
+        &root,
+        name,
+        config,
+        "thaw-tests: pause (busybox sleep)",
+    )
+}
+
+/// Packs the tree `root` as a one-layer OCI image named `name` with the
+/// image config `config` (the `config` object of the OCI image config),
+/// returns the tar `ctr images import` takes, and removes `root`.
+fn pack_image(
+    work: &Path,
+    root: &Path,
+    name: &str,
+    config: serde_json::Value,
+    created_by: &str,
+) -> PathBuf {
+    let layout = work.join("layout");
+    let _ = fs::remove_dir_all(&layout);
+    fs::create_dir_all(&layout).unwrap();
 
     let layer_tar = work.join("layer.tar");
     let out = cmd::run(
@@ -97,7 +141,7 @@ pub fn build_image_tar(work: &Path, name: &str, corrupt: bool) -> PathBuf {
             .arg("--group=0")
             .arg("--sort=name")
             .arg("-C")
-            .arg(&root)
+            .arg(root)
             .arg("-cf")
             .arg(&layer_tar)
             .arg("."),
@@ -111,13 +155,9 @@ pub fn build_image_tar(work: &Path, name: &str, corrupt: bool) -> PathBuf {
     let config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": {
-            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            "Cmd": ["sh"],
-            "WorkingDir": "/"
-        },
+        "config": config,
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-        "history": [{"created_by": "thaw-tests: busybox-static"}]
+        "history": [{"created_by": created_by}]
     });
     let (config_digest, config_size) = put_blob(&layout, &serde_json::to_vec(&config).unwrap());
     let manifest = serde_json::json!({
@@ -136,6 +176,7 @@ pub fn build_image_tar(work: &Path, name: &str, corrupt: bool) -> PathBuf {
     });
     let (manifest_digest, manifest_size) =
         put_blob(&layout, &serde_json::to_vec(&manifest).unwrap());
+    let tag = name.rsplit_once(':').map_or("latest", |(_, t)| t);
     let index = serde_json::json!({
         "schemaVersion": 2,
         "manifests": [{
@@ -145,7 +186,7 @@ pub fn build_image_tar(work: &Path, name: &str, corrupt: bool) -> PathBuf {
             "platform": {"architecture": "amd64", "os": "linux"},
             "annotations": {
                 "io.containerd.image.name": name,
-                "org.opencontainers.image.ref.name": "latest"
+                "org.opencontainers.image.ref.name": tag
             }
         }]
     });
@@ -173,7 +214,7 @@ pub fn build_image_tar(work: &Path, name: &str, corrupt: bool) -> PathBuf {
         Duration::from_secs(60),
     );
     assert!(out.success(), "tar image: {}", out.describe());
-    let _ = fs::remove_dir_all(&root);
+    let _ = fs::remove_dir_all(root);
     let _ = fs::remove_dir_all(&layout);
     let _ = fs::remove_file(&layer_tar);
     image_tar

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod binaries;
 pub mod cmd;
 pub mod containerd;
+pub mod cri;
 pub mod guest;
 pub mod image;
 
