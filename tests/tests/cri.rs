@@ -127,10 +127,11 @@ impl Outcome {
         }
     }
 
-    fn detail(&self) -> Option<&str> {
+    fn detail(&self) -> Option<String> {
         match self {
             Outcome::Pass => None,
-            Outcome::Fail(e) | Outcome::Skip(e) | Outcome::Known(e, _) => Some(e),
+            Outcome::Fail(e) | Outcome::Skip(e) => Some(e.clone()),
+            Outcome::Known(e, why) => Some(format!("{e} ({why})")),
         }
     }
 }
