@@ -156,6 +156,10 @@ for entry in "${suites[@]}"; do
         verdict=FAILED
         failed=1
         [ "$rc" = 124 ] && verdict="FAILED (hit the ${limit} s limit)"
+        # The test that was running when the suite ended (one thread:
+        # libtest names a test as it starts it).
+        last=$(awk '/^test [^ ]+ \.\.\. / {t = $2} /test result:/ {t = ""} END {print t}' "$log")
+        [ -n "$last" ] && verdict="$verdict in $last"
     fi
     results+=("$(printf '%-14s %-5s %6s s %5s passed %4s failed %4s ignored  %s' \
         "$name" "$platform" "$secs" "$passed" "$nfailed" "$ignored" "$verdict")")
