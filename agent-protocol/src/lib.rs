@@ -62,6 +62,10 @@ pub mod transport;
 
 pub use transport::{CONTROL_PORT, FIRST_STDIO_PORT, HOST_CID, PROTOCOL_VERSION};
 
+/// The most of a container's /dev/termination-log the agent sends back
+/// (kubelet reads no more than this).
+pub const MAX_TERMINATION_MESSAGE: usize = 4096;
+
 // Re-exported so users build clients/servers against the same versions.
 pub use protobuf;
 pub use ttrpc;

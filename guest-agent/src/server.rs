@@ -335,6 +335,7 @@ impl Agent for AgentService {
         let mut r = WaitProcessResponse::new();
         r.exit_status = info.status;
         r.exited_at_unix_ns = info.unix_ns();
+        r.termination_message = proc.termination_message();
         Ok(r)
     }
 

@@ -5,7 +5,7 @@
 //! VM cannot provide), so fields the shim does not inspect pass through.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
@@ -175,20 +175,31 @@ pub fn check_process(p: &Value, field: &str) -> Result<()> {
 }
 
 /// Host files CRI binds into containers that the agent provides itself
-/// inside a VM (per-pod /etc files, whose contents the shim hands over with
-/// the pod, see [`pod_etc_files`]) or that carry nothing the host reads
-/// back through a VM yet (termination log).
-const GUEST_PROVIDED: &[&str] = &[
-    "/etc/hosts",
-    "/etc/resolv.conf",
-    "/etc/hostname",
-    "/dev/termination-log",
-];
+/// inside a VM: per-pod /etc files, whose contents the shim hands over with
+/// the pod (see [`pod_etc_files`]).
+const GUEST_PROVIDED: &[&str] = &["/etc/hosts", "/etc/resolv.conf", "/etc/hostname"];
+
+/// Where CRI binds the file kubelet reads a container's last words from.
+const TERMINATION_LOG: &str = "/dev/termination-log";
 
 /// Host binds the agent replaces with a guest equivalent of its own: CRI's
-/// per-pod /dev/shm becomes the pod's guest tmpfs. Passed through, so the
-/// agent sees that the spec asks for it.
-const GUEST_REMAPPED: &[&str] = &["/dev/shm"];
+/// per-pod /dev/shm becomes the pod's guest tmpfs, the termination log a
+/// guest file whose content comes back with the exit (see
+/// [`termination_log_from_binds`]). Passed through, so the agent sees that
+/// the spec asks for them.
+const GUEST_REMAPPED: &[&str] = &["/dev/shm", TERMINATION_LOG];
+
+/// The host file a spec binds at /dev/termination-log: in a VM the shim
+/// writes the container's message there before it reports the exit.
+pub fn termination_log_from_binds(spec: &Value) -> Option<PathBuf> {
+    spec.get("mounts")?
+        .as_array()?
+        .iter()
+        .filter(|m| is_bind(m))
+        .find(|m| m.get("destination").and_then(Value::as_str) == Some(TERMINATION_LOG))
+        .and_then(|m| m.get("source").and_then(Value::as_str))
+        .map(PathBuf::from)
+}
 
 /// The largest /etc file taken from the host into the guest.
 const MAX_ETC_FILE: u64 = 64 * 1024;
@@ -429,6 +440,16 @@ mod tests {
             {"destination": "/dev/shm", "type": "bind", "source": "/run/containerd/x/shm", "options": ["rbind", "ro"]},
         ]});
         assert_eq!(for_vm(&s).unwrap()["mounts"], s["mounts"]);
+        // So does the termination log; the shim keeps its host path.
+        let s = json!({"mounts": [
+            {"destination": "/dev/termination-log", "type": "bind", "source": "/var/lib/kubelet/pods/u/containers/c/1", "options": ["rbind", "rw"]},
+        ]});
+        assert_eq!(for_vm(&s).unwrap()["mounts"], s["mounts"]);
+        assert_eq!(
+            termination_log_from_binds(&s),
+            Some(PathBuf::from("/var/lib/kubelet/pods/u/containers/c/1"))
+        );
+        assert_eq!(termination_log_from_binds(&json!({"mounts": []})), None);
     }
 
     #[test]

@@ -1317,6 +1317,43 @@ fn dev_shm(x: &Ctx) -> Res {
     })
 }
 
+/// /dev/termination-log: kubelet binds a host file there (made 0666, so a
+/// non-root container can write it) and reads it once the container has
+/// exited. What the container wrote must be in the host file by the time
+/// CRI reports the exit.
+fn termination_log(x: &Ctx) -> Res {
+    let pod = x.run_pod("termlog", PodOpts::default())?;
+    let dir = pod.log_dir.join("termination");
+    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let host = dir.join("termination-log");
+    fs::write(&host, "").map_err(|e| format!("{}: {e}", host.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&host, fs::Permissions::from_mode(0o666))
+            .map_err(|e| format!("{}: {e}", host.display()))?;
+    }
+    let message = "the end: exit 3\n";
+    let script = format!(
+        "printf '{}' > /dev/termination-log; exit 3",
+        message.replace('\n', "\\n")
+    );
+    let id = x.run(&pod, "dying", &["sh", "-c", &script], |c| {
+        c.mounts.push(api::Mount {
+            container_path: "/dev/termination-log".into(),
+            host_path: host.display().to_string(),
+            ..Default::default()
+        });
+    })?;
+    let s = x.wait_exited(&id)?;
+    ensure(s.exit_code == 3, || {
+        format!("exit code {}, want 3", s.exit_code)
+    })?;
+    let got = fs::read_to_string(&host).map_err(|e| format!("{}: {e}", host.display()))?;
+    ensure(got == message, || {
+        format!("the host's termination log holds {got:?} after the exit, want {message:?}")
+    })
+}
+
 // ------------------------------------------------------------ the runner
 
 type Many = fn(&Ctx) -> Vec<Outcome>;
@@ -1376,6 +1413,10 @@ fn checks() -> Vec<Check> {
             cri_files,
         ),
         One("files: /dev/shm tmpfs shared in the pod", dev_shm),
+        One(
+            "files: /dev/termination-log on the host at exit",
+            termination_log,
+        ),
     ]
 }
 

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -169,7 +169,10 @@ impl Runtime {
             sandbox: sandbox.as_deref(),
             sandbox_init_pid,
         };
-        let mut cs = spec::translate_container(&spec, &pod, &etc)?;
+        let mut cs = spec::translate_container(&spec, &pod, &etc, &dir.join("termination-log"))?;
+        if let Some(path) = &cs.termination_log {
+            create_termination_log(path)?;
+        }
 
         if let Some(r) = req.rootfs.as_ref() {
             if mounted.is_some() {
@@ -247,6 +250,9 @@ impl Runtime {
             process: cs.process.clone(),
         };
         let proc = Proc::new(id, "");
+        if let Some(path) = &cs.termination_log {
+            proc.set_termination_log(path.clone());
+        }
         let pid = self.spawn_process(&proc, &plan, stdio, cs.console_size, true)?;
         undo.disarm();
         Ok((proc, pid, cgroup))
@@ -463,4 +469,13 @@ impl Runtime {
             )))
         }
     }
+}
+
+/// An empty termination log any container user may write, as kubelet
+/// makes the host's (mode 0666).
+fn create_termination_log(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::write(path, b"").map_err(|e| Error::path("creating", path, e))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o666))
+        .map_err(|e| Error::path("setting the mode of", path, e))
 }

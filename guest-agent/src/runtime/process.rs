@@ -4,8 +4,9 @@
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -63,6 +64,30 @@ pub struct Proc {
     status: Mutex<Status>,
     exit_tx: watch::Sender<Option<ExitInfo>>,
     pub io: Mutex<Io>,
+    /// The guest file bound at the container's /dev/termination-log (a
+    /// container init whose spec binds one).
+    termination_log: OnceLock<PathBuf>,
+    /// What that file held at exit, read before the exit is published.
+    termination_message: Mutex<Vec<u8>>,
+}
+
+/// The start of the file at `path`, at most MAX_TERMINATION_MESSAGE
+/// bytes. The container could write anything there, so it is read without
+/// following links or blocking, and only if it is a regular file.
+pub fn read_termination_log(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut out = Vec::new();
+    f.take(thaw_agent_protocol::MAX_TERMINATION_MESSAGE as u64)
+        .read_to_end(&mut out)?;
+    Ok(out)
 }
 
 /// An exit waits for its output as long as the output keeps moving; after
@@ -102,7 +127,22 @@ impl Proc {
             status: Mutex::new(Status::Running),
             exit_tx: watch::channel(None).0,
             io: Mutex::new(Io::default()),
+            termination_log: OnceLock::new(),
+            termination_message: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Makes the exit carry what the container left in `path` (its
+    /// /dev/termination-log).
+    pub fn set_termination_log(&self, path: PathBuf) {
+        let _ = self.termination_log.set(path);
+    }
+
+    pub fn termination_message(&self) -> Vec<u8> {
+        self.termination_message
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn pid(&self) -> i32 {
@@ -180,6 +220,20 @@ impl Proc {
             if let Some(oom) = &oom {
                 oom.check_now(&me.container_id);
             }
+            if let Some(path) = me.termination_log.get() {
+                match read_termination_log(path) {
+                    Ok(m) => {
+                        *me.termination_message
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner()) = m
+                    }
+                    Err(e) => log::warn!(
+                        "{}: reading its termination log {}: {e}",
+                        me.container_id,
+                        path.display()
+                    ),
+                }
+            }
             let info = ExitInfo {
                 status: exit.status,
                 at: exit.at,
@@ -192,6 +246,7 @@ impl Proc {
             ev.pid = exit.pid as u32;
             ev.exit_status = exit.status;
             ev.exited_at_unix_ns = info.unix_ns();
+            ev.termination_message = me.termination_message();
             events.push_exit(ev);
         };
         if std::thread::Builder::new()
@@ -219,5 +274,24 @@ impl Proc {
             return Err(std::io::Error::last_os_error());
         }
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_termination_log_is_read_up_to_the_limit_and_never_through_a_link() {
+        let dir = std::env::temp_dir().join(format!("thaw-termlog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("termination-log");
+        std::fs::write(&log, vec![b'x'; 10_000]).unwrap();
+        let got = read_termination_log(&log).unwrap();
+        assert_eq!(got.len(), thaw_agent_protocol::MAX_TERMINATION_MESSAGE);
+        let link = dir.join("link");
+        std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
+        assert!(read_termination_log(&link).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

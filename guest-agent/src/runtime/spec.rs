@@ -354,7 +354,16 @@ fn devices(spec: &Spec) -> Result<Vec<DevicePlan>> {
 
 const ETC_FILES: [&str; 3] = ["/etc/hosts", "/etc/hostname", "/etc/resolv.conf"];
 
-fn mounts(spec: &Spec, etc: &EtcFiles, sandbox: Option<&Sandbox>) -> Result<Vec<MountPlan>> {
+/// Where CRI binds the host file kubelet reads a container's last words
+/// from.
+pub const TERMINATION_LOG: &str = "/dev/termination-log";
+
+fn mounts(
+    spec: &Spec,
+    etc: &EtcFiles,
+    termination_log: &Path,
+    sandbox: Option<&Sandbox>,
+) -> Result<Vec<MountPlan>> {
     let mut out = Vec::new();
     let mut covered = HashSet::new();
     let list: Vec<Mount> = spec.mounts().clone().unwrap_or_default();
@@ -398,6 +407,9 @@ fn mounts(spec: &Spec, etc: &EtcFiles, sandbox: Option<&Sandbox>) -> Result<Vec<
                     Some(p) => plan.source = p.to_string_lossy().into(),
                     None => continue,
                 },
+                // A guest file instead, whose content goes back to the
+                // host with the exit.
+                TERMINATION_LOG => plan.source = termination_log.to_string_lossy().into(),
                 "/dev/shm" => match sandbox {
                     Some(sb) => plan.source = sb.shm.to_string_lossy().into(),
                     None => {
@@ -508,6 +520,9 @@ pub struct ContainerSpec {
     pub console_size: Option<(u16, u16)>,
     pub namespaces: Namespaces,
     pub hostname: Option<String>,
+    /// The guest file bound at /dev/termination-log in place of the
+    /// spec's host file; the caller creates it.
+    pub termination_log: Option<PathBuf>,
     /// `path` is left empty: the caller fills in the mounted rootfs.
     pub rootfs: RootfsPlan,
     /// spec.root.path, used when no rootfs image is given.
@@ -517,7 +532,14 @@ pub struct ContainerSpec {
 }
 
 /// Validates `spec` completely (no side effects) and translates it.
-pub fn translate_container(spec: &Spec, pod: &PodContext, etc: &EtcFiles) -> Result<ContainerSpec> {
+/// `termination_log` is the guest file to bind at /dev/termination-log
+/// when the spec binds a host file there.
+pub fn translate_container(
+    spec: &Spec,
+    pod: &PodContext,
+    etc: &EtcFiles,
+    termination_log: &Path,
+) -> Result<ContainerSpec> {
     reject_unsupported(spec)?;
     let process = spec
         .process()
@@ -558,7 +580,7 @@ pub fn translate_container(spec: &Spec, pod: &PodContext, etc: &EtcFiles) -> Res
         path: PathBuf::new(),
         readonly: root.as_ref().and_then(|r| r.readonly()).unwrap_or(false),
         propagation: linux.rootfs_propagation().clone().filter(|s| !s.is_empty()),
-        mounts: mounts(spec, etc, pod.sandbox)?,
+        mounts: mounts(spec, etc, termination_log, pod.sandbox)?,
         devices: devices(spec)?,
         masked_paths: linux.masked_paths().clone().unwrap_or_default(),
         readonly_paths: linux.readonly_paths().clone().unwrap_or_default(),
@@ -572,11 +594,17 @@ pub fn translate_container(spec: &Spec, pod: &PodContext, etc: &EtcFiles) -> Res
             ));
         }
     }
+    let termination_log = rootfs
+        .mounts
+        .iter()
+        .any(|m| m.source == termination_log.to_string_lossy())
+        .then(|| termination_log.to_path_buf());
     Ok(ContainerSpec {
         process,
         console_size,
         namespaces,
         hostname,
+        termination_log,
         rootfs,
         root_path: root.map(|r| r.path().clone()),
         resources: linux.resources().clone(),
@@ -614,6 +642,7 @@ mod tests {
                 sandbox_init_pid: None,
             },
             &etc(),
+            Path::new("/run/x/termination-log"),
         )
     }
 
@@ -698,6 +727,27 @@ mod tests {
             .find(|m| m.destination == "/dev/shm")
             .unwrap();
         assert_eq!(shm.typ, "tmpfs");
+        assert_eq!(c.termination_log, None);
+    }
+
+    #[test]
+    fn a_host_termination_log_becomes_a_guest_file() {
+        let json = br#"{"ociVersion":"1","process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}},
+            "mounts":[{"destination":"/dev/termination-log","type":"bind","source":"/var/lib/kubelet/pods/u/containers/c/x","options":["rbind","rw"]}],
+            "linux":{"namespaces":[{"type":"mount"}]}}"#;
+        let c = translate(json).unwrap();
+        let m: Vec<_> = c
+            .rootfs
+            .mounts
+            .iter()
+            .filter(|m| m.destination == TERMINATION_LOG)
+            .collect();
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].source, "/run/x/termination-log");
+        assert_eq!(
+            c.termination_log.as_deref(),
+            Some(Path::new("/run/x/termination-log"))
+        );
     }
 
     #[test]

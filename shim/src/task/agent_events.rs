@@ -87,7 +87,12 @@ impl Tasks {
                     log::debug!("exit of unknown process {}/{}", x.container_id, x.exec_id);
                     return;
                 };
-                p.on_exit(x.exit_status, ts_from_ns(x.exited_at_unix_ns), &self.events);
+                p.on_exit(
+                    x.exit_status,
+                    ts_from_ns(x.exited_at_unix_ns),
+                    &x.termination_message,
+                    &self.events,
+                );
             }
             Some(proto::event::Kind::Oom(o))
                 if lock(&self.containers).contains_key(&o.container_id) =>
@@ -115,7 +120,12 @@ impl Tasks {
                         .name("wait-fallback".into())
                         .spawn(move || {
                             if let Ok(r) = sb.agent().wait_process(&p.container_id, &p.exec_id) {
-                                p.on_exit(r.exit_status, ts_from_ns(r.exited_at_unix_ns), &events);
+                                p.on_exit(
+                                    r.exit_status,
+                                    ts_from_ns(r.exited_at_unix_ns),
+                                    &r.termination_message,
+                                    &events,
+                                );
                             }
                         });
                 }

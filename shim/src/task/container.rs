@@ -241,6 +241,9 @@ impl Tasks {
         }
         let bridges = pending.connect(STDIO_CONNECT)?;
         let init = Process::new(&id, "", stdio_paths.clone(), pid, bridges);
+        if let Some(path) = spec::termination_log_from_binds(&bundle_spec.json) {
+            let _ = init.termination_log.set(path);
+        }
         let c = Arc::new(Container {
             id: id.clone(),
             bundle: bundle.to_path_buf(),

@@ -3,8 +3,9 @@
 //! stopped), and its exit, which is published only once its output has
 //! reached the client.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use containerd_shim::protos::events::task as ev;
@@ -69,6 +70,27 @@ pub struct Process {
     /// Set by the first exit report: one waiter per process, however often
     /// (or falsely) the guest reports it.
     exit_seen: AtomicBool,
+    /// The host file bound at the container's /dev/termination-log, which
+    /// gets the guest's copy at exit (a container init in a VM).
+    pub termination_log: OnceLock<PathBuf>,
+}
+
+/// Writes the container's termination message into the host file kubelet
+/// reads it from. The file is the one the spec named (kubelet made it); it
+/// is not created, and a link is not followed. The guest sends at most
+/// MAX_TERMINATION_MESSAGE bytes; no more is written.
+fn write_termination_log(path: &Path, message: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let message = &message[..message
+        .len()
+        .min(thaw_agent_protocol::MAX_TERMINATION_MESSAGE)];
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    f.write_all(message)
 }
 
 impl Process {
@@ -92,6 +114,7 @@ impl Process {
             cond: Condvar::new(),
             bridges: Mutex::new(Some(bridges)),
             exit_seen: AtomicBool::new(false),
+            termination_log: OnceLock::new(),
         })
     }
 
@@ -225,9 +248,26 @@ impl Process {
     /// The process ended: its exit is published once its output has
     /// reached the client (see [`OUTPUT_IDLE`]), on a thread of its own so
     /// other processes' events are not held up meanwhile.
-    pub fn on_exit(self: &Arc<Self>, status: u32, at: Timestamp, events: &Arc<Events>) {
+    /// `termination_message` is what the container left in its
+    /// /dev/termination-log (empty if nothing or none).
+    pub fn on_exit(
+        self: &Arc<Self>,
+        status: u32,
+        at: Timestamp,
+        termination_message: &[u8],
+        events: &Arc<Events>,
+    ) {
         if self.exited() || self.exit_seen.swap(true, Ordering::SeqCst) {
             return;
+        }
+        if let (Some(path), false) = (self.termination_log.get(), termination_message.is_empty()) {
+            if let Err(e) = write_termination_log(path, termination_message) {
+                log::warn!(
+                    "{}: writing its termination message to {}: {e}",
+                    self.container_id,
+                    path.display()
+                );
+            }
         }
         let (p, events2, at2) = (self.clone(), events.clone(), at.clone());
         let waiter = move || {

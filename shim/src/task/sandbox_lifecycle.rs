@@ -81,7 +81,7 @@ impl Tasks {
         log::error!("sandbox died, its tasks exit with {SANDBOX_DIED_STATUS}: {why}");
         for c in self.all_containers() {
             for p in c.all_processes() {
-                p.on_exit(SANDBOX_DIED_STATUS, now(), &self.events);
+                p.on_exit(SANDBOX_DIED_STATUS, now(), &[], &self.events);
             }
         }
     }
