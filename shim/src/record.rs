@@ -23,6 +23,9 @@ pub struct ContainerRecord {
     /// The cgroup holding everything the sandbox ran (host backend).
     #[serde(default)]
     pub sandbox_cgroup: Option<PathBuf>,
+    /// The pod cgroup directories the VMM ran in (VM backend).
+    #[serde(default)]
+    pub vmm_cgroups: Vec<PathBuf>,
     /// The cached rootfs image this container holds a reference on.
     pub image: Option<ImageRef>,
 }
@@ -82,6 +85,7 @@ mod tests {
             sandbox_dir: "/run/thaw/sandboxes/x".into(),
             sandbox_pid: 43,
             sandbox_cgroup: None,
+            vmm_cgroups: vec!["/sys/fs/cgroup/kubepods/pod1/x".into()],
             image: None,
         };
         r.write(d.path()).unwrap();

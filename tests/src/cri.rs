@@ -178,6 +178,33 @@ impl CriSetup {
         format!("{}/pod{pod_uid}", self.cgroup_parent)
     }
 
+    /// Every process in the pod's cgroup or below it, in any hierarchy:
+    /// (pid, command line), what kubelet's accounting covers.
+    pub fn pod_processes(&self, pod_uid: &str) -> Vec<(u32, String)> {
+        let rel = self.pod_cgroup(pod_uid);
+        let rel = rel.trim_start_matches('/');
+        let mut out = std::collections::BTreeMap::new();
+        for m in cgroup_mounts() {
+            let mut stack = vec![m.join(rel)];
+            while let Some(d) = stack.pop() {
+                let Ok(rd) = fs::read_dir(&d) else { continue };
+                for e in rd.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        stack.push(e.path());
+                    }
+                }
+                let procs = fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+                    let cmd = fs::read(format!("/proc/{pid}/cmdline"))
+                        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+                        .unwrap_or_default();
+                    out.insert(pid, cmd);
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+
     /// Network namespaces, container cgroups and bridge ports left behind.
     pub fn leaks(&self) -> Vec<String> {
         let mut out = Vec::new();

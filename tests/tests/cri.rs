@@ -1320,6 +1320,32 @@ fn dev_shm(x: &Ctx) -> Res {
     })
 }
 
+/// The pod's sandbox process runs in the pod's cgroup, so kubelet's
+/// accounting and pod limits cover it: runc's pause process (here busybox
+/// sleep, see the offline pause image); thaw's VMM, which holds the whole
+/// VM.
+fn pod_cgroup(x: &Ctx) -> Res {
+    let pod = x.run_pod("cgroup", PodOpts::default())?;
+    let uid = pod
+        .config
+        .metadata
+        .as_ref()
+        .map(|m| m.uid.clone())
+        .unwrap_or_default();
+    let want = if x.handler == "thaw" {
+        "thaw-vmm"
+    } else {
+        "/pause"
+    };
+    let procs = x.setup.pod_processes(&uid);
+    ensure(procs.iter().any(|(_, cmd)| cmd.contains(want)), || {
+        format!(
+            "no {want} process in the pod's cgroup {}; it holds: {procs:?}",
+            x.setup.pod_cgroup(&uid)
+        )
+    })
+}
+
 /// /dev/termination-log: kubelet binds a host file there (made 0666, so a
 /// non-root container can write it) and reads it once the container has
 /// exited. What the container wrote must be in the host file by the time
@@ -1379,6 +1405,10 @@ fn checks() -> Vec<Check> {
                 "pod: RemovePodSandbox (twice)",
             ],
             pod_lifecycle,
+        ),
+        One(
+            "pod: the sandbox process is in the pod's cgroup",
+            pod_cgroup,
         ),
         Many(
             &[

@@ -5,6 +5,7 @@
 //! The backends differ only in how the process is started, how an image
 //! reaches the guest and how it is asked to stop; see [`Backend`].
 
+mod cgroup;
 mod host;
 mod vm;
 
@@ -29,6 +30,7 @@ use crate::child;
 use crate::error::{Error, IoContext, Result};
 use thaw_config::{BackendKind, Config, VmConfig};
 
+pub use cgroup::{remove_dirs as remove_cgroups, PodCgroup};
 pub use host::{kill_cgroup, HostBackend};
 pub use vm::VmBackend;
 
@@ -171,6 +173,9 @@ pub struct Sandbox {
     uds: PathBuf,
     /// The cgroup containing everything the sandbox runs (host backend).
     pub cgroup: Option<PathBuf>,
+    /// The pod's host cgroup the VMM runs in (VM backend), one directory
+    /// per hierarchy; removed once the VMM has exited.
+    pub vmm_cgroups: Vec<PathBuf>,
     backend: Arc<dyn Backend>,
     agent: Agent,
     pid: u32,
@@ -217,7 +222,15 @@ fn make_backend(cfg: &Config, vm: &VmConfig) -> Arc<dyn Backend> {
 
 impl Sandbox {
     /// Starts the sandbox process and waits for its agent to dial in.
-    pub fn start(cfg: &Config, vm: &VmConfig, namespace: &str, id: &str) -> Result<Sandbox> {
+    /// `pod_cgroup` is where the VMM runs (the sandbox spec's
+    /// linux.cgroupsPath); the host backend ignores it.
+    pub fn start(
+        cfg: &Config,
+        vm: &VmConfig,
+        namespace: &str,
+        id: &str,
+        pod_cgroup: Option<PodCgroup>,
+    ) -> Result<Sandbox> {
         let backend = make_backend(cfg, vm);
         backend.check()?;
         let dir = sandbox_dir(&cfg.run_dir, namespace, id);
@@ -228,14 +241,21 @@ impl Sandbox {
         }
         fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
         let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(0o700));
-        let result = Self::start_in(cfg, backend, &dir, id);
+        let pod_cgroup = pod_cgroup.filter(|_| cfg.backend == BackendKind::Vm);
+        let result = Self::start_in(cfg, backend, &dir, id, pod_cgroup);
         if result.is_err() {
             let _ = fs::remove_dir_all(&dir);
         }
         result
     }
 
-    fn start_in(cfg: &Config, backend: Arc<dyn Backend>, dir: &Path, id: &str) -> Result<Sandbox> {
+    fn start_in(
+        cfg: &Config,
+        backend: Arc<dyn Backend>,
+        dir: &Path,
+        id: &str,
+        pod_cgroup: Option<PodCgroup>,
+    ) -> Result<Sandbox> {
         let uds = dir.join("vsock.sock");
         let control_path = transport::host_socket_path(&uds, CONTROL_PORT);
         let control = UnixListener::bind(&control_path)
@@ -252,16 +272,34 @@ impl Sandbox {
         let cgroup = backend.prepare(dir)?;
         let mut cmd = backend.command(&uds, dir);
         cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
+        let vmm_cgroups = match &pod_cgroup {
+            Some(cg) => {
+                if let Err(e) = cg.create() {
+                    cg.remove();
+                    return Err(e);
+                }
+                log::info!(
+                    "sandbox {id}: the VMM runs in the pod cgroup {}",
+                    cg.relative.display()
+                );
+                cg.dirs.clone()
+            }
+            None => Vec::new(),
+        };
+        let procs = pod_cgroup
+            .as_ref()
+            .map(PodCgroup::procs_files)
+            .unwrap_or_default();
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 // Die with the thread that spawned us (the supervisor below,
                 // which lives as long as the process): a crashed shim must
                 // not leave a VM behind.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                Ok(())
+                cgroup::join(&procs)
             });
         }
 
@@ -271,6 +309,7 @@ impl Sandbox {
         let pid = match supervise(
             cmd,
             backend.clone(),
+            vmm_cgroups.clone(),
             life.clone(),
             stopping.clone(),
             on_death.clone(),
@@ -279,6 +318,7 @@ impl Sandbox {
             Ok(p) => p,
             Err(e) => {
                 backend.after_exit();
+                cgroup::remove_dirs(&vmm_cgroups);
                 return Err(e);
             }
         };
@@ -328,6 +368,7 @@ impl Sandbox {
             dir: dir.to_path_buf(),
             uds,
             cgroup,
+            vmm_cgroups,
             backend,
             agent,
             pid,
@@ -508,6 +549,7 @@ fn accept_agent(
 fn supervise(
     mut cmd: Command,
     backend: Arc<dyn Backend>,
+    cgroups: Vec<PathBuf>,
     life: Arc<Life>,
     stopping: Arc<AtomicBool>,
     on_death: Arc<Mutex<Option<DeathHook>>>,
@@ -558,6 +600,7 @@ fn supervise(
                 }
             };
             backend.after_exit();
+            cgroup::remove_dirs(&cgroups);
             life.set(code);
             if !stopping.load(Ordering::SeqCst) {
                 let why = format!(

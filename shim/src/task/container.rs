@@ -178,6 +178,7 @@ impl Tasks {
             sandbox_dir: sb.dir.clone(),
             sandbox_pid: sb.pid(),
             sandbox_cgroup: sb.cgroup.clone(),
+            vmm_cgroups: sb.vmm_cgroups.clone(),
             image: Some(image.clone()),
         };
         record.write(bundle)?;

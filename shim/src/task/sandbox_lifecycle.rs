@@ -11,7 +11,7 @@ use super::agent_events::start_event_loop;
 use super::process::now;
 use super::{lock, Tasks};
 use crate::error::{Error, Result};
-use crate::sandbox::Sandbox;
+use crate::sandbox::{PodCgroup, Sandbox};
 use crate::spec::{self, PodRole};
 use thaw_config::{BackendKind, Config};
 
@@ -63,7 +63,14 @@ impl Tasks {
         }
         let vm = cfg.vm_for_pod(&bundle_spec.annotations)?;
         let grouping = role.grouping(id).to_string();
-        let sb = Arc::new(Sandbox::start(&cfg, &vm, &self.namespace, &grouping)?);
+        let pod_cgroup = PodCgroup::from_spec(&bundle_spec.json)?;
+        let sb = Arc::new(Sandbox::start(
+            &cfg,
+            &vm,
+            &self.namespace,
+            &grouping,
+            pod_cgroup,
+        )?);
         let weak = Arc::downgrade(self);
         sb.on_death(move |why| {
             if let Some(tasks) = weak.upgrade() {
