@@ -1335,7 +1335,7 @@ fn pod_cgroup(x: &Ctx) -> Res {
     let want = if x.handler == "thaw" {
         "thaw-vmm"
     } else {
-        "/pause"
+        "sleep infinity"
     };
     let procs = x.setup.pod_processes(&uid);
     ensure(procs.iter().any(|(_, cmd)| cmd.contains(want)), || {
