@@ -94,7 +94,21 @@ pub struct VmConfig {
     /// Upper bounds for annotation overrides.
     pub max_vcpus: u32,
     pub max_memory_mib: u32,
+    /// The guest memory sizes a pod's VM may get (each gets its own
+    /// template): a pod whose containers' limits need more than
+    /// `memory_mib` gets the smallest of these that holds them.
+    pub memory_shapes_mib: Vec<u32>,
+    /// What the guest kernel and agent need beside a pod's containers,
+    /// added to the pod's memory before a shape is picked.
+    pub guest_overhead_mib: u32,
 }
+
+/// The sum of a pod's container memory limits (bytes), which containerd's
+/// CRI plugin puts on the sandbox's spec from kubelet's PodSandboxConfig.
+pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+/// The pod's CPU quota and period (microseconds), likewise.
+pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -164,6 +178,8 @@ impl Default for VmConfig {
             template_retry_secs: 600,
             max_vcpus: 8,
             max_memory_mib: 16384,
+            memory_shapes_mib: vec![256, 512, 1024, 2048, 4096, 8192, 16384],
+            guest_overhead_mib: 64,
         }
     }
 }
@@ -283,6 +299,10 @@ impl Config {
         check_vcpus(self.vm.vcpus, self.vm.max_vcpus).map_err(|m| ("vm.vcpus".into(), m))?;
         check_memory(self.vm.memory_mib, self.vm.max_memory_mib)
             .map_err(|m| ("vm.memory_mib".into(), m))?;
+        for (i, m) in self.vm.memory_shapes_mib.iter().enumerate() {
+            check_memory(*m, self.vm.max_memory_mib)
+                .map_err(|e| (format!("vm.memory_shapes_mib[{i}]"), e))?;
+        }
         if self.vm.spare_disks == 0 || self.vm.spare_disks > 24 {
             return Err((
                 "vm.spare_disks".into(),
@@ -312,9 +332,11 @@ impl Config {
         Ok(())
     }
 
-    /// The `[vm]` settings for one pod after its `io.thaw.vm.*` annotations.
+    /// The `[vm]` settings for one pod: sized for the pod's resources (the
+    /// CRI sandbox annotations), then its `io.thaw.vm.*` annotations.
     pub fn vm_for_pod(&self, annotations: &HashMap<String, String>) -> Result<VmConfig> {
         let mut vm = self.vm.clone();
+        size_for_pod(&mut vm, annotations)?;
         let mut keys: Vec<&String> = annotations.keys().collect();
         keys.sort();
         for key in keys {
@@ -382,6 +404,75 @@ impl VmConfig {
             ..TemplateBuildArgs::new(&self.kernel, &self.root_image)
         }
     }
+}
+
+/// A number-valued CRI annotation; absent or 0 = no limit.
+fn pod_number(annotations: &HashMap<String, String>, key: &str) -> Result<u64> {
+    match annotations.get(key).map(|v| v.trim()) {
+        None | Some("") => Ok(0),
+        Some(v) => v
+            .parse::<i64>()
+            .map(|n| n.max(0) as u64)
+            .map_err(|_| Error::Annotation {
+                key: key.into(),
+                message: format!("{v:?} is not a number"),
+            }),
+    }
+}
+
+/// Grows `vm` to hold the pod: memory to the smallest allowed shape that
+/// holds the pod's memory plus the guest's overhead, vCPUs to the pod's CPU
+/// quota rounded up. Never below the configured size; a pod that needs
+/// more than the largest shape (or `max_vcpus`) is refused.
+fn size_for_pod(vm: &mut VmConfig, annotations: &HashMap<String, String>) -> Result<()> {
+    let bytes = pod_number(annotations, SANDBOX_MEMORY)?;
+    if bytes > 0 {
+        let pod_mib = bytes.div_ceil(1 << 20);
+        let need = pod_mib + u64::from(vm.guest_overhead_mib);
+        let mut shapes = vm.memory_shapes_mib.clone();
+        shapes.sort_unstable();
+        let fit = shapes
+            .iter()
+            .copied()
+            .find(|&s| u64::from(s) >= need && s >= vm.memory_mib);
+        match fit {
+            Some(s) => vm.memory_mib = s,
+            None if need <= u64::from(vm.memory_mib) => {}
+            None => {
+                return Err(Error::Annotation {
+                    key: SANDBOX_MEMORY.into(),
+                    message: format!(
+                        "the pod needs a {need} MiB VM ({pod_mib} MiB of container limits + \
+                         {} MiB vm.guest_overhead_mib); the largest allowed shape \
+                         (vm.memory_shapes_mib) is {} MiB",
+                        vm.guest_overhead_mib,
+                        shapes
+                            .last()
+                            .copied()
+                            .unwrap_or(vm.memory_mib)
+                            .max(vm.memory_mib)
+                    ),
+                })
+            }
+        }
+    }
+    let quota = pod_number(annotations, SANDBOX_CPU_QUOTA)?;
+    let period = pod_number(annotations, SANDBOX_CPU_PERIOD)?;
+    if quota > 0 && period > 0 {
+        let need = quota.div_ceil(period);
+        if need > u64::from(vm.max_vcpus) {
+            return Err(Error::Annotation {
+                key: SANDBOX_CPU_QUOTA.into(),
+                message: format!(
+                    "the pod's CPU limit ({quota}/{period}) needs {need} vCPUs; \
+                     vm.max_vcpus is {}",
+                    vm.max_vcpus
+                ),
+            });
+        }
+        vm.vcpus = vm.vcpus.max(need as u32);
+    }
+    Ok(())
 }
 
 fn check_vcpus(v: u32, max: u32) -> std::result::Result<(), String> {
@@ -495,6 +586,39 @@ allow = ["vcpus", "kernel"]
             .unwrap_err()
             .to_string();
         assert!(e.contains("/nonexistent/thaw.toml"), "{e}");
+    }
+
+    #[test]
+    fn a_pod_gets_the_smallest_vm_shape_that_holds_it() {
+        let c = Config::default();
+        let pod = |mem: &str, quota: &str| {
+            HashMap::from([
+                (SANDBOX_MEMORY.to_string(), mem.to_string()),
+                (SANDBOX_CPU_QUOTA.to_string(), quota.to_string()),
+                (SANDBOX_CPU_PERIOD.to_string(), "100000".to_string()),
+            ])
+        };
+        // No limits: the configured size.
+        let vm = c.vm_for_pod(&pod("0", "0")).unwrap();
+        assert_eq!((vm.memory_mib, vm.vcpus), (256, 1));
+        // 100 MiB + 64 fits the default 256; 600 + 64 needs 1024.
+        assert_eq!(c.vm_for_pod(&pod("104857600", "")).unwrap().memory_mib, 256);
+        let vm = c.vm_for_pod(&pod("629145600", "250000")).unwrap();
+        assert_eq!((vm.memory_mib, vm.vcpus), (1024, 3));
+        // Beyond the largest shape, or more CPUs than allowed: refused,
+        // naming the annotation.
+        let e = c
+            .vm_for_pod(&pod("17179869184", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(SANDBOX_MEMORY) && e.contains("16384 MiB"), "{e}");
+        let e = c.vm_for_pod(&pod("", "900000")).unwrap_err().to_string();
+        assert!(
+            e.contains(SANDBOX_CPU_QUOTA) && e.contains("max_vcpus"),
+            "{e}"
+        );
+        let e = c.vm_for_pod(&pod("lots", "")).unwrap_err().to_string();
+        assert!(e.contains("not a number"), "{e}");
     }
 
     #[test]

@@ -163,6 +163,9 @@ struct PodOpts {
     host_pid: bool,
     hostname: String,
     dns: Option<api::DnsConfig>,
+    /// The sum of the containers' memory limits, as kubelet reports it in
+    /// the sandbox config (0: none).
+    memory_limit: i64,
 }
 
 /// A pod; stopped and removed when dropped, as kubelet does when a pod is
@@ -262,6 +265,10 @@ impl Ctx<'_> {
             dns_config: opts.dns.clone(),
             labels,
             linux: Some(api::LinuxPodSandboxConfig {
+                resources: (opts.memory_limit > 0).then(|| api::LinuxContainerResources {
+                    memory_limit_in_bytes: opts.memory_limit,
+                    ..Default::default()
+                }),
                 cgroup_parent: self.setup.pod_cgroup(&uid),
                 security_context: Some(api::LinuxSandboxSecurityContext {
                     namespace_options: Some(namespaces(opts)),
@@ -1346,6 +1353,40 @@ fn pod_cgroup(x: &Ctx) -> Res {
     })
 }
 
+/// A pod whose containers' limits add up to 600 MiB gets the memory to
+/// hold them: thaw sizes the VM for the pod (a 256 MiB VM would not).
+fn pod_memory(x: &Ctx) -> Res {
+    const LIMIT: i64 = 600 << 20;
+    let pod = x.run_pod(
+        "sized",
+        PodOpts {
+            memory_limit: LIMIT,
+            ..Default::default()
+        },
+    )?;
+    let id = x.run(&pod, "c", &["sleep", "100000"], |c| {
+        if let Some(l) = c.linux.as_mut() {
+            l.resources = Some(api::LinuxContainerResources {
+                memory_limit_in_bytes: LIMIT,
+                ..Default::default()
+            });
+        }
+    })?;
+    let meminfo = x.sh(&id, "grep MemTotal /proc/meminfo")?;
+    let kib: i64 = meminfo
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("no MemTotal in {meminfo:?}"))?;
+    ensure(kib * 1024 >= LIMIT, || {
+        format!(
+            "the pod's limit is {} MiB but MemTotal is {} MiB",
+            LIMIT >> 20,
+            kib >> 10
+        )
+    })
+}
+
 /// /dev/termination-log: kubelet binds a host file there (made 0666, so a
 /// non-root container can write it) and reads it once the container has
 /// exited. What the container wrote must be in the host file by the time
@@ -1436,6 +1477,10 @@ fn checks() -> Vec<Check> {
         One("stats: ContainerStats", container_stats),
         One("stats: ListContainerStats", list_container_stats),
         One("resources: UpdateContainerResources", update_resources),
+        One(
+            "resources: the pod's memory fits in its sandbox",
+            pod_memory,
+        ),
         One("security: RunAsUser/RunAsGroup", run_as_user),
         One("security: readOnlyRootFilesystem", readonly_rootfs),
         One("security: capabilities drop", capabilities_drop),

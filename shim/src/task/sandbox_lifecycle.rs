@@ -62,6 +62,13 @@ impl Tasks {
             log::warn!("backend host-unisolated: containers are NOT isolated in a VM");
         }
         let vm = cfg.vm_for_pod(&bundle_spec.annotations)?;
+        if cfg.backend == BackendKind::Vm {
+            log::info!(
+                "sandbox {id}: a VM of {} vCPUs and {} MiB",
+                vm.vcpus,
+                vm.memory_mib
+            );
+        }
         let grouping = role.grouping(id).to_string();
         let pod_cgroup = PodCgroup::from_spec(&bundle_spec.json)?;
         let sb = Arc::new(Sandbox::start(
