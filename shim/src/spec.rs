@@ -263,6 +263,20 @@ pub fn pod_etc_files(spec: &BundleSpec) -> Result<PodEtcFiles> {
     Ok(files)
 }
 
+/// The network namespace a spec joins by path: for a pod with its own
+/// network, the one CRI made and CNI configured.
+pub fn network_namespace_path(spec: &Value) -> Option<String> {
+    spec.get("linux")?
+        .get("namespaces")?
+        .as_array()?
+        .iter()
+        .find(|n| n.get("type").and_then(Value::as_str) == Some("network"))?
+        .get("path")
+        .and_then(Value::as_str)
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+}
+
 fn has_namespace(spec: &Value, kind: &str) -> bool {
     spec.get("linux")
         .and_then(|l| l.get("namespaces"))
@@ -450,6 +464,19 @@ mod tests {
             Some(PathBuf::from("/var/lib/kubelet/pods/u/containers/c/1"))
         );
         assert_eq!(termination_log_from_binds(&json!({"mounts": []})), None);
+    }
+
+    #[test]
+    fn a_cni_network_namespace_is_found_by_its_path() {
+        let spec = json!({"linux": {"namespaces": [
+            {"type": "pid"}, {"type": "network", "path": "/var/run/netns/cni-1"}]}});
+        assert_eq!(
+            network_namespace_path(&spec).as_deref(),
+            Some("/var/run/netns/cni-1")
+        );
+        let own = json!({"linux": {"namespaces": [{"type": "network"}]}});
+        assert_eq!(network_namespace_path(&own), None);
+        assert_eq!(network_namespace_path(&json!({})), None);
     }
 
     #[test]

@@ -613,9 +613,21 @@ fn netns_pod(x: &Ctx) -> Vec<Outcome> {
             ]
         }
     };
-    let first = Outcome::from(ensure(ip.starts_with(POD_SUBNET_PREFIX), || {
-        format!("pod IP {ip:?} is not from the CNI subnet")
-    }));
+    let first = Outcome::from(
+        ensure(ip.starts_with(POD_SUBNET_PREFIX), || {
+            format!("pod IP {ip:?} is not from the CNI subnet")
+        })
+        .and_then(|()| {
+            // Until the VM has a network device, the shim says so.
+            let said =
+                x.c.containerd_log()
+                    .lines()
+                    .any(|l| l.contains(&pod.id) && l.contains("does not reach the VM"));
+            ensure(x.handler != "thaw" || said, || {
+                "the shim log does not say that the pod's network does not reach the VM".into()
+            })
+        }),
+    );
     let inside = Outcome::from((|| {
         let id = x.sleeper(&pod, "net")?;
         let addr = x.sh(&id, "ip -4 -o addr show eth0")?;

@@ -179,25 +179,13 @@ impl Backend for HostBackend {
             .arg("debug");
         if let Some(cg) = cg {
             c.arg("--cgroup-root").arg(cg.join("containers"));
-            let procs = CString::new(cg.join("cgroup.procs").as_os_str().as_bytes()).ok();
-            // SAFETY: open/write/close are async-signal-safe; the path was
+            let procs: Vec<CString> = CString::new(cg.join("cgroup.procs").as_os_str().as_bytes())
+                .into_iter()
+                .collect();
+            // SAFETY: `join` makes only async-signal-safe calls, on paths
             // allocated before fork.
             unsafe {
-                c.pre_exec(move || {
-                    let Some(p) = procs.as_ref() else {
-                        return Ok(());
-                    };
-                    let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                    if fd < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    let r = libc::write(fd, b"0".as_ptr().cast(), 1);
-                    libc::close(fd);
-                    if r != 1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+                c.pre_exec(move || super::cgroup::join(&procs));
             }
         } else {
             c.arg("--cgroup-root").arg("none");

@@ -68,6 +68,12 @@ impl Tasks {
                 vm.vcpus,
                 vm.memory_mib
             );
+            if let Some(netns) = spec::network_namespace_path(&bundle_spec.json) {
+                log::warn!(
+                    "sandbox {id}: the pod's network namespace {netns} does not reach the VM \
+                     (no virtio-net yet): its containers have loopback only"
+                );
+            }
         }
         let grouping = role.grouping(id).to_string();
         let pod_cgroup = PodCgroup::from_spec(&bundle_spec.json)?;
