@@ -1264,7 +1264,8 @@ fn seccomp_profiles(x: &Ctx) -> Res {
 }
 
 /// The /proc paths kubelet masks and makes read-only (its defaults, sent
-/// in every container's security context).
+/// in every container's security context), plus /proc/uptime as a masked
+/// path every kernel has (kubelet's list names files a kernel may lack).
 fn masked_paths(x: &Ctx) -> Res {
     let pod = x.run_pod("masked", PodOpts::default())?;
     let id = x.run(&pod, "c", &["sleep", "100000"], |c| {
@@ -1279,6 +1280,7 @@ fn masked_paths(x: &Ctx) -> Res {
                 "/proc/sched_debug",
                 "/proc/scsi",
                 "/sys/firmware",
+                "/proc/uptime",
             ]
             .map(String::from)
             .to_vec();
@@ -1294,9 +1296,9 @@ fn masked_paths(x: &Ctx) -> Res {
             .to_vec();
         })
     })?;
-    let kcore = x.sh(&id, "wc -c < /proc/kcore")?;
-    ensure(kcore.trim() == "0", || {
-        format!("/proc/kcore is not masked: {} bytes", kcore.trim())
+    let uptime = x.sh(&id, "wc -c < /proc/uptime")?;
+    ensure(uptime.trim() == "0", || {
+        format!("/proc/uptime is not masked: {} bytes", uptime.trim())
     })?;
     let (out, err, code) = x.exec(
         &id,

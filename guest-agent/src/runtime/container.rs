@@ -168,6 +168,7 @@ impl Runtime {
         let pod = spec::PodContext {
             sandbox: sandbox.as_deref(),
             sandbox_init_pid,
+            is_sandbox_container: sandbox.as_ref().is_some_and(|sb| sb.id == id),
         };
         let mut cs = spec::translate_container(&spec, &pod, &etc, &dir.join("termination-log"))?;
         if let Some(path) = &cs.termination_log {

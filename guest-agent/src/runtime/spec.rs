@@ -196,6 +196,10 @@ pub struct PodContext<'a> {
     pub sandbox: Option<&'a Sandbox>,
     /// Init pid of the sandbox's own container, for a shared pid namespace.
     pub sandbox_init_pid: Option<i32>,
+    /// This is the sandbox's own container (CRI's pause), whose new IPC
+    /// namespace is the pod's: the pod's sysctls, which CRI puts on it,
+    /// then reach every container of the pod, as with runc.
+    pub is_sandbox_container: bool,
 }
 
 fn namespaces(spec: &Spec, pod: &PodContext) -> Result<Namespaces> {
@@ -235,7 +239,12 @@ fn namespaces(spec: &Spec, pod: &PodContext) -> Result<Namespaces> {
             }
         };
         let Some(path) = ns.path().as_ref().filter(|p| !p.as_os_str().is_empty()) else {
-            out.new.push(kind);
+            match (kind, pod.sandbox) {
+                (Ns::Ipc, Some(sb)) if pod.is_sandbox_container => {
+                    out.join.push((kind, sb.ipc_ns.clone()))
+                }
+                _ => out.new.push(kind),
+            }
             continue;
         };
         // A path names another container's namespace on the host; inside a
@@ -640,6 +649,7 @@ mod tests {
             &PodContext {
                 sandbox: None,
                 sandbox_init_pid: None,
+                is_sandbox_container: false,
             },
             &etc(),
             Path::new("/run/x/termination-log"),
