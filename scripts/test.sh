@@ -138,7 +138,7 @@ for entry in "${suites[@]}"; do
         if [ "$platform" = svm ]; then
             # Each executable gets a fresh guest: nothing carries over.
             timeout "$limit" scripts/svm-run -t "$limit" -C "$dir" \
-                -e THAW_KERNEL -e THAW_ROOT_IMAGE -e THAW_TEST_PREBUILT -e RUST_BACKTRACE \
+                -e THAW_KERNEL -e THAW_ROOT_IMAGE -e THAW_TEST_PREBUILT -e RUST_BACKTRACE -e THAW_CRI_ONLY \
                 -- "$exe" --test-threads=1 --color=never --include-ignored 2>&1 | tee -a "$log"
         else
             (cd "$dir" && timeout "$limit" "$exe" --test-threads=2 --color=never) 2>&1 | tee -a "$log"
