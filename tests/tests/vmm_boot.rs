@@ -90,6 +90,14 @@ fn boots_to_init_then_disk_vsock_and_reboot_work() {
     let mut w = conn.try_clone().unwrap();
     let mut r = BufReader::new(conn);
     assert_eq!(read_line(&mut r), "ready\n");
+    // The running VMM is under its seccomp filter, on every thread.
+    for task in std::fs::read_dir(format!("/proc/{}/task", vmm.id())).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        assert!(
+            status.lines().any(|l| l == "Seccomp:\t2"),
+            "a VMM thread without its seccomp filter:\n{status}"
+        );
+    }
     writeln!(w, "reboot").unwrap();
 
     let status = wait_with_deadline(&mut vmm, Duration::from_secs(300));

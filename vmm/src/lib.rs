@@ -16,6 +16,7 @@ pub mod control;
 pub mod devices;
 pub mod memory;
 pub mod profile;
+pub mod seccomp;
 pub mod slots;
 pub mod snapshot;
 pub mod template;
@@ -65,6 +66,8 @@ pub enum Error {
     Bus(#[from] devices::BusError),
     #[error(transparent)]
     Arch(#[from] arch::ArchError),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
     #[error("snapshot {dir}: {source}")]

@@ -91,6 +91,8 @@ fn run(launch: Launch) -> Result<VmExit, Error> {
             source,
         })?;
     }
+    // Every thread exists now; ones made later inherit the filter.
+    thaw_vmm::seccomp::install()?;
 
     // The first vCPU to stop, or the control socket, says why we end.
     let exit = exits
