@@ -76,6 +76,9 @@ fn run(launch: Launch) -> Result<VmExit, Error> {
     // Bind before the vCPUs run, so a caller that sees the socket can use it.
     let listener = api_socket.as_deref().map(bind_api_socket).transpose()?;
     let handle = Arc::new(VmHandle::new(&vm)?);
+    // Before the guest runs: the vCPU and control threads made from here
+    // on inherit it.
+    thaw_vmm::seccomp::install()?;
     let exits = vm.start()?;
 
     if let Some(listener) = listener {
@@ -91,8 +94,6 @@ fn run(launch: Launch) -> Result<VmExit, Error> {
             source,
         })?;
     }
-    // Every thread exists now; ones made later inherit the filter.
-    thaw_vmm::seccomp::install()?;
 
     // The first vCPU to stop, or the control socket, says why we end.
     let exit = exits

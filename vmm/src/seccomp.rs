@@ -1,4 +1,5 @@
-//! The VMM's seccomp filter, installed on every thread once the VM runs.
+//! The VMM's seccomp filter, installed before the guest runs; every
+//! thread made after it (vCPUs, device workers, control) inherits it.
 //!
 //! The guest is hostile: a bug in a device model that gives the guest code
 //! execution in this process must not give it the host. The filter kills
