@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod logger;
 pub mod memory;
 pub mod profile;
 pub mod seccomp;

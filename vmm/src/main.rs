@@ -14,36 +14,6 @@ use thaw_vmm::snapshot::{self, VmHandle};
 use thaw_vmm::vcpu::VmExit;
 use thaw_vmm::{vm, Error};
 
-struct StderrLogger;
-
-impl log::Log for StderrLogger {
-    fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= log::max_level()
-    }
-    fn log(&self, r: &log::Record) {
-        if self.enabled(r.metadata()) {
-            eprintln!(
-                "thaw-vmm: {}: {}",
-                r.level().as_str().to_lowercase(),
-                r.args()
-            );
-        }
-    }
-    fn flush(&self) {}
-}
-
-fn init_logging() {
-    let level = match std::env::var("THAW_VMM_LOG").as_deref() {
-        Ok("debug") => log::LevelFilter::Debug,
-        Ok("info") => log::LevelFilter::Info,
-        Ok("error") => log::LevelFilter::Error,
-        _ => log::LevelFilter::Warn,
-    };
-    if log::set_logger(&StderrLogger).is_ok() {
-        log::set_max_level(level);
-    }
-}
-
 /// Binds the control socket; a stale socket file nobody listens on is
 /// replaced, a live one is an error.
 fn bind_api_socket(path: &Path) -> Result<UnixListener, Error> {
@@ -118,7 +88,7 @@ fn main() {
         Ok(Invocation::Template(t)) => std::process::exit(t.run()),
         Err(e) => std::process::exit(cli::report(&e)),
     };
-    init_logging();
+    thaw_vmm::logger::init();
     match run(launch) {
         Ok(exit) => {
             match &exit {
