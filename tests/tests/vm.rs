@@ -123,6 +123,15 @@ fn vm_kill_9_of_the_vmm_gives_exit_255_within_seconds() {
         "took {:?}",
         killed.elapsed()
     );
+    // The shim says why, with the signal by name (a seccomp kill reads
+    // SIGSYS the same way).
+    let log = c.containerd_log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("exited unexpectedly with status 137 (SIGKILL)")),
+        "no death reason in the shim log:\n{}",
+        thaw_tests::containerd::tail(&log, 40)
+    );
     let _ = c.ctr(&["containers", "delete", &id]);
     c.assert_no_leaks();
 }

@@ -543,6 +543,16 @@ fn accept_agent(
     }
 }
 
+/// What an exit status says beyond its number, for the death message.
+fn exit_meaning(code: i32) -> &'static str {
+    match code - 128 {
+        libc::SIGSYS => " (SIGSYS: the VMM made a system call its seccomp filter forbids)",
+        libc::SIGKILL => " (SIGKILL)",
+        libc::SIGSEGV => " (SIGSEGV)",
+        _ => "",
+    }
+}
+
 /// Spawns `cmd` from a thread that then waits for its exit for as long as
 /// it lives (so PR_SET_PDEATHSIG, tied to the spawning thread, holds).
 /// Returns the pid.
@@ -604,7 +614,8 @@ fn supervise(
             life.set(code);
             if !stopping.load(Ordering::SeqCst) {
                 let why = format!(
-                    "sandbox process {pid} exited unexpectedly with status {code}: {}",
+                    "sandbox process {pid} exited unexpectedly with status {code}{}: {}",
+                    exit_meaning(code),
                     log_tail(&log_path, 8)
                 );
                 log::error!("{why}");
