@@ -263,6 +263,46 @@ pub fn pod_etc_files(spec: &BundleSpec) -> Result<PodEtcFiles> {
     Ok(files)
 }
 
+/// The pod's own limits from CRI's sandbox annotations, as an OCI
+/// linux.resources object (JSON) for the guest's pod cgroup; empty when
+/// the pod has none. A value that is not a number is refused, naming it.
+pub fn pod_resources_json(annotations: &HashMap<String, String>) -> Result<Vec<u8>> {
+    use thaw_config::{SANDBOX_CPU_PERIOD, SANDBOX_CPU_QUOTA, SANDBOX_CPU_SHARES, SANDBOX_MEMORY};
+    let number = |key: &str| -> Result<i64> {
+        match annotations.get(key).map(|v| v.trim()) {
+            None | Some("") => Ok(0),
+            Some(v) => v.parse::<i64>().map_err(|_| {
+                Error::InvalidSpec(format!("annotation {key}: {v:?} is not a number"))
+            }),
+        }
+    };
+    let (memory, quota, period, shares) = (
+        number(SANDBOX_MEMORY)?,
+        number(SANDBOX_CPU_QUOTA)?,
+        number(SANDBOX_CPU_PERIOD)?,
+        number(SANDBOX_CPU_SHARES)?,
+    );
+    let mut res = serde_json::Map::new();
+    if memory > 0 {
+        res.insert("memory".into(), serde_json::json!({"limit": memory}));
+    }
+    let mut cpu = serde_json::Map::new();
+    if quota > 0 && period > 0 {
+        cpu.insert("quota".into(), quota.into());
+        cpu.insert("period".into(), period.into());
+    }
+    if shares > 0 {
+        cpu.insert("shares".into(), shares.into());
+    }
+    if !cpu.is_empty() {
+        res.insert("cpu".into(), cpu.into());
+    }
+    if res.is_empty() {
+        return Ok(Vec::new());
+    }
+    serde_json::to_vec(&res).map_err(|e| Error::InvalidSpec(format!("encoding pod resources: {e}")))
+}
+
 /// The network namespace a spec joins by path: for a pod with its own
 /// network, the one CRI made and CNI configured.
 pub fn network_namespace_path(spec: &Value) -> Option<String> {
@@ -464,6 +504,33 @@ mod tests {
             Some(PathBuf::from("/var/lib/kubelet/pods/u/containers/c/1"))
         );
         assert_eq!(termination_log_from_binds(&json!({"mounts": []})), None);
+    }
+
+    #[test]
+    fn pod_resources_come_from_the_sandbox_annotations() {
+        let a = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<HashMap<_, _>>()
+        };
+        assert!(pod_resources_json(&a(&[])).unwrap().is_empty());
+        let json = pod_resources_json(&a(&[
+            ("io.kubernetes.cri.sandbox-memory", "67108864"),
+            ("io.kubernetes.cri.sandbox-cpu-quota", "150000"),
+            ("io.kubernetes.cri.sandbox-cpu-period", "100000"),
+            ("io.kubernetes.cri.sandbox-cpu-shares", "512"),
+        ]))
+        .unwrap();
+        let v: Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(
+            v,
+            json!({"memory": {"limit": 67108864}, "cpu": {"quota": 150000, "period": 100000, "shares": 512}})
+        );
+        let e = pod_resources_json(&a(&[("io.kubernetes.cri.sandbox-memory", "lots")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sandbox-memory"), "{e}");
     }
 
     #[test]

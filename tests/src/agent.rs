@@ -112,6 +112,8 @@ pub struct AgentConn {
     next_port: u32,
     /// How long `run` waits for the process to exit.
     pub exit_timeout: Duration,
+    /// The agent sandbox (pod) `run` puts containers in; empty: none.
+    pub sandbox_id: String,
 }
 
 fn reader(s: UnixStream, limit: Duration) -> JoinHandle<Vec<u8>> {
@@ -134,6 +136,7 @@ impl AgentConn {
             uds: uds.to_path_buf(),
             next_port: FIRST_STDIO_PORT,
             exit_timeout: Duration::from_secs(300),
+            sandbox_id: String::new(),
         }
     }
 
@@ -175,6 +178,7 @@ impl AgentConn {
         rootfs.fstype = "erofs".into();
         let mut req = CreateContainerRequest::new();
         req.container_id = id.into();
+        req.sandbox_id = self.sandbox_id.clone();
         req.spec_json = serde_json::to_vec(spec).expect("spec json");
         req.rootfs = protobuf::MessageField::some(rootfs);
         req.stdio = protobuf::MessageField::some(stdio);

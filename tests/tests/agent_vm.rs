@@ -458,6 +458,53 @@ fn cgroup_limits_apply_in_the_vm() {
 
 /// UpdateContainer (CRI's UpdateContainerResources) changes a running
 /// container's limits: the container watches its own memory.max change.
+/// A pod's own limits (CRI's sandbox annotations, which the shim passes
+/// with CreateSandbox) sit on the cgroup above all the pod's containers.
+#[test]
+fn pod_limits_apply_above_the_pods_containers() {
+    let _one = one_test_at_a_time();
+    let mut vm = restore();
+    let mut req = thaw_agent_protocol::agent::CreateSandboxRequest::new();
+    req.sandbox_id = "pod".into();
+    req.hostname = "pod".into();
+    req.resources_json = serde_json::to_vec(&serde_json::json!({
+        "memory": {"limit": 64u64 << 20},
+        "cpu": {"quota": 150000, "period": 100000, "shares": 512}
+    }))
+    .unwrap();
+    vm.agent
+        .client
+        .create_sandbox(agent::ctx(120), &req)
+        .unwrap();
+    vm.agent.sandbox_id = "pod".into();
+    let mut spec = agent::spec(&[
+        "sh",
+        "-c",
+        "cg=/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup); pod=${cg%/*}; \
+         cat $pod/memory.max $pod/cpu.max $pod/cpu.weight",
+    ]);
+    spec["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+            "options": ["nosuid", "noexec", "nodev", "ro"]
+        }));
+    let r = vm.agent.run("in-pod", "/dev/vdb", &spec);
+    assert_eq!(
+        r.exit_status,
+        0,
+        "stderr: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    // cpu.weight from shares 512: 1 + (512 - 2) * 9999 / 262142 = 20.
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        format!("{}\n150000 100000\n20\n", 64u64 << 20)
+    );
+    vm.stop();
+}
+
 #[test]
 fn update_changes_a_running_containers_limits() {
     let _one = one_test_at_a_time();

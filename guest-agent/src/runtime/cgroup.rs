@@ -102,6 +102,22 @@ impl Cgroups {
     }
 }
 
+impl Cgroups {
+    /// Applies a pod's own limits to the cgroup above all its containers
+    /// (the agent's root: one pod per VM). Without a cgroup root, limits
+    /// are refused.
+    pub fn apply_pod(&self, res: &LinuxResources) -> Result<()> {
+        match &self.root {
+            Some(root) => apply(root, res),
+            None if has_limits(res) => Err(Error::spec(
+                "resources_json",
+                "cgroups are not available to this agent (started without a cgroup root)",
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
 fn has_limits(res: &LinuxResources) -> bool {
     let mem = res
         .memory()

@@ -141,6 +141,16 @@ impl Runtime {
                 id: req.sandbox_id.clone(),
             });
         }
+        if !req.resources_json.is_empty() {
+            let res: oci_spec::runtime::LinuxResources =
+                serde_json::from_slice(&req.resources_json).map_err(|e| {
+                    Error::spec(
+                        "resources_json",
+                        format!("not an OCI linux.resources object: {e}"),
+                    )
+                })?;
+            self.cgroups.apply_pod(&res)?;
+        }
         let dir = self.cfg.run_dir.join("s").join(&req.sandbox_id);
         let sb = Sandbox::create(
             &req.sandbox_id,

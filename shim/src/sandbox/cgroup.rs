@@ -60,9 +60,7 @@ pub fn relative_path(cgroups_path: &str) -> Result<PathBuf> {
         p
     };
     if rel.as_os_str().is_empty() || rel.components().any(|c| !matches!(c, Component::Normal(_))) {
-        return Err(bad(
-            "must name a cgroup below the root, without '..'",
-        ));
+        return Err(bad("must name a cgroup below the root, without '..'"));
     }
     Ok(rel)
 }

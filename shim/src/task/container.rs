@@ -152,6 +152,7 @@ impl Tasks {
                 r.hostname = files.hostname;
                 r.hosts = files.hosts;
                 r.resolv_conf = files.resolv_conf;
+                r.resources_json = spec::pod_resources_json(&bundle_spec.annotations)?;
                 agent.create_sandbox(&r)?;
             }
         }
