@@ -140,6 +140,18 @@ impl RestoredVm {
     }
 }
 
+/// Gives the container the guest's cgroup tree (read-only, no cgroup
+/// namespace), so it can read its own limits and its pod's.
+fn mount_cgroupfs(spec: &mut serde_json::Value) {
+    spec["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+            "options": ["nosuid", "noexec", "nodev", "ro"]
+        }));
+}
+
 /// Puts `img` read-only into spare disk slot `slot` (slot 0 is /dev/vdb).
 fn attach(api: &Path, slot: u32, img: &Path) {
     if let Err(e) = vmm_client(api).attach_disk(slot, img, true) {
@@ -429,13 +441,7 @@ fn cgroup_limits_apply_in_the_vm() {
         "cg=/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup); \
          cat $cg/memory.max $cg/pids.max $cg/cpu.max $cg/cpu.weight",
     ]);
-    spec["mounts"]
-        .as_array_mut()
-        .unwrap()
-        .push(serde_json::json!({
-            "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-            "options": ["nosuid", "noexec", "nodev", "ro"]
-        }));
+    mount_cgroupfs(&mut spec);
     spec["linux"]["resources"] = serde_json::json!({
         "memory": {"limit": 48u64 << 20},
         "pids": {"limit": 32},
@@ -483,13 +489,7 @@ fn pod_limits_apply_above_the_pods_containers() {
         "cg=/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup); pod=${cg%/*}; \
          cat $pod/memory.max $pod/cpu.max $pod/cpu.weight",
     ]);
-    spec["mounts"]
-        .as_array_mut()
-        .unwrap()
-        .push(serde_json::json!({
-            "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-            "options": ["nosuid", "noexec", "nodev", "ro"]
-        }));
+    mount_cgroupfs(&mut spec);
     let r = vm.agent.run("in-pod", "/dev/vdb", &spec);
     assert_eq!(
         r.exit_status,
@@ -518,13 +518,7 @@ fn update_changes_a_running_containers_limits() {
          for i in $(seq 600); do read v < $cg/memory.max; [ \"$v\" != 50331648 ] && break; sleep 0.1; done; \
          read p < $cg/pids.max; echo $v $p",
     ]);
-    spec["mounts"]
-        .as_array_mut()
-        .unwrap()
-        .push(serde_json::json!({
-            "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-            "options": ["nosuid", "noexec", "nodev", "ro"]
-        }));
+    mount_cgroupfs(&mut spec);
     spec["linux"]["resources"] = serde_json::json!({"memory": {"limit": 48u64 << 20}});
     let r = vm.agent.run_with("update", "/dev/vdb", &spec, |client| {
         let mut req = thaw_agent_protocol::agent::UpdateContainerRequest::new();
