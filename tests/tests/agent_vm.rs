@@ -462,8 +462,6 @@ fn cgroup_limits_apply_in_the_vm() {
     vm.stop();
 }
 
-/// UpdateContainer (CRI's UpdateContainerResources) changes a running
-/// container's limits: the container watches its own memory.max change.
 /// A pod's own limits (CRI's sandbox annotations, which the shim passes
 /// with CreateSandbox) sit on the cgroup above all the pod's containers.
 #[test]
@@ -505,6 +503,8 @@ fn pod_limits_apply_above_the_pods_containers() {
     vm.stop();
 }
 
+/// UpdateContainer (CRI's UpdateContainerResources) changes a running
+/// container's limits: the container watches its own memory.max change.
 #[test]
 fn update_changes_a_running_containers_limits() {
     let _one = one_test_at_a_time();
