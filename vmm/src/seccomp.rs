@@ -110,6 +110,48 @@ pub fn install() -> Result<(), SeccompError> {
 mod tests {
     use super::*;
 
+    /// The filter really kills: this test runs itself again as a child,
+    /// which installs the filter and calls execve; the child must die of
+    /// SIGSYS before the call returns.
+    #[test]
+    fn a_denied_call_kills_the_process() {
+        const CHILD: &str = "THAW_VMM_SECCOMP_TEST_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            let no_core = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: setrlimit with a valid struct; execve with
+            // NUL-terminated strings and NULL-terminated arrays.
+            unsafe {
+                libc::setrlimit(libc::RLIMIT_CORE, &no_core);
+            }
+            install().unwrap();
+            let path = c"/bin/true";
+            let argv = [path.as_ptr(), std::ptr::null()];
+            let envp = [std::ptr::null()];
+            // SAFETY: see above.
+            unsafe {
+                libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            }
+            // Reached only if execve was allowed and failed.
+            std::process::exit(3);
+        }
+        use std::os::unix::process::ExitStatusExt;
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "seccomp::tests::a_denied_call_kills_the_process"])
+            .env(CHILD, "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGSYS),
+            "child ended with {status}"
+        );
+    }
+
     #[test]
     fn the_filter_builds_and_names_each_call_once() {
         let prog = program().unwrap();
