@@ -372,6 +372,17 @@ impl Config {
                         .parse()
                         .map_err(|_| bad(format!("{value:?} is not a number")))?;
                     check_memory(vm.memory_mib, vm.max_memory_mib).map_err(bad)?;
+                    // Each size is a template of its own: only the allowed
+                    // shapes, so pods cannot make the host build and keep
+                    // templates without bound.
+                    if vm.memory_mib != self.vm.memory_mib
+                        && !self.vm.memory_shapes_mib.contains(&vm.memory_mib)
+                    {
+                        return Err(bad(format!(
+                            "{} is not one of vm.memory_shapes_mib {:?}",
+                            vm.memory_mib, self.vm.memory_shapes_mib
+                        )));
+                    }
                 }
                 "kernel" | "root_image" => {
                     let p = PathBuf::from(value);
@@ -637,6 +648,15 @@ allow = ["vcpus", "kernel"]
         let e = c.vm_for_pod(&a).unwrap_err().to_string();
         assert!(
             e.contains("io.thaw.vm.kernel") && e.contains("not allowed"),
+            "{e}"
+        );
+
+        // A size outside the allowed shapes would be one more template.
+        let mut a = HashMap::new();
+        a.insert("io.thaw.vm.memory_mib".to_string(), "1000".to_string());
+        let e = c.vm_for_pod(&a).unwrap_err().to_string();
+        assert!(
+            e.contains("io.thaw.vm.memory_mib") && e.contains("memory_shapes_mib"),
             "{e}"
         );
 
