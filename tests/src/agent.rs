@@ -105,6 +105,20 @@ pub struct RunResult {
     pub phases: [Duration; 5],
 }
 
+impl RunResult {
+    /// The stdout of a run that must have exited 0 (else the test fails
+    /// with its stderr).
+    pub fn success_stdout(&self) -> String {
+        assert_eq!(
+            self.exit_status,
+            0,
+            "stderr: {}",
+            String::from_utf8_lossy(&self.stderr)
+        );
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+}
+
 /// The agent's control connection plus the stdio ports of one VM.
 pub struct AgentConn {
     pub client: AgentClient,

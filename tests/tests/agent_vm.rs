@@ -396,13 +396,7 @@ fn clone_report(vm: &mut RestoredVm, hostname: &str, machine_id: &str) -> (Strin
     spec["linux"]["namespaces"] = serde_json::json!([{"type": "pid"}, {"type": "mount"}]);
     spec.as_object_mut().unwrap().remove("hostname");
     let r = vm.agent.run("report", "/dev/vdb", &spec);
-    let out = String::from_utf8_lossy(&r.stdout).into_owned();
-    assert_eq!(
-        r.exit_status,
-        0,
-        "stderr: {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
+    let out = r.success_stdout();
     let (host, random) = out.split_once('\n').unwrap_or_default();
     (host.to_string(), random.split_whitespace().collect())
 }
@@ -448,15 +442,9 @@ fn cgroup_limits_apply_in_the_vm() {
         "cpu": {"quota": 50000, "period": 100000, "shares": 2048}
     });
     let r = vm.agent.run("limits", "/dev/vdb", &spec);
-    assert_eq!(
-        r.exit_status,
-        0,
-        "stderr: {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
     // cpu.weight from shares 2048: 1 + (2048 - 2) * 9999 / 262142 = 79.
     assert_eq!(
-        String::from_utf8_lossy(&r.stdout),
+        r.success_stdout(),
         format!("{}\n32\n50000 100000\n79\n", 48u64 << 20)
     );
     vm.stop();
@@ -489,15 +477,9 @@ fn pod_limits_apply_above_the_pods_containers() {
     ]);
     mount_cgroupfs(&mut spec);
     let r = vm.agent.run("in-pod", "/dev/vdb", &spec);
-    assert_eq!(
-        r.exit_status,
-        0,
-        "stderr: {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
     // cpu.weight from shares 512: 1 + (512 - 2) * 9999 / 262142 = 20.
     assert_eq!(
-        String::from_utf8_lossy(&r.stdout),
+        r.success_stdout(),
         format!("{}\n150000 100000\n20\n", 64u64 << 20)
     );
     vm.stop();
@@ -576,14 +558,8 @@ fn a_refilled_disk_slot_shows_the_new_image() {
         attach(&vm.api(), 1, img);
         // The previous container was removed (inside run) before this attach.
         let r = vm.agent.run(&format!("which{i}"), "/dev/vdc", &spec);
-        assert_eq!(
-            r.exit_status,
-            0,
-            "stderr: {}",
-            String::from_utf8_lossy(&r.stderr)
-        );
         let expected = if i == 0 { "one\n" } else { "two\n" };
-        assert_eq!(String::from_utf8_lossy(&r.stdout), expected);
+        assert_eq!(r.success_stdout(), expected);
     }
     vm.stop();
 }
@@ -616,13 +592,8 @@ fn disk_reads_in_a_restored_vm_are_intact_under_memory_pressure() {
     let mut spec = agent::spec(&["sh", "-c", "for i in 1 2 3; do sha256sum /noise; done"]);
     spec["linux"]["resources"] = serde_json::json!({"memory": {"limit": 16u64 << 20}});
     let r = vm.agent.run("noise", "/dev/vdc", &spec);
-    assert_eq!(
-        r.exit_status,
-        0,
-        "stderr: {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
-    let sums: Vec<String> = String::from_utf8_lossy(&r.stdout)
+    let sums: Vec<String> = r
+        .success_stdout()
         .lines()
         .map(|l| l.split_whitespace().next().unwrap_or_default().to_string())
         .collect();
