@@ -418,8 +418,8 @@ impl VmConfig {
     }
 }
 
-/// A number-valued CRI annotation; absent or 0 = no limit.
-fn pod_number(annotations: &HashMap<String, String>, key: &str) -> Result<u64> {
+/// A number-valued CRI annotation; absent, 0 or negative = no limit.
+pub fn pod_number(annotations: &HashMap<String, String>, key: &str) -> Result<u64> {
     match annotations.get(key).map(|v| v.trim()) {
         None | Some("") => Ok(0),
         Some(v) => v

@@ -267,20 +267,14 @@ pub fn pod_etc_files(spec: &BundleSpec) -> Result<PodEtcFiles> {
 /// linux.resources object (JSON) for the guest's pod cgroup; empty when
 /// the pod has none. A value that is not a number is refused, naming it.
 pub fn pod_resources_json(annotations: &HashMap<String, String>) -> Result<Vec<u8>> {
-    use thaw_config::{SANDBOX_CPU_PERIOD, SANDBOX_CPU_QUOTA, SANDBOX_CPU_SHARES, SANDBOX_MEMORY};
-    let number = |key: &str| -> Result<i64> {
-        match annotations.get(key).map(|v| v.trim()) {
-            None | Some("") => Ok(0),
-            Some(v) => v.parse::<i64>().map_err(|_| {
-                Error::InvalidSpec(format!("annotation {key}: {v:?} is not a number"))
-            }),
-        }
+    use thaw_config::{
+        pod_number, SANDBOX_CPU_PERIOD, SANDBOX_CPU_QUOTA, SANDBOX_CPU_SHARES, SANDBOX_MEMORY,
     };
     let (memory, quota, period, shares) = (
-        number(SANDBOX_MEMORY)?,
-        number(SANDBOX_CPU_QUOTA)?,
-        number(SANDBOX_CPU_PERIOD)?,
-        number(SANDBOX_CPU_SHARES)?,
+        pod_number(annotations, SANDBOX_MEMORY)?,
+        pod_number(annotations, SANDBOX_CPU_QUOTA)?,
+        pod_number(annotations, SANDBOX_CPU_PERIOD)?,
+        pod_number(annotations, SANDBOX_CPU_SHARES)?,
     );
     let mut res = serde_json::Map::new();
     if memory > 0 {
