@@ -9,6 +9,7 @@ pub mod guest;
 pub mod host;
 pub mod init;
 pub mod logging;
+pub mod network;
 pub mod pid1;
 pub mod plan;
 pub mod reaper;

@@ -220,6 +220,16 @@ impl Agent for AgentService {
         Ok(Empty::new())
     }
 
+    async fn configure_network(
+        &self,
+        _: &TtrpcContext,
+        req: ConfigureNetworkRequest,
+    ) -> ttrpc::Result<Empty> {
+        let pid1 = self.rt.config().pid1;
+        blocking(move || crate::network::configure(&req, pid1)).await?;
+        Ok(Empty::new())
+    }
+
     async fn set_time(&self, _: &TtrpcContext, req: SetTimeRequest) -> ttrpc::Result<Empty> {
         let pid1 = self.rt.config().pid1;
         blocking(move || guest::set_time(req.unix_time_ns, pid1)).await?;

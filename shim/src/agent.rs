@@ -94,6 +94,14 @@ impl Agent {
             .map_err(|e| map_err("SetIdentity", e))
     }
 
+    /// Gives the guest NIC the pod's network.
+    pub fn configure_network(&self, req: &agent::ConfigureNetworkRequest) -> Result<()> {
+        self.client
+            .configure_network(self.ctx(), req)
+            .map(|_| ())
+            .map_err(|e| map_err("ConfigureNetwork", e))
+    }
+
     pub fn create_sandbox(&self, req: &agent::CreateSandboxRequest) -> Result<()> {
         self.client
             .create_sandbox(self.ctx(), req)

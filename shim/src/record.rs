@@ -26,6 +26,10 @@ pub struct ContainerRecord {
     /// The pod cgroup directories the VMM ran in (VM backend).
     #[serde(default)]
     pub vmm_cgroups: Vec<PathBuf>,
+    /// The pod's network namespace (CRI's), where the shim redirected the
+    /// CNI interface to the VM with tc.
+    #[serde(default)]
+    pub pod_netns: Option<PathBuf>,
     /// The cached rootfs image this container holds a reference on.
     pub image: Option<ImageRef>,
 }
@@ -86,6 +90,7 @@ mod tests {
             sandbox_pid: 43,
             sandbox_cgroup: None,
             vmm_cgroups: vec!["/sys/fs/cgroup/kubepods/pod1/x".into()],
+            pod_netns: Some("/var/run/netns/cni-1".into()),
             image: None,
         };
         r.write(d.path()).unwrap();

@@ -136,6 +136,7 @@ impl Task for Service {
         let r = (|| {
             let p = self.tasks.process(&req.id, &req.exec_id)?;
             let sb = self.tasks.running_sandbox()?;
+            sb.connect_network()?;
             let pid = p.start(
                 sb.agent(),
                 |agent_pid| sb.task_pid(agent_pid),

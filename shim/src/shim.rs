@@ -160,6 +160,9 @@ fn cleanup_after_crash(rec: &ContainerRecord, bundle: &Path) {
     }
     if !process_matches(rec.sandbox_pid, &dir) {
         crate::sandbox::remove_cgroups(&rec.vmm_cgroups);
+        if let Some(netns) = &rec.pod_netns {
+            crate::sandbox::network::unlink(netns);
+        }
         let _ = std::fs::remove_dir_all(&rec.sandbox_dir);
     }
     if let Some(image) = &rec.image {

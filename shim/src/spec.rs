@@ -311,7 +311,7 @@ pub fn network_namespace_path(spec: &Value) -> Option<String> {
         .map(str::to_string)
 }
 
-fn has_namespace(spec: &Value, kind: &str) -> bool {
+pub fn has_namespace(spec: &Value, kind: &str) -> bool {
     spec.get("linux")
         .and_then(|l| l.get("namespaces"))
         .and_then(Value::as_array)

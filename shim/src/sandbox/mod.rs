@@ -7,6 +7,7 @@
 
 mod cgroup;
 mod host;
+pub mod network;
 mod vm;
 
 use std::fs::{self, File};
@@ -32,6 +33,7 @@ use thaw_config::{BackendKind, Config, VmConfig};
 
 pub use cgroup::{remove_dirs as remove_cgroups, PodCgroup};
 pub use host::{kill_cgroup, HostBackend};
+pub use network::PodNetns;
 pub use vm::VmBackend;
 
 /// When set (in containerd's environment), a directory where stopped
@@ -82,6 +84,14 @@ pub trait Backend: Send + Sync {
     }
     /// Runs once the sandbox process has exited, however it ended.
     fn after_exit(&self) {}
+    /// Has the sandbox process open the tap `name` in its network
+    /// namespace and join it to the guest's NIC.
+    fn attach_tap(&self, name: &str) -> Result<()> {
+        Err(Error::Sandbox(format!(
+            "{}: no network device to join {name} to",
+            self.describe()
+        )))
+    }
     fn describe(&self) -> String;
 }
 
@@ -184,6 +194,10 @@ pub struct Sandbox {
     on_death: Arc<Mutex<Option<DeathHook>>>,
     next_port: AtomicU32,
     slots: Mutex<Vec<bool>>,
+    /// Where the VMM's network namespace came from.
+    netns: PodNetns,
+    /// Whether the pod's network was looked at (once, at the first start).
+    network_checked: Mutex<bool>,
     _control: UnixListener,
 }
 
@@ -230,6 +244,7 @@ impl Sandbox {
         namespace: &str,
         id: &str,
         pod_cgroup: Option<PodCgroup>,
+        netns: PodNetns,
     ) -> Result<Sandbox> {
         let backend = make_backend(cfg, vm);
         backend.check()?;
@@ -242,7 +257,12 @@ impl Sandbox {
         fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
         let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(0o700));
         let pod_cgroup = pod_cgroup.filter(|_| cfg.backend == BackendKind::Vm);
-        let result = Self::start_in(cfg, backend, &dir, id, pod_cgroup);
+        // The host-process stand-in stays in the shim's namespace.
+        let netns = match cfg.backend {
+            BackendKind::Vm => netns,
+            BackendKind::HostUnisolated => PodNetns::Host,
+        };
+        let result = Self::start_in(cfg, backend, &dir, id, pod_cgroup, netns);
         if result.is_err() {
             let _ = fs::remove_dir_all(&dir);
         }
@@ -255,6 +275,7 @@ impl Sandbox {
         dir: &Path,
         id: &str,
         pod_cgroup: Option<PodCgroup>,
+        netns: PodNetns,
     ) -> Result<Sandbox> {
         let uds = dir.join("vsock.sock");
         let control_path = transport::host_socket_path(&uds, CONTROL_PORT);
@@ -290,6 +311,7 @@ impl Sandbox {
             .as_ref()
             .map(PodCgroup::procs_files)
             .unwrap_or_default();
+        let enter_netns = netns.enter_in_child();
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -299,7 +321,8 @@ impl Sandbox {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                cgroup::join(&procs)
+                cgroup::join(&procs)?;
+                enter_netns()
             });
         }
 
@@ -377,6 +400,8 @@ impl Sandbox {
             on_death,
             next_port: AtomicU32::new(FIRST_STDIO_PORT),
             slots: Mutex::new(vec![false; spare as usize]),
+            netns,
+            network_checked: Mutex::new(false),
             _control: control,
         })
     }
@@ -476,9 +501,57 @@ impl Sandbox {
         }
     }
 
+    /// The pod network namespace that outlives the VMM (CRI's), which
+    /// `delete` cleans after a shim crash.
+    pub fn joined_netns(&self) -> Option<PathBuf> {
+        match &self.netns {
+            PodNetns::Joined { path, .. } => Some(path.clone()),
+            _ => None,
+        }
+    }
+
+    /// Joins the interface CNI configured in the VMM's network namespace
+    /// to the guest (see [`network`]); runs once, at the first container
+    /// start, when CNI has run in every flow (CRI before create, `ctr run
+    /// --cni` and nerdctl's hook after it). No interface: loopback only.
+    pub fn connect_network(&self) -> Result<()> {
+        let mut checked = self
+            .network_checked
+            .lock()
+            .map_err(|_| Error::Shim("network lock poisoned".into()))?;
+        if *checked {
+            return Ok(());
+        }
+        *checked = true;
+        let Some(netns) = self.netns.path(self.pid) else {
+            return Ok(());
+        };
+        let Some((interface, req)) = network::read_interface(&netns)? else {
+            log::info!(
+                "sandbox {}: no interface in {}: the guest has loopback only",
+                self.id,
+                netns.display()
+            );
+            return Ok(());
+        };
+        self.backend.attach_tap(network::TAP_NAME)?;
+        network::redirect(&netns, &interface, req.mtu)?;
+        self.agent.configure_network(&req)?;
+        log::info!(
+            "sandbox {}: {interface} in {} joined to the guest ({} addresses)",
+            self.id,
+            netns.display(),
+            req.addresses.len()
+        );
+        Ok(())
+    }
+
     /// Stops the sandbox process and removes its directory.
     pub fn stop(&self) {
         stop_process(&*self.backend, self.pid, &self.life, &self.stopping);
+        if let Some(netns) = self.joined_netns() {
+            network::unlink(&netns);
+        }
         // Debug aid: keep the logs (console, VMM stderr) of stopped sandboxes.
         if let Some(keep) = std::env::var_os(KEEP_LOGS_ENV) {
             let dest = PathBuf::from(keep).join(self.dir.file_name().unwrap_or_default());

@@ -191,6 +191,11 @@ impl Backend for VmBackend {
         }
     }
 
+    fn attach_tap(&self, name: &str) -> Result<()> {
+        self.client()?.attach_tap(name)?;
+        Ok(())
+    }
+
     fn restored(&self) -> bool {
         self.template.lock().map(|g| g.is_some()).unwrap_or(false)
     }

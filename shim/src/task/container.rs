@@ -180,6 +180,7 @@ impl Tasks {
             sandbox_pid: sb.pid(),
             sandbox_cgroup: sb.cgroup.clone(),
             vmm_cgroups: sb.vmm_cgroups.clone(),
+            pod_netns: sb.joined_netns(),
             image: Some(image.clone()),
         };
         record.write(bundle)?;

@@ -11,7 +11,7 @@ use super::agent_events::start_event_loop;
 use super::process::now;
 use super::{lock, Tasks};
 use crate::error::{Error, Result};
-use crate::sandbox::{PodCgroup, Sandbox};
+use crate::sandbox::{PodCgroup, PodNetns, Sandbox};
 use crate::spec::{self, PodRole};
 use thaw_config::{BackendKind, Config};
 
@@ -68,21 +68,17 @@ impl Tasks {
                 vm.vcpus,
                 vm.memory_mib
             );
-            if let Some(netns) = spec::network_namespace_path(&bundle_spec.json) {
-                log::warn!(
-                    "sandbox {id}: the pod's network namespace {netns} does not reach the VM \
-                     (no virtio-net yet): its containers have loopback only"
-                );
-            }
         }
         let grouping = role.grouping(id).to_string();
         let pod_cgroup = PodCgroup::from_spec(&bundle_spec.json)?;
+        let netns = PodNetns::from_spec(&bundle_spec.json)?;
         let sb = Arc::new(Sandbox::start(
             &cfg,
             &vm,
             &self.namespace,
             &grouping,
             pod_cgroup,
+            netns,
         )?);
         let weak = Arc::downgrade(self);
         sb.on_death(move |why| {
