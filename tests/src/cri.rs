@@ -100,7 +100,7 @@ impl CriSetup {
             "plugins": [{
                 "type": "bridge",
                 "bridge": bridge,
-                "isGateway": false,
+                "isGateway": true,
                 "ipMasq": false,
                 "hairpinMode": false,
                 "ipam": {
@@ -289,6 +289,17 @@ fn cgroup_mounts() -> Vec<PathBuf> {
             (fstype == "cgroup" || fstype == "cgroup2").then(|| PathBuf::from(mountpoint))
         })
         .collect()
+}
+
+/// The host's network interfaces by name.
+pub fn host_links() -> BTreeSet<String> {
+    fs::read_dir("/sys/class/net")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// CRI's pinned network namespaces (`cni-<uuid>`) now present.

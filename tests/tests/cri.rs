@@ -89,10 +89,7 @@ fn st(what: &str, s: tonic::Status) -> String {
 /// still runs and its error still prints, marked "known"; the suite does
 /// not fail for it, but does fail when it passes (then the entry is stale
 /// and must go).
-const KNOWN_THAW_GAPS: &[(&str, &str)] = &[(
-    "network: container sees pod IP and hostname",
-    "issue 12: no virtio-net yet, so the pod's interface is not in the VM",
-)];
+const KNOWN_THAW_GAPS: &[(&str, &str)] = &[];
 
 fn known_gap(name: &str) -> Option<&'static str> {
     KNOWN_THAW_GAPS
@@ -398,6 +395,43 @@ impl Ctx<'_> {
             .ok_or_else(|| "ContainerStatus: no status".to_string())
     }
 
+    /// The pod's IP, checked to be from the CNI subnet.
+    fn pod_ip(&self, pod: &Pod) -> Res<String> {
+        let ip = self
+            .pod_status(&pod.id)?
+            .network
+            .map(|n| n.ip)
+            .unwrap_or_default();
+        ensure(ip.starts_with(POD_SUBNET_PREFIX), || {
+            format!("pod IP {ip:?} is not from the CNI subnet")
+        })?;
+        Ok(ip)
+    }
+
+    /// The path of the pod's network namespace (verbose PodSandboxStatus).
+    fn pod_netns(&self, pod: &Pod) -> Res<String> {
+        let info = self
+            .quick()
+            .pod_sandbox_status(api::PodSandboxStatusRequest {
+                pod_sandbox_id: pod.id.clone(),
+                verbose: true,
+            })
+            .map_err(|e| st("PodSandboxStatus", e))?
+            .info;
+        let json = info.get("info").cloned().unwrap_or_default();
+        let v: serde_json::Value =
+            serde_json::from_str(&json).map_err(|e| format!("verbose pod info: {e}"))?;
+        v.pointer("/runtimeSpec/linux/namespaces")
+            .and_then(|n| n.as_array())
+            .and_then(|list| {
+                list.iter()
+                    .find(|n| n["type"] == "network")
+                    .and_then(|n| n["path"].as_str())
+            })
+            .map(str::to_string)
+            .ok_or_else(|| format!("no network namespace path in the pod's info: {json}"))
+    }
+
     fn pod_status(&self, id: &str) -> Res<api::PodSandboxStatus> {
         self.quick()
             .pod_sandbox_status(api::PodSandboxStatusRequest {
@@ -608,8 +642,8 @@ fn netns_pod(x: &Ctx) -> Vec<Outcome> {
             ]
         }
     };
-    let ip = match x.pod_status(&pod.id) {
-        Ok(s) => s.network.map(|n| n.ip).unwrap_or_default(),
+    let ip = match x.pod_ip(&pod) {
+        Ok(ip) => ip,
         Err(e) => {
             return vec![
                 Outcome::Fail(e),
@@ -617,21 +651,6 @@ fn netns_pod(x: &Ctx) -> Vec<Outcome> {
             ]
         }
     };
-    let first = Outcome::from(
-        ensure(ip.starts_with(POD_SUBNET_PREFIX), || {
-            format!("pod IP {ip:?} is not from the CNI subnet")
-        })
-        .and_then(|()| {
-            // Until the VM has a network device, the shim says so.
-            let said =
-                x.c.containerd_log()
-                    .lines()
-                    .any(|l| l.contains(&pod.id) && l.contains("does not reach the VM"));
-            ensure(x.handler != "thaw" || said, || {
-                "the shim log does not say that the pod's network does not reach the VM".into()
-            })
-        }),
-    );
     let inside = Outcome::from((|| {
         let id = x.sleeper(&pod, "net")?;
         let addr = x.sh(&id, "ip -4 -o addr show eth0")?;
@@ -643,7 +662,133 @@ fn netns_pod(x: &Ctx) -> Vec<Outcome> {
             format!("hostname {host:?}, want the pod's thaw-cri-netns")
         })
     })());
-    vec![first, inside]
+    vec![Outcome::Pass, inside]
+}
+
+/// The port the network checks' servers listen on in the pods.
+const ECHO_PORT: u16 = 7000;
+
+/// A pod on the CNI bridge with a server answering every TCP connection
+/// on [`ECHO_PORT`] with `hello-from-<hostname>`.
+fn echo_pod(x: &Ctx, name: &str) -> Res<(Pod, String, String)> {
+    let opts = PodOpts {
+        own_netns: true,
+        hostname: format!("thaw-{name}"),
+        ..Default::default()
+    };
+    let pod = x.run_pod(name, opts)?;
+    let ip = x.pod_ip(&pod)?;
+    let script =
+        format!("while true; do echo hello-from-$(hostname) | nc -l -p {ECHO_PORT}; done");
+    let id = x.run(&pod, "echo", &["sh", "-c", &script], |_| {})?;
+    Ok((pod, ip, id))
+}
+
+/// Connects to `ip:port` from a container, retrying while the server is
+/// not listening yet, and returns what the server said.
+fn fetch_from(x: &Ctx, container: &str, ip: &str, port: u16) -> Res<String> {
+    let script = format!(
+        "for i in $(seq 50); do out=$(nc -w 3 {ip} {port} </dev/null) && [ -n \"$out\" ] && \
+         {{ echo \"$out\"; exit 0; }}; sleep 0.2; done; exit 1"
+    );
+    x.sh(container, &script).map(|s| s.trim().to_string())
+}
+
+/// Two pods on one bridge reach each other over TCP, the host reaches a
+/// pod's IP, and a pod reaches the host through its gateway.
+fn pod_traffic(x: &Ctx) -> Vec<Outcome> {
+    let pods = echo_pod(x, "net-a").and_then(|a| Ok((a, echo_pod(x, "net-b")?)));
+    let ((_pod_a, ip_a, srv_a), (_pod_b, ip_b, srv_b)) = match pods {
+        Ok(p) => p,
+        Err(e) => {
+            return vec![
+                Outcome::Fail(e),
+                Outcome::Skip("depends on two pods with servers".into()),
+            ]
+        }
+    };
+    let between = Outcome::from((|| {
+        let got = fetch_from(x, &srv_b, &ip_a, ECHO_PORT)?;
+        ensure(got == "hello-from-thaw-net-a", || {
+            format!("pod b -> {ip_a}:{ECHO_PORT} read {got:?}")
+        })?;
+        let got = fetch_from(x, &srv_a, &ip_b, ECHO_PORT)?;
+        ensure(got == "hello-from-thaw-net-b", || {
+            format!("pod a -> {ip_b}:{ECHO_PORT} read {got:?}")
+        })
+    })());
+    let host = Outcome::from((|| {
+        let got = fetch_from_host(&ip_a, ECHO_PORT)?;
+        ensure(got == "hello-from-thaw-net-a", || {
+            format!("host -> {ip_a}:{ECHO_PORT} read {got:?}")
+        })?;
+        let gateway = format!("{POD_SUBNET_PREFIX}1");
+        let listener = std::net::TcpListener::bind((gateway.as_str(), 0))
+            .map_err(|e| format!("listening on the gateway {gateway}: {e}"))?;
+        let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+        let server = std::thread::spawn(move || -> Result<(), String> {
+            use std::io::Write;
+            let (mut s, peer) = listener.accept().map_err(|e| e.to_string())?;
+            s.write_all(b"hello-from-host\n").map_err(|e| e.to_string())?;
+            ensure(peer.ip().to_string() == ip_a, || {
+                format!("the host saw the connection from {peer}, not {ip_a}")
+            })
+        });
+        let got = fetch_from(x, &srv_a, &gateway, port)?;
+        server
+            .join()
+            .map_err(|_| "the host's server panicked".to_string())??;
+        ensure(got == "hello-from-host", || {
+            format!("pod a -> host {gateway}:{port} read {got:?}")
+        })
+    })());
+    vec![between, host]
+}
+
+/// What the server at `ip:port` says to the host, retrying while it is
+/// not listening yet.
+fn fetch_from_host(ip: &str, port: u16) -> Res<String> {
+    use std::io::Read;
+    let addr: std::net::SocketAddr = format!("{ip}:{port}")
+        .parse()
+        .map_err(|e| format!("{ip}:{port}: {e}"))?;
+    let mut last = String::new();
+    for _ in 0..50 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+            Ok(mut s) => {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut out = String::new();
+                match s.read_to_string(&mut out) {
+                    Ok(_) if !out.trim().is_empty() => return Ok(out.trim().to_string()),
+                    Ok(_) => last = "empty reply".into(),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(format!("host -> {addr}: {last}"))
+}
+
+/// Removing a pod leaves no network namespace, tap or bridge port.
+fn network_cleanup(x: &Ctx) -> Res {
+    let before = thaw_tests::cri::host_links();
+    let (pod, _ip, _srv) = echo_pod(x, "net-gone")?;
+    let netns = x.pod_netns(&pod)?;
+    drop(pod);
+    ensure(!Path::new(&netns).exists(), || {
+        format!("{netns} still exists after RemovePodSandbox")
+    })?;
+    let after = thaw_tests::cri::host_links();
+    // The bridge is CNI's, made by the first pod on it and kept.
+    let new: Vec<&String> = after
+        .difference(&before)
+        .filter(|l| **l != x.setup.bridge)
+        .collect();
+    ensure(new.is_empty(), || {
+        format!("host interfaces left after RemovePodSandbox: {new:?}")
+    })
 }
 
 /// Two containers in one pod, both running, listed under the pod.
@@ -1651,6 +1796,17 @@ fn checks() -> Vec<Check> {
                 "network: container sees pod IP and hostname",
             ],
             netns_pod,
+        ),
+        Many(
+            &[
+                "network: two pods exchange TCP both ways",
+                "network: host reaches a pod IP, a pod reaches the host via its gateway",
+            ],
+            pod_traffic,
+        ),
+        One(
+            "network: no netns, tap or bridge port left after RemovePodSandbox",
+            network_cleanup,
         ),
         One(
             "container: two containers in one pod running",
