@@ -36,10 +36,23 @@ pub struct Finished {
 
 /// Runs `cmd` with piped output, killing it after `timeout`.
 pub fn run(cmd: &mut Command, timeout: Duration) -> Result<Finished> {
+    run_with_input(cmd, None, timeout)
+}
+
+/// [`run`], with `input` on the program's stdin (closed after it).
+pub fn run_with_input(
+    cmd: &mut Command,
+    input: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Result<Finished> {
     let what = format!("{:?}", cmd.get_program());
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     // Subscribe before spawning so a fast exit cannot be missed.
     let sub = if reaper_active() {
         Some(monitor_subscribe(Topic::Pid).map_err(|e| Error::Shim(e.to_string()))?)
@@ -50,6 +63,14 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Result<Finished> {
         .spawn()
         .map_err(|e| Error::io(format!("starting {what}"), e))?;
     let pid = child.id() as i32;
+    if let (Some(mut stdin), Some(input)) = (child.stdin.take(), input) {
+        // On its own thread: a program that reads nothing must not block
+        // us on a full pipe. EPIPE is its right.
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = stdin.write_all(&input);
+        });
+    }
     let out = child.stdout.take();
     let err = child.stderr.take();
     let read = |r: Option<Box<dyn Read + Send>>| {

@@ -6,6 +6,7 @@ mod agent;
 mod child;
 mod error;
 mod events;
+mod hooks;
 mod image_cache;
 mod metrics;
 mod record;

@@ -15,6 +15,7 @@ use containerd_shim::protos::shim::oci::ProcessDetails;
 use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
 
+use crate::hooks::Stage;
 use crate::error::{Error, Result};
 use crate::events::Events;
 use crate::metrics::metrics_from;
@@ -137,11 +138,19 @@ impl Task for Service {
             let p = self.tasks.process(&req.id, &req.exec_id)?;
             let sb = self.tasks.running_sandbox()?;
             sb.connect_network()?;
+            let container = self.tasks.container(&req.id)?;
+            let init = req.exec_id.is_empty();
+            if init {
+                container.run_hooks(Stage::StartContainer, sb.pid())?;
+            }
             let pid = p.start(
                 sb.agent(),
                 |agent_pid| sb.task_pid(agent_pid),
                 self.tasks.events(),
             )?;
+            if init {
+                container.run_hooks_logged(Stage::Poststart, sb.pid());
+            }
             Ok(api::StartResponse {
                 pid,
                 ..Default::default()

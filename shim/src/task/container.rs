@@ -19,6 +19,7 @@ use super::process::{now, ProcState, Process};
 use super::undo::Undo;
 use super::{lock, Tasks};
 use crate::error::{Error, Result};
+use crate::hooks::{HookState, Hooks, Stage};
 use crate::image_cache::{ImageCache, ImageRef};
 use crate::record::ContainerRecord;
 use crate::rootfs;
@@ -38,9 +39,34 @@ pub struct Container {
     execs: Mutex<HashMap<String, Arc<Process>>>,
     image: Mutex<Option<ImageRef>>,
     attached: Mutex<Option<Attached>>,
+    /// The spec's OCI hooks, run on the host (see [`crate::hooks`]).
+    hooks: Hooks,
+    oci_version: String,
+    annotations: HashMap<String, String>,
 }
 
 impl Container {
+    /// Runs the container's hooks of `stage`, with the sandbox process's
+    /// pid in the state.
+    pub fn run_hooks(&self, stage: Stage, pid: u32) -> Result<()> {
+        self.hooks.run(stage, &self.hook_state(pid))
+    }
+
+    /// [`Container::run_hooks`] for the stages whose failure is only logged.
+    pub fn run_hooks_logged(&self, stage: Stage, pid: u32) {
+        self.hooks.run_logged(stage, &self.hook_state(pid));
+    }
+
+    fn hook_state(&self, pid: u32) -> HookState<'_> {
+        HookState {
+            oci_version: &self.oci_version,
+            id: &self.id,
+            pid,
+            bundle: &self.bundle,
+            annotations: &self.annotations,
+        }
+    }
+
     /// The init (`exec_id` empty) or one of the execs.
     pub fn process(&self, exec_id: &str) -> Result<Arc<Process>> {
         if exec_id.is_empty() {
@@ -199,6 +225,23 @@ impl Tasks {
             });
         }
 
+        let hooks = Hooks::from_spec(&bundle_spec.json)?;
+        let oci_version = bundle_spec
+            .json
+            .get("ociVersion")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("1.0.2")
+            .to_string();
+        hooks.run(
+            Stage::Create,
+            &HookState {
+                oci_version: &oci_version,
+                id: &id,
+                pid: sb.pid(),
+                bundle,
+                annotations: &bundle_spec.annotations,
+            },
+        )?;
         let spec_json = sb.adapt_spec(&bundle_spec.json)?;
         let stdio_paths = StdioPaths {
             stdin: req.stdin.clone(),
@@ -255,6 +298,9 @@ impl Tasks {
             execs: Mutex::new(HashMap::new()),
             image: Mutex::new(Some(image)),
             attached: Mutex::new(lock(&attached).take()),
+            hooks,
+            oci_version,
+            annotations: bundle_spec.annotations.clone(),
         });
         lock(&self.containers).insert(id.clone(), c);
         self.events.publish(
@@ -394,6 +440,7 @@ impl Tasks {
                 log::warn!("releasing image {}: {e}", image.key);
             }
         }
+        c.run_hooks_logged(Stage::Poststop, st.pid);
         ContainerRecord::remove(&c.bundle);
         if let (PodRole::Sandbox { sandbox_id }, Some(sb)) = (&c.role, &sb) {
             if let Err(e) = sb.agent().destroy_sandbox(sandbox_id) {
