@@ -5,6 +5,7 @@
 pub mod channel;
 pub mod cli;
 pub mod error;
+pub mod forward;
 pub mod guest;
 pub mod host;
 pub mod init;

@@ -230,6 +230,16 @@ impl Agent for AgentService {
         Ok(Empty::new())
     }
 
+    async fn forward_port(
+        &self,
+        _: &TtrpcContext,
+        req: ForwardPortRequest,
+    ) -> ttrpc::Result<Empty> {
+        let host = self.rt.config().host.clone();
+        blocking(move || crate::forward::forward(&host, req.port, req.host_port)).await?;
+        Ok(Empty::new())
+    }
+
     async fn set_time(&self, _: &TtrpcContext, req: SetTimeRequest) -> ttrpc::Result<Empty> {
         let pid1 = self.rt.config().pid1;
         blocking(move || guest::set_time(req.unix_time_ns, pid1)).await?;

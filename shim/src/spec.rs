@@ -384,10 +384,6 @@ fn refuse_host_namespaces(spec: &Value) -> Result<()> {
 pub fn for_vm(spec: &Value) -> Result<Value> {
     refuse_host_namespaces(spec)?;
     let mut spec = spec.clone();
-    // Host programs, run by the shim (crate::hooks).
-    if let Some(o) = spec.as_object_mut() {
-        o.remove("hooks");
-    }
     if let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) {
         let mut kept = Vec::new();
         for m in mounts.drain(..) {

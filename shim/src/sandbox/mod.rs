@@ -481,7 +481,12 @@ impl Sandbox {
     }
 
     pub fn adapt_spec(&self, spec: &serde_json::Value) -> Result<serde_json::Value> {
-        self.backend.adapt_spec(spec)
+        let mut spec = self.backend.adapt_spec(spec)?;
+        // Host programs, run by the shim (crate::hooks), never the guest.
+        if let Some(o) = spec.as_object_mut() {
+            o.remove("hooks");
+        }
+        Ok(spec)
     }
 
     pub fn mounted(&self, a: &Attached) {
