@@ -11,6 +11,7 @@ use thaw_agent_protocol::{agent, transport, PROTOCOL_VERSION};
 
 use crate::error::{Error, Result};
 
+#[derive(Clone)]
 pub struct Agent {
     client: AgentClient,
     timeout: Duration,
@@ -92,6 +93,18 @@ impl Agent {
             .set_identity(self.ctx(), &r)
             .map(|_| ())
             .map_err(|e| map_err("SetIdentity", e))
+    }
+
+    /// Has the agent connect to `port` on the guest's loopback and dial
+    /// the stream back to host port `host_port`.
+    pub fn forward_port(&self, port: u32, host_port: u32) -> Result<()> {
+        let mut r = agent::ForwardPortRequest::new();
+        r.port = port;
+        r.host_port = host_port;
+        self.client
+            .forward_port(self.ctx(), &r)
+            .map(|_| ())
+            .map_err(|e| map_err("ForwardPort", e))
     }
 
     /// Gives the guest NIC the pod's network.

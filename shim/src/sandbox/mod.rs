@@ -8,6 +8,8 @@
 mod cgroup;
 mod host;
 pub mod network;
+mod port_forward;
+mod sk_lookup;
 mod vm;
 
 use std::fs::{self, File};
@@ -192,8 +194,10 @@ pub struct Sandbox {
     life: Arc<Life>,
     stopping: Arc<AtomicBool>,
     on_death: Arc<Mutex<Option<DeathHook>>>,
-    next_port: AtomicU32,
+    next_port: Arc<AtomicU32>,
     slots: Mutex<Vec<bool>>,
+    /// CRI PortForward into the guest (pods with a network namespace).
+    forwarder: Mutex<Option<port_forward::PortForwarder>>,
     /// Where the VMM's network namespace came from.
     netns: PodNetns,
     /// Whether the pod's network was looked at (once, at the first start).
@@ -398,7 +402,8 @@ impl Sandbox {
             life,
             stopping,
             on_death,
-            next_port: AtomicU32::new(FIRST_STDIO_PORT),
+            next_port: Arc::new(AtomicU32::new(FIRST_STDIO_PORT)),
+            forwarder: Mutex::new(None),
             slots: Mutex::new(vec![false; spare as usize]),
             netns,
             network_checked: Mutex::new(false),
@@ -531,6 +536,17 @@ impl Sandbox {
         let Some(netns) = self.netns.path(self.pid) else {
             return Ok(());
         };
+        if let PodNetns::Joined { .. } = self.netns {
+            let f = port_forward::PortForwarder::start(
+                &netns,
+                self.agent.clone(),
+                self.uds.clone(),
+                self.next_port.clone(),
+            )?;
+            if let Ok(mut g) = self.forwarder.lock() {
+                *g = Some(f);
+            }
+        }
         let Some((interface, req)) = network::read_interface(&netns)? else {
             log::info!(
                 "sandbox {}: no interface in {}: the guest has loopback only",
@@ -553,6 +569,9 @@ impl Sandbox {
 
     /// Stops the sandbox process and removes its directory.
     pub fn stop(&self) {
+        if let Ok(mut f) = self.forwarder.lock() {
+            f.take();
+        }
         stop_process(&*self.backend, self.pid, &self.life, &self.stopping);
         if let Some(netns) = self.joined_netns() {
             network::unlink(&netns);

@@ -124,7 +124,7 @@ pub fn open_netns(path: &Path) -> Result<File> {
 
 /// Runs `f` on a thread that has entered the namespace at `path`, so the
 /// shim's own threads never change namespace.
-fn in_netns<T: Send + 'static>(
+pub(super) fn in_netns<T: Send + 'static>(
     path: &Path,
     f: impl FnOnce(&mut Netlink) -> Result<T> + Send + 'static,
 ) -> Result<T> {
