@@ -9,20 +9,23 @@
 //!   there was none.
 //! - `has_ingress_qdisc`: from a qdisc dump.
 //! - `redirect_ingress(from, to)`: on `from`'s ingress qdisc (which must
-//!   exist), one `matchall` filter, protocol all, priority 1, whose only
-//!   action is `mirred egress redirect dev to`: `tc filter add dev FROM
-//!   parent ffff: protocol all prio 1 matchall action mirred egress
-//!   redirect dev TO`. A second call on the same `from` is EEXIST.
+//!   exist), one catch-all filter, protocol all, priority 1, handle
+//!   800::800, whose only action is `mirred egress redirect dev to`: what
+//!   `tc filter add dev FROM parent ffff: protocol all prio 1 handle
+//!   800::800 u32 match u8 0 0 action mirred egress redirect dev TO` does.
+//!   A second call on the same `from` is EEXIST (the fixed handle).
 //!
-//! `matchall` (Linux 4.8+) rather than the `u32 match u8 0 0` Kata and
-//! tc-redirect-tap use: same effect, no selector to build, and
-//! netlink-packet-route models both, with the mirred action.
+//! The classifier is `u32` with one key that masks nothing (matches every
+//! frame), as Kata and tc-redirect-tap use, not `matchall`, although
+//! netlink-packet-route models both: `matchall` (CONFIG_NET_CLS_MATCHALL)
+//! is missing from kernels this runs on (the test machine's answers "TC
+//! classifier not found"), while `u32` is everywhere tc is.
 
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 use netlink_packet_route::tc::{
     TcAction, TcActionAttribute, TcActionGeneric, TcActionMirrorOption, TcActionOption,
-    TcActionType, TcAttribute, TcFilterMatchAll, TcFilterMatchAllOption, TcHandle, TcMessage,
-    TcMirror, TcMirrorActionType, TcOption,
+    TcActionType, TcAttribute, TcFilterU32, TcFilterU32Option, TcHandle, TcMessage, TcMirror,
+    TcMirrorActionType, TcOption, TcU32Key, TcU32Selector, TcU32SelectorFlags,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 
@@ -37,6 +40,12 @@ const INGRESS_HANDLE: TcHandle = TcHandle {
 /// Filter priority of the redirect: fixed, so a second redirect on the
 /// same link is refused (EEXIST) instead of stacking silently.
 const REDIRECT_PRIO: u32 = 1;
+/// u32 handle 800::800: hash table 0x800 (the one u32 makes by default),
+/// bucket 0, node 0x800. Fixed so that `NLM_F_EXCL` catches a duplicate.
+const REDIRECT_HANDLE: TcHandle = TcHandle {
+    major: 0x8000,
+    minor: 0x0800,
+};
 /// ETH_P_ALL: the filter sees every protocol.
 const ETH_P_ALL: u16 = 0x0003;
 
@@ -93,6 +102,7 @@ impl Netlink {
         let op = format!("redirecting the ingress of link {from} to the egress of link {to}");
         let mut msg = tc_message(&op, from)?;
         msg.header.parent = INGRESS_HANDLE;
+        msg.header.handle = REDIRECT_HANDLE;
         // tcm_info of a filter: priority in the upper 16 bits, protocol (in
         // network byte order) in the lower.
         msg.header.info = (REDIRECT_PRIO << 16) | u32::from(ETH_P_ALL.to_be());
@@ -112,12 +122,18 @@ impl Netlink {
                 mirred,
             ))]),
         ];
+        // `match u8 0 0`: one key, mask 0, so every frame matches;
+        // terminal: the actions run on a match.
+        let mut selector = TcU32Selector::default();
+        selector.flags = TcU32SelectorFlags::Terminal;
+        selector.keys = vec![TcU32Key::default()];
+        selector.nkeys = 1;
         msg.attributes
-            .push(TcAttribute::Kind(TcFilterMatchAll::KIND.to_string()));
-        msg.attributes
-            .push(TcAttribute::Options(vec![TcOption::MatchAll(
-                TcFilterMatchAllOption::Action(vec![action]),
-            )]));
+            .push(TcAttribute::Kind(TcFilterU32::KIND.to_string()));
+        msg.attributes.push(TcAttribute::Options(vec![
+            TcOption::U32(TcFilterU32Option::Selector(selector)),
+            TcOption::U32(TcFilterU32Option::Action(vec![action])),
+        ]));
         self.request(
             &op,
             RouteNetlinkMessage::NewTrafficFilter(msg),
