@@ -451,6 +451,18 @@ fn redirect_ingress_moves_frames_to_the_other_link() {
             "the frame sent into tb0 did not come out of td0"
         );
 
+        // The other direction too, as for a veth and a tap: D sends into C,
+        // C's ingress goes out of A, B receives.
+        nl.add_ingress_qdisc(c.index).unwrap();
+        nl.redirect_ingress(c.index, a.index).unwrap();
+        let back_tx = packet_socket(d.index);
+        let back_rx = packet_socket(b.index);
+        send_frame(&back_tx, d.mac.unwrap(), b"thaw-back");
+        assert!(
+            receives(&back_rx, b"thaw-back", Duration::from_secs(3)),
+            "the frame sent into td0 did not come out of tb0"
+        );
+
         // One redirect per link: a second one is refused, not stacked.
         let err = nl.redirect_ingress(a.index, c.index).unwrap_err();
         assert_eq!(err.errno(), Some(libc::EEXIST), "{err}");
