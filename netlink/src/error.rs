@@ -13,6 +13,13 @@ pub enum Error {
     /// The NETLINK_ROUTE socket could not be made, bound or connected.
     #[error("opening a NETLINK_ROUTE socket: {0}")]
     Open(#[source] io::Error),
+    /// The network namespace at `path` could not be opened or entered.
+    #[error("entering network namespace {}: {source}", path.display())]
+    Netns {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
     /// send/recv on the socket failed.
     #[error("{op}: netlink socket: {source}")]
     Socket {
@@ -51,7 +58,9 @@ impl Error {
     pub fn errno(&self) -> Option<i32> {
         match self {
             Error::Kernel { errno, .. } => Some(*errno),
-            Error::Socket { source, .. } | Error::Open(source) => source.raw_os_error(),
+            Error::Socket { source, .. } | Error::Netns { source, .. } | Error::Open(source) => {
+                source.raw_os_error()
+            }
             _ => None,
         }
     }

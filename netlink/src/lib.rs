@@ -8,7 +8,8 @@
 //! `add_neighbour`).
 //!
 //! Contract: a [`Netlink`] works in the network namespace of the thread
-//! that opened it, one blocking request at a time (no async runtime, no
+//! that opened it ([`Netlink::open`]) or of the namespace file it was given
+//! ([`Netlink::open_in`], which leaves the calling thread where it is), one blocking request at a time (no async runtime, no
 //! `ip`/`tc` subprocesses). Every failure is one [`Error`] naming the
 //! operation, the link index or name, address or route, and the errno.
 //! The plain data types are serde-able so the shim can record them and

@@ -14,6 +14,11 @@
 //! becomes `Error::Kernel` naming the operation, the errno and the kernel's
 //! extended-ack text if any.
 
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_CAPPED,
     NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
@@ -65,6 +70,32 @@ impl Netlink {
             seq: 0,
             buf: Vec::with_capacity(RECV_BUF),
         })
+    }
+
+    /// NETLINK_ROUTE in the network namespace at `netns` (a pod's
+    /// `/var/run/netns/…` or `/proc/PID/ns/net`), without moving the
+    /// calling thread: a short-lived helper thread enters the namespace and
+    /// opens the socket, which stays in that namespace.
+    pub fn open_in(netns: &Path) -> Result<Self, Error> {
+        let ns_error = |source| Error::Netns {
+            path: netns.to_path_buf(),
+            source,
+        };
+        let file = File::open(netns).map_err(ns_error)?;
+        let opened = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: setns takes a descriptor we own (kept open by
+                    // `file` for the call) and changes only this helper
+                    // thread, which ends right after.
+                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(ns_error(io::Error::last_os_error()));
+                    }
+                    Netlink::open()
+                })
+                .join()
+        });
+        opened.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     }
 
     /// All messages of a dump of `msg`'s kind.
@@ -192,7 +223,7 @@ impl Netlink {
                         detail: format!("sent {n} of {} bytes", data.len()),
                     })
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(source) => {
                     return Err(Error::Socket {
                         op: op.to_string(),
@@ -217,7 +248,7 @@ impl Netlink {
                     })
                 }
                 Ok(n) => return Ok(n),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(source) => {
                     return Err(Error::Socket {
                         op: op.to_string(),

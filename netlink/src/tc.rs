@@ -23,9 +23,9 @@
 
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 use netlink_packet_route::tc::{
-    TcAction, TcActionAttribute, TcActionGeneric, TcActionMirrorOption, TcActionOption,
-    TcActionType, TcAttribute, TcFilterU32, TcFilterU32Option, TcHandle, TcMessage, TcMirror,
-    TcMirrorActionType, TcOption, TcU32Key, TcU32Selector, TcU32SelectorFlags,
+    TcAction, TcActionAttribute, TcActionGeneric, TcActionMirror, TcActionMirrorOption,
+    TcActionOption, TcActionType, TcAttribute, TcFilterU32, TcFilterU32Option, TcHandle, TcMessage,
+    TcMirror, TcMirrorActionType, TcOption, TcU32Key, TcU32Selector, TcU32SelectorFlags,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 
@@ -72,8 +72,10 @@ impl Netlink {
         let mut msg = tc_message(&op, index)?;
         msg.header.parent = TcHandle::INGRESS;
         // Handle 0: the kernel takes whatever sits at the ingress parent and
-        // answers ENOENT when that is nothing (or the built-in noop qdisc);
-        // with handle ffff: it would answer EINVAL there instead.
+        // answers ENOENT both when there never was an ingress qdisc and when
+        // only the noop placeholder is left after a delete (both tested).
+        // With handle ffff: the second case is EINVAL "Invalid handle" in
+        // tc_get_qdisc, indistinguishable from a real error.
         match self.request(&op, RouteNetlinkMessage::DelQueueDiscipline(msg), 0) {
             Ok(_) => Ok(true),
             Err(Error::Kernel { errno, .. }) if errno == libc::ENOENT => Ok(false),
@@ -117,7 +119,7 @@ impl Netlink {
 
         let mut action = TcAction::default();
         action.attributes = vec![
-            TcActionAttribute::Kind(netlink_packet_route::tc::TcActionMirror::KIND.to_string()),
+            TcActionAttribute::Kind(TcActionMirror::KIND.to_string()),
             TcActionAttribute::Options(vec![TcActionOption::Mirror(TcActionMirrorOption::Parms(
                 mirred,
             ))]),

@@ -473,3 +473,45 @@ fn redirect_ingress_moves_frames_to_the_other_link() {
         assert!(!receives(&rx, b"thaw-after", Duration::from_millis(300)));
     });
 }
+
+#[test]
+fn open_in_another_namespace() {
+    in_netns("open_in_another_namespace", |nl| {
+        // A second namespace, held by a thread until told to go.
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            // SAFETY: as in `in_netns`: only this thread moves.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+            Netlink::open()
+                .unwrap()
+                .create_veth("inner0", "inner1")
+                .unwrap();
+            // SAFETY: gettid has no arguments and cannot fail.
+            let tid = unsafe { libc::gettid() };
+            ready_tx.send(format!("/proc/{tid}/ns/net")).unwrap();
+            let _ = done_rx.recv();
+        });
+        let path = ready_rx.recv().unwrap();
+        let mut inner = Netlink::open_in(std::path::Path::new(&path)).unwrap();
+        assert_eq!(
+            inner.link_by_name("inner0").unwrap().kind.as_deref(),
+            Some("veth")
+        );
+        // This thread stayed where it was.
+        assert!(matches!(
+            nl.link_by_name("inner0"),
+            Err(Error::LinkNotFound(_))
+        ));
+        assert!(matches!(
+            Netlink::open().unwrap().link_by_name("inner0"),
+            Err(Error::LinkNotFound(_))
+        ));
+        done_tx.send(()).unwrap();
+        holder.join().unwrap();
+
+        let err = Netlink::open_in(std::path::Path::new("/nonexistent/netns")).unwrap_err();
+        assert_eq!(err.errno(), Some(libc::ENOENT), "{err}");
+        assert!(err.to_string().contains("/nonexistent/netns"), "{err}");
+    });
+}
