@@ -171,7 +171,7 @@ fn apply(plan: &Plan) -> Result<()> {
         match nl.add_route(i, r) {
             Ok(()) => {}
             // Adding an address made its subnet route already.
-            Err(e) if r.gateway.is_none() && e.is_exists() => {}
+            Err(e) if r.gateway.is_none() && e.errno() == Some(libc::EEXIST) => {}
             Err(e) => return Err(net_err(format!("adding route {r:?} on {name}"))(e)),
         }
     }
@@ -234,7 +234,7 @@ mod tests {
         let cases: Vec<(fn(&mut ConfigureNetworkRequest), &str)> = vec![
             (|r| r.mac = "02:42".into(), "mac"),
             (|r| r.mtu = 20, "mtu 20"),
-            (|r| r.addresses[0].cidr = "10.88.0.5".into(), "address"),
+            (|r| r.addresses[0].cidr = "10.88.0.5/40".into(), "address"),
             (|r| r.routes[0].gateway = "gw".into(), "route gateway"),
             (|r| r.routes[1].destination = "x/1".into(), "route destination"),
             (|r| r.neighbors[0].ip = "::g".into(), "neighbor"),

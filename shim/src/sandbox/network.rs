@@ -145,7 +145,7 @@ pub(super) fn in_netns<T: Send + 'static>(
                 .map_err(|e| Error::Sandbox(format!("netlink in {shown}: {e}")))?;
             f(&mut nl)
         })
-        .map_err(|e| Error::io("starting a network namespace thread".into(), e))?;
+        .map_err(|e| Error::io("starting a network namespace thread".to_string(), e))?;
     handle
         .join()
         .map_err(|_| Error::Shim("the network namespace thread panicked".into()))?

@@ -50,7 +50,7 @@ impl PortForwarder {
                 Error::io(format!("listening on the loopback of {shown}"), e)
             })?;
             let ns = std::fs::File::open("/proc/thread-self/ns/net")
-                .map_err(|e| Error::io("opening the pod network namespace".into(), e))?;
+                .map_err(|e| Error::io("opening the pod network namespace".to_string(), e))?;
             let steering = steer_loopback(ns.as_raw_fd(), &listener).map_err(|e| {
                 Error::io(
                     format!("steering loopback connections in {shown} (port forwarding)"),
@@ -64,7 +64,7 @@ impl PortForwarder {
         let accept = std::thread::Builder::new()
             .name("thaw-port-fwd".into())
             .spawn(move || accept_loop(&l, &agent, &uds, &ports))
-            .map_err(|e| Error::io("starting the port forwarding thread".into(), e))?;
+            .map_err(|e| Error::io("starting the port forwarding thread".to_string(), e))?;
         Ok(PortForwarder {
             listener,
             _steering: steering,
@@ -118,7 +118,7 @@ fn accept_loop(listener: &TcpListener, agent: &Agent, uds: &Path, ports: &Atomic
 fn forward_one(conn: TcpStream, agent: &Agent, uds: &Path, host_port: u32) -> Result<()> {
     let port = conn
         .local_addr()
-        .map_err(|e| Error::io("reading the forwarded port".into(), e))?
+        .map_err(|e| Error::io("reading the forwarded port".to_string(), e))?
         .port();
     let path = transport::host_socket_path(uds, host_port);
     let listener =
@@ -136,13 +136,13 @@ fn forward_one(conn: TcpStream, agent: &Agent, uds: &Path, host_port: u32) -> Re
 fn accept_within(listener: &UnixListener, within: Duration) -> Result<UnixStream> {
     listener
         .set_nonblocking(true)
-        .map_err(|e| Error::io("setting a socket non-blocking".into(), e))?;
+        .map_err(|e| Error::io("setting a socket non-blocking".to_string(), e))?;
     let deadline = Instant::now() + within;
     loop {
         match listener.accept() {
             Ok((s, _)) => {
                 s.set_nonblocking(false)
-                    .map_err(|e| Error::io("setting a socket blocking".into(), e))?;
+                    .map_err(|e| Error::io("setting a socket blocking".to_string(), e))?;
                 return Ok(s);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -153,7 +153,7 @@ fn accept_within(listener: &UnixListener, within: Duration) -> Result<UnixStream
                 }
                 std::thread::sleep(Duration::from_millis(2));
             }
-            Err(e) => return Err(Error::io("accepting the agent's stream".into(), e)),
+            Err(e) => return Err(Error::io("accepting the agent's stream".to_string(), e)),
         }
     }
 }
