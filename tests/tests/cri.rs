@@ -771,6 +771,39 @@ fn fetch_from_host(ip: &str, port: u16) -> Res<String> {
     Err(format!("host -> {addr}: {last}"))
 }
 
+/// CRI PortForward (what `kubectl port-forward` uses) reaches a server
+/// listening in the pod.
+fn port_forward(x: &Ctx) -> Res {
+    let (pod, _ip, _srv) = echo_pod(x, "net-fwd")?;
+    let want = "hello-from-thaw-net-fwd";
+    let mut last = String::new();
+    // The server may not listen yet: a refused connection closes the
+    // session with an error, so try again.
+    for _ in 0..20 {
+        let url = x
+            .quick()
+            .port_forward(api::PortForwardRequest {
+                pod_sandbox_id: pod.id.clone(),
+                port: vec![i32::from(ECHO_PORT)],
+            })
+            .map_err(|e| st("PortForward", e))?
+            .url;
+        let mut s = Stream::open(&format!("{url}?port={ECHO_PORT}"), QUICK)?;
+        let r = s.read_until(Duration::from_secs(20), |o| {
+            String::from_utf8_lossy(&o.port_data).contains(want)
+        });
+        let got = String::from_utf8_lossy(&s.out.port_data).to_string();
+        if got.contains(want) {
+            s.close();
+            return Ok(());
+        }
+        last = format!("{r:?}: data {got:?}, error channel {:?}", s.out.stdout);
+        s.close();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    Err(format!("port-forward to {ECHO_PORT} never read {want:?}: {last}"))
+}
+
 /// Removing a pod leaves no network namespace, tap or bridge port.
 fn network_cleanup(x: &Ctx) -> Res {
     let before = thaw_tests::cri::host_links();
@@ -1804,6 +1837,7 @@ fn checks() -> Vec<Check> {
             ],
             pod_traffic,
         ),
+        One("network: CRI PortForward reaches a server in the pod", port_forward),
         One(
             "network: no netns, tap or bridge port left after RemovePodSandbox",
             network_cleanup,

@@ -120,6 +120,7 @@ impl Cri {
         runtime.exec_sync(ExecSyncRequest) -> ExecSyncResponse;
         runtime.exec(ExecRequest) -> ExecResponse;
         runtime.attach(AttachRequest) -> AttachResponse;
+        runtime.port_forward(PortForwardRequest) -> PortForwardResponse;
         runtime.container_stats(ContainerStatsRequest) -> ContainerStatsResponse;
         runtime.list_container_stats(ListContainerStatsRequest) -> ListContainerStatsResponse;
         images.image_status(ImageStatusRequest) -> ImageStatusResponse;
@@ -146,6 +147,9 @@ pub struct StreamOutput {
     /// exit code (`Success`, or `NonZeroExitCode` with the code in
     /// `details.causes`).
     pub error: String,
+    /// Channel 0 from the server: in a port-forward session, the first
+    /// port's data (after the 2-byte port number the server sends first).
+    pub port_data: Vec<u8>,
     /// Whether the server closed the stream.
     pub closed: bool,
 }
@@ -285,6 +289,7 @@ impl Stream {
             return;
         };
         match ch {
+            STDIN => self.out.port_data.extend_from_slice(data),
             STDOUT => self.out.stdout.extend_from_slice(data),
             STDERR => self.out.stderr.extend_from_slice(data),
             ERROR => self.out.error.push_str(&String::from_utf8_lossy(data)),
