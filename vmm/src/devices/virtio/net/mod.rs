@@ -339,6 +339,7 @@ impl VirtioDevice for Net {
             rx_chains: VecDeque::new(),
             held: None,
             bounce: Vec::new(),
+            overflow: [0],
         };
         self.worker = Some(
             Worker::spawn("thaw-virtio-net", move |stop| worker.run(stop))
@@ -402,6 +403,8 @@ struct NetWorker {
     /// Length of a frame waiting in `bounce` for more RX buffers.
     held: Option<usize>,
     bounce: Vec<u8>,
+    /// Where a frame longer than the RX buffers spills (see `read_frame`).
+    overflow: [u8; 1],
 }
 
 /// Pop the next available chain, re-arming the guest's notification when
@@ -820,10 +823,18 @@ impl NetWorker {
             // Collection keeps chains within the iovec limit; should they
             // not be, the bounce buffer still works.
             if mapped {
+                // A read returns at most what the buffers hold, so a frame
+                // that was cut and one that just fit look alike: a byte
+                // past the guest's buffers tells them apart.
+                iovs.push(libc::iovec {
+                    iov_base: self.overflow.as_mut_ptr().cast(),
+                    iov_len: self.overflow.len(),
+                });
                 return tap.readv(&iovs).map(|n| (n, true));
             }
         }
-        self.bounce.resize(MAX_BUF_LEN, 0);
+        // One byte more than any frame, for the same reason.
+        self.bounce.resize(MAX_BUF_LEN + 1, 0);
         let iov = libc::iovec {
             iov_base: self.bounce.as_mut_ptr().cast(),
             iov_len: self.bounce.len(),
