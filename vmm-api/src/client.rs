@@ -59,6 +59,15 @@ impl VmmClient {
         self.round_trip::<IgnoredAny>(&request).map(drop)
     }
 
+    /// Binds the NIC to tap `name` (created if missing, in the VMM's
+    /// network namespace).
+    pub fn attach_tap(&self, name: &str) -> Result<(), Error> {
+        let request = Request::AttachTap {
+            name: name.to_string(),
+        };
+        self.round_trip::<IgnoredAny>(&request).map(drop)
+    }
+
     /// Pauses the VM (it stays paused) and saves it into `dir`.
     pub fn snapshot(&self, dir: &Path) -> Result<SnapshotSaved, Error> {
         self.round_trip(&Request::Snapshot {
@@ -142,7 +151,8 @@ mod tests {
             r#"{"op":"pause"}"#
             | r#"{"op":"resume"}"#
             | r#"{"op":"stop"}"#
-            | r#"{"op":"attach_disk","slot":2,"path":"/x.erofs","read_only":true}"# => {
+            | r#"{"op":"attach_disk","slot":2,"path":"/x.erofs","read_only":true}"#
+            | r#"{"op":"attach_tap","name":"tap0"}"# => {
                 r#"{"ok":true}"#.into()
             }
             other => format!(r#"{{"ok":false,"error":"unexpected {}"}}"#, other.replace('"', "'")),
@@ -166,6 +176,14 @@ mod tests {
         c.resume().unwrap();
         c.stop().unwrap();
         c.attach_disk(2, Path::new("/x.erofs"), true).unwrap();
+        c.attach_tap("tap0").unwrap();
+        assert!(matches!(
+            c.attach_tap("tap1"),
+            Err(Error::Refused {
+                op: "attach_tap",
+                ..
+            })
+        ));
         let e = c.attach_disk(2, Path::new("/x.erofs"), false).unwrap_err();
         assert!(
             matches!(

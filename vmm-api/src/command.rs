@@ -139,6 +139,12 @@ pub struct BootArgs {
     /// The control socket.
     pub api_sock: Option<PathBuf>,
     pub pvm: Pvm,
+    /// The NIC's MAC, `xx:xx:xx:xx:xx:xx`; None: the VMM's fixed, locally
+    /// administered one.
+    pub net_mac: Option<String>,
+    /// Bind the NIC to this tap at start (created if missing, in the VMM's
+    /// network namespace); None: no backend until `attach_tap`.
+    pub tap: Option<String>,
 }
 
 impl BootArgs {
@@ -157,6 +163,8 @@ impl BootArgs {
             serial: Serial::Stdout,
             api_sock: None,
             pvm: Pvm::Auto,
+            net_mac: None,
+            tap: None,
         }
     }
 }
@@ -172,6 +180,8 @@ pub struct RestoreArgs {
     /// None: where the snapshotted VM's console went.
     pub serial: Option<Serial>,
     pub api_sock: Option<PathBuf>,
+    /// Bind the NIC to this tap at start; a snapshot never carries one.
+    pub tap: Option<String>,
 }
 
 impl RestoreArgs {
@@ -182,6 +192,7 @@ impl RestoreArgs {
             vsock_uds: None,
             serial: None,
             api_sock: None,
+            tap: None,
         }
     }
 }
@@ -273,6 +284,8 @@ impl VmmCommand {
                 a.opt("--serial", b.serial.arg());
                 a.opt_if("--api-sock", b.api_sock.as_ref());
                 a.opt("--pvm", b.pvm.arg());
+                a.opt_if("--net-mac", b.net_mac.as_ref());
+                a.opt_if("--tap", b.tap.as_ref());
             }
             VmmCommand::Restore(r) => {
                 a.opt("--restore", &r.snapshot);
@@ -282,6 +295,7 @@ impl VmmCommand {
                 a.opt_if("--vsock-uds", r.vsock_uds.as_ref());
                 a.opt_if("--serial", r.serial.as_ref().map(Serial::arg));
                 a.opt_if("--api-sock", r.api_sock.as_ref());
+                a.opt_if("--tap", r.tap.as_ref());
             }
             VmmCommand::TemplateBuild(t) => {
                 a.0.push("template".into());
@@ -359,6 +373,8 @@ mod tests {
             serial: Serial::File("/c".into()),
             api_sock: Some("/api".into()),
             pvm: Pvm::Off,
+            net_mac: Some("02:00:00:00:00:07".into()),
+            tap: Some("tap7".into()),
             ..BootArgs::new("/k")
         };
         let args = VmmCommand::Boot(b).args();
@@ -389,6 +405,10 @@ mod tests {
             "/api",
             "--pvm",
             "off",
+            "--net-mac",
+            "02:00:00:00:00:07",
+            "--tap",
+            "tap7",
         ];
         assert_eq!(args, expected.map(OsString::from));
     }
@@ -409,12 +429,13 @@ mod tests {
             vsock_uds: Some("/r/v.sock".into()),
             serial: Some(Serial::None),
             api_sock: Some("/r/api.sock".into()),
+            tap: Some("tap0".into()),
             ..RestoreArgs::new("/t/abc")
         };
         assert_eq!(
             argv(r),
             "--restore /t/abc --disk /root.img,ro --vsock-uds /r/v.sock --serial none \
-             --api-sock /r/api.sock"
+             --api-sock /r/api.sock --tap tap0"
         );
     }
 

@@ -7,6 +7,7 @@
 //! | `{"op":"status"}` | `{"ok":true,"state":"running","marks":[...],"vmm_rss_kib":N,"guest_rss_kib":N}` |
 //! | `{"op":"pause"}`, `resume`, `stop` | `{"ok":true}` |
 //! | `{"op":"attach_disk","slot":N,"path":"...","read_only":B}` | `{"ok":true}` |
+//! | `{"op":"attach_tap","name":"..."}` | `{"ok":true}` |
 //! | `{"op":"snapshot","dir":"..."}` | `{"ok":true,"state_bytes":N,"memory_bytes_written":N}` |
 //!
 //! Any request can instead get `{"ok":false,"error":"..."}`.
@@ -43,6 +44,9 @@ pub enum Request {
         path: PathBuf,
         read_only: bool,
     },
+    /// Binds the NIC to tap `name` (opened, or created, in the VMM's
+    /// network namespace). Refused if a tap is already bound.
+    AttachTap { name: String },
     /// Pauses the VM, which stays paused, and saves it into `dir`:
     /// replies [`Reply::SnapshotSaved`].
     Snapshot { dir: PathBuf },
@@ -57,6 +61,7 @@ impl Request {
             Request::Resume => "resume",
             Request::Stop => "stop",
             Request::AttachDisk { .. } => "attach_disk",
+            Request::AttachTap { .. } => "attach_tap",
             Request::Snapshot { .. } => "snapshot",
         }
     }
@@ -116,7 +121,8 @@ pub struct SnapshotSaved {
 /// it answers, so [`Reply::from_line`] needs that request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
-    /// `{"ok":true}`: pause, resume, stop and attach_disk were carried out.
+    /// `{"ok":true}`: pause, resume, stop, attach_disk and attach_tap were
+    /// carried out.
     Done,
     Status(Status),
     SnapshotSaved(SnapshotSaved),
@@ -180,7 +186,11 @@ impl Reply {
         let reply = match request {
             Request::Status => parse_reply(line, op)?.map(Reply::Status),
             Request::Snapshot { .. } => parse_reply(line, op)?.map(Reply::SnapshotSaved),
-            Request::Pause | Request::Resume | Request::Stop | Request::AttachDisk { .. } => {
+            Request::Pause
+            | Request::Resume
+            | Request::Stop
+            | Request::AttachDisk { .. }
+            | Request::AttachTap { .. } => {
                 parse_reply::<IgnoredAny>(line, op)?.map(|_| Reply::Done)
             }
         };
@@ -225,6 +235,12 @@ mod tests {
                     read_only: true,
                 },
                 r#"{"op":"attach_disk","slot":2,"path":"/x.erofs","read_only":true}"#,
+            ),
+            (
+                Request::AttachTap {
+                    name: "tap0".into(),
+                },
+                r#"{"op":"attach_tap","name":"tap0"}"#,
             ),
             (
                 Request::Snapshot {
@@ -274,6 +290,8 @@ mod tests {
                 .starts_with("bad request: ")
         );
         assert!(e("not json").starts_with("bad request: "));
+        assert!(e(r#"{"op":"attach_tap"}"#).contains("name"));
+        assert!(e(r#"{"op":"attach_tap","name":"t","slot":1}"#).contains("slot"));
     }
 
     #[test]
@@ -315,6 +333,16 @@ mod tests {
             (Reply::Done, Request::Resume, r#"{"ok":true}"#),
             (Reply::Done, Request::Stop, r#"{"ok":true}"#),
             (Reply::Done, attach.clone(), r#"{"ok":true}"#),
+            (
+                Reply::Done,
+                Request::AttachTap { name: "t".into() },
+                r#"{"ok":true}"#,
+            ),
+            (
+                Reply::Failed("tap t is already bound to the NIC (asked to bind u)".into()),
+                Request::AttachTap { name: "u".into() },
+                r#"{"ok":false,"error":"tap t is already bound to the NIC (asked to bind u)"}"#,
+            ),
             (
                 Reply::Status(status()),
                 Request::Status,

@@ -131,6 +131,14 @@ struct LaunchArgs {
     #[arg(long, value_name = "MODE", value_enum, default_value_t = PvmQuirks::Auto,
           conflicts_with = "restore")]
     pvm: PvmQuirks,
+    /// The NIC's MAC [default: 02:74:68:61:77:01, locally administered].
+    #[arg(long, value_name = "MAC", value_parser = parse_mac, conflicts_with = "restore")]
+    net_mac: Option<[u8; 6]>,
+    /// Bind the NIC to this tap at start (created if missing, in the VMM's
+    /// network namespace). Without it the NIC has no backend until the
+    /// attach_tap control request.
+    #[arg(long, value_name = "NAME")]
+    tap: Option<String>,
     /// Resume the VM saved in DIR (by the snapshot control request) instead
     /// of booting; --vsock-uds gives it a new socket.
     #[arg(long, value_name = "DIR")]
@@ -152,6 +160,24 @@ fn parse_disk(value: &str) -> Result<DiskConfig, String> {
     })
 }
 
+/// `xx:xx:xx:xx:xx:xx`, hexadecimal; a unicast address.
+fn parse_mac(value: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("expected a MAC like 02:00:00:00:00:01, got {value:?}");
+    let mut mac = [0u8; 6];
+    let mut parts = value.split(':');
+    for byte in &mut mac {
+        let part = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("{value} is a multicast address"));
+    }
+    Ok(mac)
+}
+
 fn parse_serial(value: &str) -> Result<SerialOutput, String> {
     Ok(match value {
         "stdout" => SerialOutput::Stdout,
@@ -169,6 +195,7 @@ impl LaunchArgs {
                 disks: self.disks,
                 serial: self.serial,
                 api_socket: self.api_sock,
+                tap: self.tap,
             }));
         }
         // clap enforces it (required_unless_present); this keeps it so.
@@ -193,6 +220,10 @@ impl LaunchArgs {
             serial: self.serial.unwrap_or(SerialOutput::Stdout),
             api_socket: self.api_sock,
             pvm_quirks: self.pvm,
+            net_mac: self
+                .net_mac
+                .unwrap_or(crate::devices::virtio::net::DEFAULT_MAC),
+            tap: self.tap,
         }))
     }
 }
@@ -259,8 +290,11 @@ mod tests {
     fn parses_a_full_command_line() {
         let c = boot(
             "--kernel /k --disk /a,ro --disk /b --spare-disks 2 --vsock-uds /v --cid 7 \
-             --vcpus 2 --memory-mib 512 --serial none --api-sock /api --pvm off",
+             --vcpus 2 --memory-mib 512 --serial none --api-sock /api --pvm off \
+             --net-mac 02:aB:00:00:00:01 --tap tap3",
         );
+        assert_eq!(c.net_mac, [2, 0xab, 0, 0, 0, 1]);
+        assert_eq!(c.tap.as_deref(), Some("tap3"));
         assert_eq!(c.kernel, PathBuf::from("/k"));
         assert_eq!(c.disks.len(), 2);
         assert!(c.disks[0].read_only && !c.disks[1].read_only);
@@ -311,9 +345,10 @@ mod tests {
     #[test]
     fn restore_takes_host_resources_only() {
         match launch(args(
-            "--restore /snap --vsock-uds /v2 --disk /img,ro --api-sock /a",
+            "--restore /snap --vsock-uds /v2 --disk /img,ro --api-sock /a --tap t1",
         )) {
             Launch::Restore(r) => {
+                assert_eq!(r.tap.as_deref(), Some("t1"));
                 assert_eq!(r.snapshot, PathBuf::from("/snap"));
                 assert_eq!(r.vsock_uds, Some(PathBuf::from("/v2")));
                 assert_eq!(r.disks.len(), 1);
@@ -329,6 +364,7 @@ mod tests {
             "--memory-mib 64",
             "--append quiet",
             "--pvm on",
+            "--net-mac 02:00:00:00:00:01",
         ] {
             let e = err(&format!("--restore /snap {fixed}"));
             assert_eq!(e.kind(), ErrorKind::ArgumentConflict, "{fixed}: {e}");
@@ -359,6 +395,17 @@ mod tests {
         let e = err("--kernel /k --cid 5");
         assert_eq!(e.kind(), ErrorKind::MissingRequiredArgument);
         assert!(e.to_string().contains("--vsock-uds"), "{e}");
+        for bad in [
+            "02:00:00:00:00",
+            "02:00:00:00:00:01:02",
+            "zz:00:00:00:00:01",
+            "2:0:0:0:0:1",
+        ] {
+            let e = err(&format!("--kernel /k --net-mac {bad}"));
+            assert!(e.to_string().contains("--net-mac"), "{e}");
+        }
+        let e = err("--kernel /k --net-mac 01:00:5e:00:00:01");
+        assert!(e.to_string().contains("multicast"), "{e}");
         let e = err("--kernel /k --disk ,ro");
         assert!(e.to_string().contains("expected PATH or PATH,ro"), "{e}");
         for bad in [err("--vcpus x"), err("--kernel /k template list")] {
@@ -401,6 +448,8 @@ mod tests {
             serial: Serial::File("none".into()),
             api_sock: Some("/api".into()),
             pvm: Pvm::On,
+            net_mac: Some("02:00:00:00:00:09".into()),
+            tap: Some("tap9".into()),
             ..BootArgs::new("/k")
         };
         match launch_os(api_args(full.into())) {
@@ -430,6 +479,8 @@ mod tests {
                     serial: SerialOutput::File("./none".into()),
                     api_socket: Some("/api".into()),
                     pvm_quirks: PvmQuirks::On,
+                    net_mac: [2, 0, 0, 0, 0, 9],
+                    tap: Some("tap9".into()),
                 }
             ),
             other => panic!("{other:?}"),
@@ -471,6 +522,7 @@ mod tests {
             vsock_uds: Some("/v2".into()),
             serial: Some(Serial::None),
             api_sock: Some("/a".into()),
+            tap: Some("tap2".into()),
             ..RestoreArgs::new("/snap")
         };
         match launch_os(api_args(full.into())) {
@@ -486,6 +538,7 @@ mod tests {
                 assert_eq!(r.vsock_uds, Some(PathBuf::from("/v2")));
                 assert_eq!(r.serial, Some(SerialOutput::None));
                 assert_eq!(r.api_socket, Some(PathBuf::from("/a")));
+                assert_eq!(r.tap.as_deref(), Some("tap2"));
             }
             other => panic!("{other:?}"),
         }

@@ -22,6 +22,12 @@ pub struct VmConfig {
     pub serial: SerialOutput,
     pub api_socket: Option<PathBuf>,
     pub pvm_quirks: PvmQuirks,
+    /// The NIC's MAC (every VM has one NIC).
+    pub net_mac: [u8; 6],
+    /// The tap to bind the NIC to at start (none: later, or never). A host
+    /// resource: a restore takes it from its own command line, never from
+    /// the snapshot.
+    pub tap: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,6 +80,8 @@ pub enum ConfigError {
 /// The IOAPIC has 24 pins and IRQ 0-4 are taken: this is the virtio budget.
 pub const MAX_VIRTIO_DEVICES: usize = 19;
 pub const MIN_MEMORY_MIB: u32 = 32;
+/// Slots taken by other than disks: vsock, RNG, NIC.
+const FIXED_DEVICES: usize = 3;
 
 impl Default for VmConfig {
     fn default() -> Self {
@@ -89,6 +97,8 @@ impl Default for VmConfig {
             serial: SerialOutput::Stdout,
             api_socket: None,
             pvm_quirks: PvmQuirks::Auto,
+            net_mac: crate::devices::virtio::net::DEFAULT_MAC,
+            tap: None,
         }
     }
 }
@@ -130,12 +140,13 @@ impl VmConfig {
         for d in &self.disks {
             check_file("--disk", &d.path)?;
         }
-        // Block devices, the vsock device and the RNG each take a slot.
-        let devices = self.disks.len() + self.spare_disks as usize + 2;
+        // Block devices, the vsock device, the RNG and the NIC each take
+        // a slot.
+        let devices = self.disks.len() + self.spare_disks as usize + FIXED_DEVICES;
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDisks {
                 got: self.disks.len() + self.spare_disks as usize,
-                max: MAX_VIRTIO_DEVICES - 2,
+                max: MAX_VIRTIO_DEVICES - FIXED_DEVICES,
             });
         }
         if let Some(v) = &self.vsock {

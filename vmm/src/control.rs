@@ -23,6 +23,7 @@ pub trait VmControl: Send + Sync {
     fn stop(&self);
     fn status(&self) -> Status;
     fn attach_disk(&self, slot: usize, path: &Path, read_only: bool) -> Result<(), AttachError>;
+    fn attach_tap(&self, name: &str) -> Result<(), AttachError>;
     fn snapshot(&self, dir: &Path) -> Result<SnapshotSaved, SnapshotError>;
 }
 
@@ -53,6 +54,7 @@ pub fn handle(ctl: &dyn VmControl, line: &str) -> Handled {
         }) => reply(ctl.attach_disk(slot as usize, &path, read_only), |()| {
             Reply::Done
         }),
+        Ok(Request::AttachTap { name }) => reply(ctl.attach_tap(&name), |()| Reply::Done),
         Ok(Request::Snapshot { dir }) => reply(ctl.snapshot(&dir), Reply::SnapshotSaved),
     };
     Handled {
@@ -123,6 +125,7 @@ pub struct VmmControl {
     pub times: BootTimes,
     pub guest_ram: Vec<(u64, u64)>,
     pub disks: crate::vm::DiskAttacher,
+    pub taps: crate::vm::TapAttacher,
 }
 
 impl VmControl for VmmControl {
@@ -150,6 +153,9 @@ impl VmControl for VmmControl {
     }
     fn attach_disk(&self, slot: usize, path: &Path, read_only: bool) -> Result<(), AttachError> {
         (self.disks)(slot, path, read_only)
+    }
+    fn attach_tap(&self, name: &str) -> Result<(), AttachError> {
+        (self.taps)(name)
     }
     fn snapshot(&self, dir: &Path) -> Result<SnapshotSaved, SnapshotError> {
         let (state_bytes, memory_bytes_written) = self.vm.snapshot(dir)?;
@@ -195,6 +201,13 @@ mod tests {
                 .push(format!("attach {slot} {} {ro}", path.display()));
             Ok(())
         }
+        fn attach_tap(&self, name: &str) -> Result<(), AttachError> {
+            self.calls.lock().unwrap().push(format!("tap {name}"));
+            if name == "busy" {
+                return Err(AttachError::NoNic);
+            }
+            Ok(())
+        }
         fn snapshot(&self, _: &Path) -> Result<SnapshotSaved, SnapshotError> {
             Err(SnapshotError::Unsupported("no".into()))
         }
@@ -216,6 +229,14 @@ mod tests {
         let r = handle(r#"{"op":"attach_disk","slot":1,"path":"/x","read_only":true}"#);
         assert_eq!(r, r#"{"ok":true}"#);
         assert_eq!(
+            handle(r#"{"op":"attach_tap","name":"tap0"}"#),
+            r#"{"ok":true}"#
+        );
+        assert_eq!(
+            handle(r#"{"op":"attach_tap","name":"busy"}"#),
+            r#"{"ok":false,"error":"this VM has no NIC"}"#
+        );
+        assert_eq!(
             handle(r#"{"op":"snapshot","dir":"/s"}"#),
             r#"{"ok":false,"error":"cannot snapshot this VM: no"}"#
         );
@@ -223,7 +244,10 @@ mod tests {
         assert!(r.contains("bad request") && r.contains("explode"), "{r}");
         let r = handle("not json");
         assert!(r.starts_with(r#"{"ok":false"#));
-        assert_eq!(*f.calls.lock().unwrap(), vec!["pause", "attach 1 /x true"]);
+        assert_eq!(
+            *f.calls.lock().unwrap(),
+            vec!["pause", "attach 1 /x true", "tap tap0", "tap busy"]
+        );
         // Stop is acknowledged first and carried out after the reply.
         assert_eq!(
             super::handle(&f, r#"{"op":"stop"}"#),

@@ -58,6 +58,7 @@ fn run(launch: Launch) -> Result<VmExit, Error> {
             times: vm.times.clone(),
             guest_ram: vm.guest_ram_host_ranges(),
             disks: vm.disk_attacher(),
+            taps: vm.tap_attacher(),
         };
         control::spawn_server(listener, Arc::new(ctl)).map_err(|source| Error::Io {
             what: "starting the control thread".into(),

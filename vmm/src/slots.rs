@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::devices::virtio::block::{Block, BlockState};
 use crate::devices::virtio::mmio::{MmioDeviceState, MmioError, MmioTransport};
+use crate::devices::virtio::net::{Net, NetState};
 use crate::devices::virtio::rng::{Rng, RngState};
 use crate::devices::virtio::vsock::{Vsock, VsockState};
 use crate::devices::Persist;
@@ -18,7 +19,8 @@ use crate::vm::lock;
 
 /// What a virtio slot is for. Restore takes the slot's host resources from
 /// it: disk `n` reopens the `n`th configured disk, a spare disk slot comes
-/// back empty, the vsock device listens on the configured socket.
+/// back empty, the vsock device listens on the configured socket, the NIC
+/// binds the configured tap (if any).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SlotRole {
     /// The `n`th disk given when the VM was built (`--disk`).
@@ -27,6 +29,8 @@ pub enum SlotRole {
     SpareDisk(u8),
     Vsock,
     Rng,
+    /// The NIC, in every VM; its tap may come later (`attach_tap`).
+    Net,
 }
 
 impl fmt::Display for SlotRole {
@@ -36,6 +40,7 @@ impl fmt::Display for SlotRole {
             SlotRole::SpareDisk(n) => write!(f, "spare{n}"),
             SlotRole::Vsock => f.write_str("vsock"),
             SlotRole::Rng => f.write_str("rng"),
+            SlotRole::Net => f.write_str("net"),
         }
     }
 }
@@ -47,6 +52,7 @@ pub enum VirtioHandle {
     Block(Arc<Mutex<MmioTransport<Block>>>),
     Vsock(Arc<Mutex<MmioTransport<Vsock>>>),
     Rng(Arc<Mutex<MmioTransport<Rng>>>),
+    Net(Arc<Mutex<MmioTransport<Net>>>),
 }
 
 impl VirtioHandle {
@@ -55,6 +61,7 @@ impl VirtioHandle {
             VirtioHandle::Block(t) => lock(t).pause(),
             VirtioHandle::Vsock(t) => lock(t).pause(),
             VirtioHandle::Rng(t) => lock(t).pause(),
+            VirtioHandle::Net(t) => lock(t).pause(),
         }
     }
 
@@ -63,6 +70,7 @@ impl VirtioHandle {
             VirtioHandle::Block(t) => lock(t).resume(),
             VirtioHandle::Vsock(t) => lock(t).resume(),
             VirtioHandle::Rng(t) => lock(t).resume(),
+            VirtioHandle::Net(t) => lock(t).resume(),
         }
     }
 
@@ -72,6 +80,7 @@ impl VirtioHandle {
             VirtioHandle::Block(t) => VirtioState::Block(lock(t).save()?),
             VirtioHandle::Vsock(t) => VirtioState::Vsock(lock(t).save()?),
             VirtioHandle::Rng(t) => VirtioState::Rng(lock(t).save()?),
+            VirtioHandle::Net(t) => VirtioState::Net(lock(t).save()?),
         })
     }
 }
@@ -113,4 +122,5 @@ pub enum VirtioState {
     Block(MmioDeviceState<BlockState>),
     Vsock(MmioDeviceState<VsockState>),
     Rng(MmioDeviceState<RngState>),
+    Net(MmioDeviceState<NetState>),
 }

@@ -207,6 +207,8 @@ pub struct RestoreOptions {
     pub disks: Vec<DiskConfig>,
     pub serial: Option<SerialOutput>,
     pub api_socket: Option<PathBuf>,
+    /// The tap for the NIC (none: bind one later with `attach_tap`).
+    pub tap: Option<String>,
 }
 
 impl RestoreOptions {
@@ -231,6 +233,7 @@ impl RestoreOptions {
             config.serial = s.clone();
         }
         config.api_socket = self.api_socket.clone();
+        config.tap = self.tap.clone();
         Ok(config)
     }
 }

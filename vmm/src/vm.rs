@@ -19,6 +19,7 @@ use crate::config::{PvmQuirks, SerialOutput, VmConfig};
 use crate::devices::legacy::{I8042State, Serial, SerialResources, SerialState, I8042};
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MmioError, MmioResources, MmioTransport};
+use crate::devices::virtio::net::{Net, NetError, Tap};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::VirtioDevice;
@@ -63,12 +64,19 @@ pub fn host_is_pvm() -> bool {
 /// Fills a spare disk slot: `(slot, image, read_only)`.
 pub type DiskAttacher = Box<dyn Fn(usize, &Path, bool) -> Result<(), AttachError> + Send + Sync>;
 
+/// Binds the NIC to a tap, by interface name.
+pub type TapAttacher = Box<dyn Fn(&str) -> Result<(), AttachError> + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
     #[error("no spare disk slot {slot} (there are {count})")]
     NoSlot { slot: usize, count: usize },
     #[error(transparent)]
     Disk(#[from] BlockError),
+    #[error("this VM has no NIC")]
+    NoNic,
+    #[error(transparent)]
+    Net(#[from] NetError),
 }
 
 /// A device that could not be created, restored or started.
@@ -86,6 +94,8 @@ pub enum DeviceError {
         #[source]
         source: VsockError,
     },
+    #[error("NIC: {0}")]
+    Net(#[source] NetError),
     #[error("serial eventfd: {0}")]
     SerialEventFd(#[source] std::io::Error),
     #[error("serial from snapshot: {0}")]
@@ -138,6 +148,8 @@ pub struct Vm {
     pub virtio: Vec<VirtioSlot>,
     /// Empty disk slots, filled through the control socket.
     pub spare_disks: Vec<Arc<Mutex<MmioTransport<Block>>>>,
+    /// The NIC, whose tap the control socket can bind.
+    pub net: Option<Arc<Mutex<MmioTransport<Net>>>>,
     pub serial: Option<Arc<Mutex<Serial>>>,
     pub i8042: Option<Arc<Mutex<I8042>>>,
     pub times: BootTimes,
@@ -188,6 +200,7 @@ impl Vm {
             vcpus: Vec::new(),
             virtio: Vec::new(),
             spare_disks: Vec::new(),
+            net: None,
             serial: None,
             i8042: None,
             times: BootTimes::default(),
@@ -237,7 +250,13 @@ impl Vm {
             slot,
             new_transport(&mem, slot, Rng::new())?,
             VirtioHandle::Rng,
-        )
+        )?;
+        let mut net = Net::new(self.config.net_mac).map_err(DeviceError::Net)?;
+        if let Some(name) = &self.config.tap {
+            net.attach_tap(name).map_err(DeviceError::Net)?;
+        }
+        let slot = SlotRole::Net;
+        self.add_virtio(slot, new_transport(&mem, slot, net)?, VirtioHandle::Net)
     }
 
     /// Puts a saved virtio device back, in its saved slot, on the host
@@ -283,6 +302,21 @@ impl Vm {
                 let t = MmioTransport::<Rng>::restore(state, MmioResources { mem, device: () })
                     .map_err(restored)?;
                 self.add_virtio(slot, t, VirtioHandle::Rng)?;
+            }
+            VirtioState::Net(state) => {
+                if slot != SlotRole::Net {
+                    return Err(wrong_kind("net").into());
+                }
+                // The tap is this VM's, by its own configuration.
+                let device = match &self.config.tap {
+                    Some(name) => {
+                        Some(Tap::open(name).map_err(|e| DeviceError::Net(NetError::Tap(e)))?)
+                    }
+                    None => None,
+                };
+                let t = MmioTransport::<Net>::restore(state, MmioResources { mem, device })
+                    .map_err(restored)?;
+                self.add_virtio(slot, t, VirtioHandle::Net)?;
             }
         }
         let placed = self.virtio.last().map(|s| (s.base, s.irq));
@@ -390,8 +424,10 @@ impl Vm {
         self.mmio_bus
             .insert(base, layout::VIRTIO_MMIO_SLOT_SIZE, transport.clone())?;
         let handle = wrap(transport);
-        if let (SlotRole::SpareDisk(_), VirtioHandle::Block(t)) = (role, &handle) {
-            self.spare_disks.push(t.clone());
+        match (role, &handle) {
+            (SlotRole::SpareDisk(_), VirtioHandle::Block(t)) => self.spare_disks.push(t.clone()),
+            (SlotRole::Net, VirtioHandle::Net(t)) => self.net = Some(t.clone()),
+            _ => {}
         }
         self.virtio.push(VirtioSlot {
             role,
@@ -526,6 +562,16 @@ impl Vm {
         })
     }
 
+    /// `attach_tap` for the control socket: binds the NIC to a tap.
+    pub fn tap_attacher(&self) -> TapAttacher {
+        let net = self.net.clone();
+        Box::new(move |name| {
+            let t = net.as_ref().ok_or(AttachError::NoNic)?;
+            let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+            Ok(t.device_mut().attach_tap(name)?)
+        })
+    }
+
     /// Host address range of guest RAM, to tell guest pages from the VMM's
     /// own in /proc/self/smaps.
     pub fn guest_ram_host_ranges(&self) -> Vec<(u64, u64)> {
@@ -637,7 +683,15 @@ mod tests {
         use SlotRole::*;
         assert_eq!(
             roles,
-            [Disk(0), Disk(1), SpareDisk(0), SpareDisk(1), Vsock, Rng]
+            [
+                Disk(0),
+                Disk(1),
+                SpareDisk(0),
+                SpareDisk(1),
+                Vsock,
+                Rng,
+                Net
+            ]
         );
         assert_eq!(vm.spare_disks.len(), 2);
         let saved: Vec<VirtioSlotState> = vm

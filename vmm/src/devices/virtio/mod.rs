@@ -27,6 +27,7 @@
 pub mod block;
 pub mod descriptors;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod testutil;
@@ -44,6 +45,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub const TYPE_BLOCK: u32 = virtio_ids::VIRTIO_ID_BLOCK;
 pub const TYPE_RNG: u32 = virtio_ids::VIRTIO_ID_RNG;
 pub const TYPE_VSOCK: u32 = virtio_ids::VIRTIO_ID_VSOCK;
+pub const TYPE_NET: u32 = virtio_ids::VIRTIO_ID_NET;
 
 /// Feature bits shared by every device (virtio spec, section 6).
 pub const FEATURE_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;

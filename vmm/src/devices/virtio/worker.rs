@@ -90,6 +90,12 @@ impl EventLoop {
             .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
     }
 
+    /// Change what `fd` is watched for (an empty set: only errors).
+    pub fn modify(&self, fd: RawFd, token: u64, events: EventSet) -> io::Result<()> {
+        self.epoll
+            .ctl(ControlOperation::Modify, fd, EpollEvent::new(events, token))
+    }
+
     pub fn remove(&self, fd: RawFd) -> io::Result<()> {
         self.epoll
             .ctl(ControlOperation::Delete, fd, EpollEvent::default())
