@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod binaries;
 pub mod cmd;
+pub mod cni;
 pub mod containerd;
 pub mod cri;
 pub mod guest;

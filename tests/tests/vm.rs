@@ -345,3 +345,146 @@ fn vm_failed_template_build_falls_back_to_a_cold_boot_with_the_containers_status
     );
     c.assert_no_leaks();
 }
+
+/// `ctr run --cni`: ctr runs CNI in the network namespace of the task's
+/// pid (the VMM's, in a namespace the shim made for it) after create; the
+/// shim joins that interface to the guest at start. The container gets
+/// the address CNI chose and reaches the host through its gateway.
+#[test]
+fn vm_ctr_run_cni_gets_an_address_and_talks() {
+    let cni = thaw_tests::cni::DefaultCni::install("thctr0", 214);
+    let c = setup();
+    let links_before = host_links();
+    // Every connection gets the greeting: the guest's first tries may
+    // give up before the answer on a slow host.
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let peers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = peers.clone();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            if let Ok(peer) = s.peer_addr() {
+                seen.lock().unwrap().push(peer.ip().to_string());
+            }
+            let _ = s.write_all(b"hello-from-host\n");
+        }
+    });
+    let script = format!(
+        "ip -4 -o addr show eth0; for i in $(seq 30); do out=$(nc -w 10 {} {port} </dev/null) && \
+         [ -n \"$out\" ] && {{ echo \"$out\"; exit 0; }}; sleep 0.5; done; exit 1",
+        cni.gateway
+    );
+    let out = c.run_rm("cni", &["--cni"], &["sh", "-c", &script], RUN_TIMEOUT);
+    assert!(out.success(), "{}", out.describe());
+    assert!(
+        out.stdout.contains(&format!("inet {}", cni.prefix)),
+        "eth0 has no address from the CNI subnet: {}",
+        out.describe()
+    );
+    assert!(out.stdout.contains("hello-from-host"), "{}", out.describe());
+    let peers = peers.lock().unwrap().clone();
+    assert!(
+        !peers.is_empty() && peers.iter().all(|p| p.starts_with(&cni.prefix)),
+        "the host saw connections from {peers:?}"
+    );
+    c.assert_no_leaks();
+    let left: Vec<String> = host_links()
+        .difference(&links_before)
+        .filter(|l| **l != cni.bridge)
+        .cloned()
+        .collect();
+    assert!(left.is_empty(), "host interfaces left: {left:?}");
+    assert!(cni.leased().is_empty(), "addresses still leased: {:?}", cni.leased());
+}
+
+fn host_links() -> std::collections::BTreeSet<String> {
+    thaw_tests::cri::host_links()
+}
+
+/// OCI hooks run on the host, with the VMM's pid in their state: a
+/// createRuntime hook sees the VMM and its own network namespace (what
+/// nerdctl's networking hook needs), poststop runs at delete, and a
+/// failing createRuntime hook fails the run, naming the hook.
+#[test]
+fn vm_oci_hooks_run_on_the_host_with_the_vmms_pid() {
+    let c = setup();
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = work.path().join("rootfs");
+    std::fs::create_dir_all(&rootfs).unwrap();
+    thaw_tests::image::populate_rootfs(&rootfs, false);
+    let out_dir = work.path().join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let o = out_dir.display();
+    let create = format!(
+        "cat > {o}/state.json; pid=$(sed -n 's/.*\"pid\":\\([0-9]*\\).*/\\1/p' {o}/state.json); \
+         readlink /proc/$pid/ns/net > {o}/netns; tr '\\0' ' ' < /proc/$pid/cmdline > {o}/cmdline"
+    );
+    let poststop = format!("cat > {o}/poststop.json");
+    let spec_for = |hook_script: &str| {
+        let base = c.ctr(&["oci", "spec"]);
+        assert!(base.success(), "{}", base.describe());
+        let mut spec: serde_json::Value = serde_json::from_str(&base.stdout).unwrap();
+        spec["root"] = serde_json::json!({"path": rootfs, "readonly": false});
+        spec["process"]["args"] = serde_json::json!(["echo", "ran-with-hooks"]);
+        spec["hooks"] = serde_json::json!({
+            "createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", hook_script]}],
+            "poststop": [{"path": "/bin/sh", "args": ["sh", "-c", poststop]}],
+        });
+        let path = work.path().join(format!("spec-{}.json", hook_script.len()));
+        std::fs::write(&path, serde_json::to_vec(&spec).unwrap()).unwrap();
+        path
+    };
+    let spec = spec_for(&create);
+    let id = c.new_id("hooks");
+    let mut args = c.run_args(&["--rm", "--config", spec.to_str().unwrap()]);
+    args.push(&id);
+    let out = c.ctr_timeout(&args, RUN_TIMEOUT);
+    assert!(out.success(), "{}", out.describe());
+    assert!(out.stdout.contains("ran-with-hooks"), "{}", out.describe());
+    let read = |f: &str| std::fs::read_to_string(out_dir.join(f)).unwrap_or_default();
+    let state: serde_json::Value = serde_json::from_str(&read("state.json")).unwrap();
+    assert_eq!(state["id"], id.as_str(), "{state}");
+    assert!(read("cmdline").contains("thaw-vmm"), "the hook's pid is not the VMM: {}", read("cmdline"));
+    let host_netns = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let netns = read("netns");
+    assert!(netns.starts_with("net:["), "{netns:?}");
+    assert_ne!(netns.trim(), host_netns.to_string_lossy(), "the VMM is in the host's network namespace");
+    let stopped: serde_json::Value = serde_json::from_str(&read("poststop.json")).unwrap();
+    assert_eq!(stopped["status"], "stopped", "{stopped}");
+
+    // A failing createRuntime hook: the run fails and says which hook.
+    let failing = spec_for("echo hook-says-no >&2; exit 7");
+    let id = c.new_id("hookfail");
+    let mut args = c.run_args(&["--rm", "--config", failing.to_str().unwrap()]);
+    args.push(&id);
+    let out = c.ctr_timeout(&args, RUN_TIMEOUT);
+    assert!(!out.success(), "{}", out.describe());
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(
+        text.contains("createRuntime hook /bin/sh") && text.contains("hook-says-no"),
+        "{}",
+        out.describe()
+    );
+    let _ = c.ctr(&["containers", "delete", &id]);
+    c.assert_no_leaks();
+}
+
+/// A network namespace path that does not exist, or is not a network
+/// namespace, is refused by name, and nothing is left behind.
+#[test]
+fn vm_a_bogus_network_namespace_is_refused_by_name() {
+    let c = setup();
+    for (path, says) in [
+        ("/var/run/netns/thaw-no-such-netns", "No such file"),
+        ("/proc/self/ns/uts", "not a network one"),
+    ] {
+        let ns = format!("network:{path}");
+        let out = c.run_rm("badns", &["--with-ns", &ns], &["true"], RUN_TIMEOUT);
+        assert!(!out.success(), "{}", out.describe());
+        let text = format!("{}{}", out.stdout, out.stderr);
+        assert!(text.contains(path) && text.contains(says), "{}", out.describe());
+    }
+    c.assert_no_leaks();
+}
