@@ -11,8 +11,11 @@
 //!
 //! It is a deny-list, a first layer: everything else stays allowed because
 //! the control socket's operations (snapshots, disk attach) open files and
-//! map memory at any time. A per-thread allow-list, as Firecracker has, is
-//! the next step, with the jail (namespaces, chroot, an unprivileged uid).
+//! map memory at any time (`attach_tap` opens `/dev/net/tun` and issues
+//! `TUNSETIFF`/`TUNSETVNETHDRSZ`/`TUNSETOFFLOAD`; the NIC's worker uses
+//! `readv`/`writev` on it: none of that is denied, and it must stay so).
+//! A per-thread allow-list, as Firecracker has, is the next step, with the
+//! jail (namespaces, chroot, an unprivileged uid).
 
 use std::collections::BTreeMap;
 

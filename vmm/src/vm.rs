@@ -755,4 +755,55 @@ mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn the_nic_binds_its_tap_from_the_config_or_the_control_socket() {
+        crate::devices::virtio::net::tests::in_netns(|| {
+            let tap_of = |vm: &Vm| {
+                let t = vm.net.as_ref().expect("every VM has a NIC");
+                lock(t).device().tap_name().map(String::from)
+            };
+            let config = VmConfig {
+                serial: SerialOutput::None,
+                net_mac: [2, 0, 0, 0, 0, 0x42],
+                ..VmConfig::default()
+            };
+            let vm = vm_with_devices(config.clone());
+            assert_eq!(tap_of(&vm), None);
+            let attach = vm.tap_attacher();
+            attach("thawvm0").unwrap();
+            assert_eq!(tap_of(&vm).as_deref(), Some("thawvm0"));
+            let e = attach("thawvm1").unwrap_err().to_string();
+            assert!(e.contains("thawvm0"), "{e}");
+            let net = vm.virtio.last().unwrap();
+            assert_eq!(net.role, SlotRole::Net);
+            net.handle.pause().unwrap();
+            let saved = crate::devices::persist::through_state_file(&net.save().unwrap());
+            drop(attach);
+            drop(vm);
+
+            // A restore binds the tap of its own configuration, if any.
+            let config2 = VmConfig {
+                tap: Some("thawvm2".into()),
+                ..config
+            };
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+            let mut vm2 = Vm::create_with_memory(config2, mem).unwrap();
+            // Fill the slots before the NIC's so it lands where it was.
+            for _ in 0..saved.base.saturating_sub(layout::VIRTIO_MMIO_START)
+                / layout::VIRTIO_MMIO_SLOT_SIZE
+            {
+                let slot = SlotRole::Rng;
+                let t = new_transport(&vm2.mem.clone(), slot, Rng::new()).unwrap();
+                vm2.add_virtio(slot, t, VirtioHandle::Rng).unwrap();
+            }
+            vm2.restore_virtio(&saved).unwrap();
+            assert_eq!(tap_of(&vm2).as_deref(), Some("thawvm2"));
+            let mut mac = [0u8; 6];
+            let t = vm2.net.as_ref().unwrap();
+            assert_eq!(lock(t).device().mac(), [2, 0, 0, 0, 0, 0x42]);
+            lock(t).device().read_config(0, &mut mac);
+            assert_eq!(mac, [2, 0, 0, 0, 0, 0x42]);
+        });
+    }
 }

@@ -898,4 +898,4 @@ impl NetWorker {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
