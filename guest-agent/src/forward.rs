@@ -68,11 +68,7 @@ fn start(host: &HostAddr, port: u16, host_port: u32) -> Result<()> {
 }
 
 /// Copies `from` to `to` until EOF or an error, then half-closes `to`.
-fn pump<R: Read, W: Write>(
-    mut from: R,
-    mut to: W,
-    close: impl FnOnce(&W) -> std::io::Result<()>,
-) {
+fn pump<R: Read, W: Write>(mut from: R, mut to: W, close: impl FnOnce(&W) -> std::io::Result<()>) {
     let _ = std::io::copy(&mut from, &mut to);
     let _ = close(&to);
 }
@@ -93,9 +89,9 @@ mod tests {
         let host = HostAddr::Unix {
             prefix: prefix.clone(),
         };
-        let host_side = UnixListener::bind(
-            thaw_agent_protocol::transport::host_socket_path(&prefix, 70000),
-        )
+        let host_side = UnixListener::bind(thaw_agent_protocol::transport::host_socket_path(
+            &prefix, 70000,
+        ))
         .unwrap();
         forward(&host, u32::from(port), 70000).unwrap();
         let (mut guest_side, _) = server.accept().unwrap();

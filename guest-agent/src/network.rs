@@ -231,12 +231,16 @@ mod tests {
 
     #[test]
     fn bad_fields_are_refused_by_name() {
-        let cases: Vec<(fn(&mut ConfigureNetworkRequest), &str)> = vec![
+        type Breaks = fn(&mut ConfigureNetworkRequest);
+        let cases: Vec<(Breaks, &str)> = vec![
             (|r| r.mac = "02:42".into(), "mac"),
             (|r| r.mtu = 20, "mtu 20"),
             (|r| r.addresses[0].cidr = "10.88.0.5/40".into(), "address"),
             (|r| r.routes[0].gateway = "gw".into(), "route gateway"),
-            (|r| r.routes[1].destination = "x/1".into(), "route destination"),
+            (
+                |r| r.routes[1].destination = "x/1".into(),
+                "route destination",
+            ),
             (|r| r.neighbors[0].ip = "::g".into(), "neighbor"),
         ];
         for (break_it, named) in cases {

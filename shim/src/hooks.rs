@@ -214,7 +214,11 @@ mod tests {
     fn hooks_run_in_order_with_the_state_on_stdin() {
         let d = tempfile::tempdir().unwrap();
         let out = d.path().join("out");
-        let script = format!("cat >> {}; echo \" $0 $X\" >> {}", out.display(), out.display());
+        let script = format!(
+            "cat >> {}; echo \" $0 $X\" >> {}",
+            out.display(),
+            out.display()
+        );
         let hook = |tag: &str| json!({"path": "/bin/sh", "args": ["sh", "-c", script, tag], "env": ["X=from-env"]});
         let spec = json!({"hooks": {
             "createRuntime": [hook("first")],
@@ -244,7 +248,12 @@ mod tests {
             .run(Stage::StartContainer, &state(d.path(), &ann))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("startContainer hook /bin/sh") && e.contains("status 3") && e.contains("nope"), "{e}");
+        assert!(
+            e.contains("startContainer hook /bin/sh")
+                && e.contains("status 3")
+                && e.contains("nope"),
+            "{e}"
+        );
         let spec = json!({"hooks": {"poststart": [
             {"path": "/bin/sleep", "args": ["sleep", "30"], "timeout": 1}]}});
         let started = std::time::Instant::now();

@@ -15,9 +15,9 @@ use containerd_shim::protos::shim::oci::ProcessDetails;
 use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
 
-use crate::hooks::Stage;
 use crate::error::{Error, Result};
 use crate::events::Events;
+use crate::hooks::Stage;
 use crate::metrics::metrics_from;
 use crate::task::Tasks;
 

@@ -678,8 +678,7 @@ fn echo_pod(x: &Ctx, name: &str) -> Res<(Pod, String, String)> {
     };
     let pod = x.run_pod(name, opts)?;
     let ip = x.pod_ip(&pod)?;
-    let script =
-        format!("while true; do echo hello-from-$(hostname) | nc -l -p {ECHO_PORT}; done");
+    let script = format!("while true; do echo hello-from-$(hostname) | nc -l -p {ECHO_PORT}; done");
     let id = x.run(&pod, "echo", &["sh", "-c", &script], |_| {})?;
     Ok((pod, ip, id))
 }
@@ -729,7 +728,8 @@ fn pod_traffic(x: &Ctx) -> Vec<Outcome> {
         let server = std::thread::spawn(move || -> Result<(), String> {
             use std::io::Write;
             let (mut s, peer) = listener.accept().map_err(|e| e.to_string())?;
-            s.write_all(b"hello-from-host\n").map_err(|e| e.to_string())?;
+            s.write_all(b"hello-from-host\n")
+                .map_err(|e| e.to_string())?;
             ensure(peer.ip().to_string() == ip_a, || {
                 format!("the host saw the connection from {peer}, not {ip_a}")
             })
@@ -801,7 +801,9 @@ fn port_forward(x: &Ctx) -> Res {
         s.close();
         std::thread::sleep(Duration::from_millis(300));
     }
-    Err(format!("port-forward to {ECHO_PORT} never read {want:?}: {last}"))
+    Err(format!(
+        "port-forward to {ECHO_PORT} never read {want:?}: {last}"
+    ))
 }
 
 /// Removing a pod leaves no network namespace, tap or bridge port.
@@ -1837,7 +1839,10 @@ fn checks() -> Vec<Check> {
             ],
             pod_traffic,
         ),
-        One("network: CRI PortForward reaches a server in the pod", port_forward),
+        One(
+            "network: CRI PortForward reaches a server in the pod",
+            port_forward,
+        ),
         One(
             "network: no netns, tap or bridge port left after RemovePodSandbox",
             network_cleanup,

@@ -396,7 +396,11 @@ fn vm_ctr_run_cni_gets_an_address_and_talks() {
         .cloned()
         .collect();
     assert!(left.is_empty(), "host interfaces left: {left:?}");
-    assert!(cni.leased().is_empty(), "addresses still leased: {:?}", cni.leased());
+    assert!(
+        cni.leased().is_empty(),
+        "addresses still leased: {:?}",
+        cni.leased()
+    );
 }
 
 fn host_links() -> std::collections::BTreeSet<String> {
@@ -446,11 +450,19 @@ fn vm_oci_hooks_run_on_the_host_with_the_vmms_pid() {
     let read = |f: &str| std::fs::read_to_string(out_dir.join(f)).unwrap_or_default();
     let state: serde_json::Value = serde_json::from_str(&read("state.json")).unwrap();
     assert_eq!(state["id"], id.as_str(), "{state}");
-    assert!(read("cmdline").contains("thaw-vmm"), "the hook's pid is not the VMM: {}", read("cmdline"));
+    assert!(
+        read("cmdline").contains("thaw-vmm"),
+        "the hook's pid is not the VMM: {}",
+        read("cmdline")
+    );
     let host_netns = std::fs::read_link("/proc/self/ns/net").unwrap();
     let netns = read("netns");
     assert!(netns.starts_with("net:["), "{netns:?}");
-    assert_ne!(netns.trim(), host_netns.to_string_lossy(), "the VMM is in the host's network namespace");
+    assert_ne!(
+        netns.trim(),
+        host_netns.to_string_lossy(),
+        "the VMM is in the host's network namespace"
+    );
     let stopped: serde_json::Value = serde_json::from_str(&read("poststop.json")).unwrap();
     assert_eq!(stopped["status"], "stopped", "{stopped}");
 
@@ -484,7 +496,11 @@ fn vm_a_bogus_network_namespace_is_refused_by_name() {
         let out = c.run_rm("badns", &["--with-ns", &ns], &["true"], RUN_TIMEOUT);
         assert!(!out.success(), "{}", out.describe());
         let text = format!("{}{}", out.stdout, out.stderr);
-        assert!(text.contains(path) && text.contains(says), "{}", out.describe());
+        assert!(
+            text.contains(path) && text.contains(says),
+            "{}",
+            out.describe()
+        );
     }
     c.assert_no_leaks();
 }

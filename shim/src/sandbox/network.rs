@@ -76,10 +76,11 @@ impl PodNetns {
             PodNetns::Host => (None, false),
         };
         move || {
-            // SAFETY: setns/unshare take plain integers; the fd stays
-            // open in the parent (and so in the child) until after exec.
             let rc = match action {
+                // SAFETY: setns takes plain integers; the fd stays open in
+                // the parent (and so in the child) until after exec.
                 (Some(fd), _) => unsafe { libc::setns(fd, libc::CLONE_NEWNET) },
+                // SAFETY: unshare takes a flag and touches no memory.
                 (None, true) => unsafe { libc::unshare(libc::CLONE_NEWNET) },
                 (None, false) => 0,
             };
@@ -141,8 +142,8 @@ pub(super) fn in_netns<T: Send + 'static>(
                     std::io::Error::last_os_error(),
                 ));
             }
-            let mut nl = Netlink::open()
-                .map_err(|e| Error::Sandbox(format!("netlink in {shown}: {e}")))?;
+            let mut nl =
+                Netlink::open().map_err(|e| Error::Sandbox(format!("netlink in {shown}: {e}")))?;
             f(&mut nl)
         })
         .map_err(|e| Error::io("starting a network namespace thread".to_string(), e))?;
@@ -212,7 +213,7 @@ fn find_interface(nl: &mut Netlink) -> Result<Option<Interface>> {
         log::warn!("{name}: {v6} IPv6 addresses not given to the guest (no IPv6 in thaw's guest kernel yet)");
     }
     addresses.retain(|a| a.addr.is_ipv4());
-    routes.retain(|r| route_is_ipv4(r));
+    routes.retain(route_is_ipv4);
     neighbours.retain(|n| n.ip.is_ipv4());
     Ok(Some(Interface {
         link,
@@ -306,10 +307,11 @@ fn redirect_in(nl: &mut Netlink, interface: &str, mtu: u32) -> Result<()> {
     for (from, to) in [(&link, &tap), (&tap, &link)] {
         nl.add_ingress_qdisc(from.index)
             .map_err(nl_err(format!("adding an ingress qdisc to {}", from.name)))?;
-        nl.redirect_ingress(from.index, to.index).map_err(nl_err(format!(
-            "redirecting {}'s ingress to {}",
-            from.name, to.name
-        )))?;
+        nl.redirect_ingress(from.index, to.index)
+            .map_err(nl_err(format!(
+                "redirecting {}'s ingress to {}",
+                from.name, to.name
+            )))?;
     }
     Ok(())
 }
@@ -361,7 +363,10 @@ mod tests {
         let spec = serde_json::json!({"linux": {"namespaces": [
             {"type": "network", "path": "/etc/hostname"}]}});
         let e = PodNetns::from_spec(&spec).unwrap_err().to_string();
-        assert!(e.contains("/etc/hostname") && e.contains("not a namespace"), "{e}");
+        assert!(
+            e.contains("/etc/hostname") && e.contains("not a namespace"),
+            "{e}"
+        );
         let spec = serde_json::json!({"linux": {"namespaces": [
             {"type": "network", "path": "/proc/self/ns/uts"}]}});
         let e = PodNetns::from_spec(&spec).unwrap_err().to_string();
@@ -373,7 +378,10 @@ mod tests {
         let own = serde_json::json!({"linux": {"namespaces": [{"type": "network"}]}});
         assert!(matches!(PodNetns::from_spec(&own).unwrap(), PodNetns::Own));
         let host = serde_json::json!({"linux": {"namespaces": [{"type": "pid"}]}});
-        assert!(matches!(PodNetns::from_spec(&host).unwrap(), PodNetns::Host));
+        assert!(matches!(
+            PodNetns::from_spec(&host).unwrap(),
+            PodNetns::Host
+        ));
         let joined = serde_json::json!({"linux": {"namespaces": [
             {"type": "network", "path": "/proc/self/ns/net"}]}});
         assert!(matches!(

@@ -46,9 +46,8 @@ impl PortForwarder {
     ) -> Result<PortForwarder> {
         let shown = netns.display().to_string();
         let (listener, steering) = in_netns(netns, move |_| {
-            let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| {
-                Error::io(format!("listening on the loopback of {shown}"), e)
-            })?;
+            let listener = TcpListener::bind("127.0.0.1:0")
+                .map_err(|e| Error::io(format!("listening on the loopback of {shown}"), e))?;
             let ns = std::fs::File::open("/proc/thread-self/ns/net")
                 .map_err(|e| Error::io("opening the pod network namespace".to_string(), e))?;
             let steering = steer_loopback(ns.as_raw_fd(), &listener).map_err(|e| {
@@ -121,8 +120,8 @@ fn forward_one(conn: TcpStream, agent: &Agent, uds: &Path, host_port: u32) -> Re
         .map_err(|e| Error::io("reading the forwarded port".to_string(), e))?
         .port();
     let path = transport::host_socket_path(uds, host_port);
-    let listener =
-        UnixListener::bind(&path).map_err(|e| Error::io(format!("binding {}", path.display()), e))?;
+    let listener = UnixListener::bind(&path)
+        .map_err(|e| Error::io(format!("binding {}", path.display()), e))?;
     let guest = (|| {
         agent.forward_port(u32::from(port), host_port)?;
         accept_within(&listener, DIAL_BACK)

@@ -184,7 +184,10 @@ pub fn steer_loopback(netns: RawFd, listener: &TcpListener) -> io::Result<Steeri
         let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
         let verifier = String::from_utf8_lossy(&log[..end]);
         what(
-            &format!("loading the sk_lookup program (verifier: {})", verifier.trim()),
+            &format!(
+                "loading the sk_lookup program (verifier: {})",
+                verifier.trim()
+            ),
             e,
         )
     })?;
