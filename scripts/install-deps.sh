@@ -9,6 +9,8 @@ pkgs=(
     containernetworking-plugins
     # The boot benchmark's baseline (benches/benches/boot.rs).
     qemu-system-x86
+    # The network benchmark's load (benches/benches/net_throughput.rs).
+    iperf3
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -22,14 +22,17 @@
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use thaw_benches::{count_from_env, fmt_duration, summarize, Summary};
-use thaw_tests::binaries::{binaries, template_store, vm_assets, workspace_root};
+
+mod common;
+use common::{release_binaries, release_containerd, Release};
+use thaw_tests::binaries::{binaries, template_store, vm_assets};
 use thaw_tests::cmd;
 use thaw_tests::image::BUSYBOX_REF;
-use thaw_tests::{Backend, PrivateContainerd};
+use thaw_tests::PrivateContainerd;
 use thaw_vmm_api::{Disk, ReadyProbe, RestoreArgs, Serial, TemplateBuildArgs, VmmCommand};
 
 const RUNS_ENV: &str = "THAW_BENCH_RUNS";
@@ -133,41 +136,6 @@ impl Figure {
     fn summary(&self) -> Option<Summary> {
         summarize(&self.samples)
     }
-}
-
-struct Release {
-    vmm: PathBuf,
-    shim: PathBuf,
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
-}
-
-/// Release builds of the VMM and the shim (the tests use debug builds,
-/// whose host-side cost is not what users get).
-fn release_binaries() -> Result<Release, String> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut c = Command::new(cargo);
-    c.current_dir(workspace_root()).args([
-        "build",
-        "--release",
-        "-p",
-        "thaw-vmm",
-        "-p",
-        "containerd-shim-thaw-v2",
-    ]);
-    let out = cmd::run(&mut c, Duration::from_secs(1800));
-    if !out.success() {
-        return Err(format!("release build failed:\n{}", out.describe()));
-    }
-    let dir = target_dir().join("release");
-    Ok(Release {
-        vmm: dir.join("thaw-vmm"),
-        shim: dir.join("containerd-shim-thaw-v2"),
-    })
 }
 
 /// The agent root image: the last line guest-agent/build-rootfs.sh prints.
@@ -293,26 +261,7 @@ struct CtrFigures {
 /// copy with `templates = false` through `--runtime-config-path`, so both
 /// share the image cache and the machine's state.
 fn ctr_figures(release: &Release, runs: usize, cold_runs: usize) -> Result<CtrFigures, String> {
-    let vmm = release.vmm.display().to_string();
-    let c = PrivateContainerd::start_with(Backend::Vm, |cfg| {
-        cfg.lines()
-            .map(|l| {
-                if l.starts_with("vmm = ") {
-                    format!("vmm = \"{vmm}\"\ntemplates = true")
-                } else {
-                    l.to_string()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-            + "\n"
-    });
-    // containerd looks the shim up in PATH at every start: point the link
-    // in the private bin dir at the release build.
-    let link = c.dir().join("bin/containerd-shim-thaw-v2");
-    std::fs::remove_file(&link).map_err(|e| format!("removing {}: {e}", link.display()))?;
-    std::os::unix::fs::symlink(&release.shim, &link)
-        .map_err(|e| format!("linking the release shim: {e}"))?;
+    let c = release_containerd(release)?;
     let restore_cfg = std::fs::read_to_string(&c.shim_config).map_err(|e| e.to_string())?;
     if !restore_cfg.contains("templates = true") {
         return Err(format!(

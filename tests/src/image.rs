@@ -93,6 +93,44 @@ pub fn build_image_tar(work: &Path, name: &str, corrupt: bool) -> PathBuf {
     pack_image(work, &root, name, config, "thaw-tests: busybox-static")
 }
 
+/// The busybox image plus host `programs` (absolute paths) and the shared
+/// libraries `ldd` names for them, each at its host path: for benchmarks
+/// that need a real tool (iperf3) in the container.
+pub fn build_image_tar_with_programs(work: &Path, name: &str, programs: &[&str]) -> PathBuf {
+    let root = work.join("rootfs");
+    let _ = fs::remove_dir_all(&root);
+    fs::create_dir_all(&root).unwrap();
+    populate_rootfs(&root, false);
+    let mut files: Vec<PathBuf> = Vec::new();
+    for p in programs {
+        files.push(PathBuf::from(p));
+        let ldd = Command::new("ldd").arg(p).output().unwrap();
+        for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+            // "libc.so.6 => /lib/.../libc.so.6 (0x...)" or "/lib64/ld-linux... (0x...)"
+            let path = line
+                .split("=>")
+                .last()
+                .and_then(|r| r.split_whitespace().next())
+                .unwrap_or("");
+            if path.starts_with('/') {
+                files.push(PathBuf::from(path));
+            }
+        }
+    }
+    for f in files {
+        let dest = root.join(f.strip_prefix("/").unwrap());
+        fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        // Follow links: the library's real bytes under its linked name.
+        fs::copy(&f, &dest).unwrap_or_else(|e| panic!("copying {}: {e}", f.display()));
+    }
+    let config = serde_json::json!({
+        "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+        "Cmd": ["sh"],
+        "WorkingDir": "/"
+    });
+    pack_image(work, &root, name, config, "thaw-tests: busybox-static + host programs")
+}
+
 /// The pod sandbox ("pause") image CRI starts first in every pod: only the
 /// static busybox, sleeping forever. `env` goes into the image config, so
 /// the harness can tell the pause processes of its pods from others'.
