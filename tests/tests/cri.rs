@@ -806,24 +806,44 @@ fn port_forward(x: &Ctx) -> Res {
     ))
 }
 
-/// Removing a pod leaves no network namespace, tap or bridge port.
+/// Removing a pod leaves no network namespace, tap or bridge port; also
+/// when its sandbox process (runc's pause, thaw's VMM) was killed first.
 fn network_cleanup(x: &Ctx) -> Res {
     let before = thaw_tests::cri::host_links();
-    let (pod, _ip, _srv) = echo_pod(x, "net-gone")?;
-    let netns = x.pod_netns(&pod)?;
-    drop(pod);
-    ensure(!Path::new(&netns).exists(), || {
-        format!("{netns} still exists after RemovePodSandbox")
-    })?;
-    let after = thaw_tests::cri::host_links();
-    // The bridge is CNI's, made by the first pod on it and kept.
-    let new: Vec<&String> = after
-        .difference(&before)
-        .filter(|l| **l != x.setup.bridge)
-        .collect();
-    ensure(new.is_empty(), || {
-        format!("host interfaces left after RemovePodSandbox: {new:?}")
-    })
+    for crash in [false, true] {
+        let (pod, _ip, _srv) = echo_pod(x, if crash { "net-crash" } else { "net-gone" })?;
+        let netns = x.pod_netns(&pod)?;
+        if crash {
+            let uid = pod
+                .config
+                .metadata
+                .as_ref()
+                .map(|m| m.uid.clone())
+                .unwrap_or_default();
+            let procs = x.setup.pod_processes(&uid);
+            let want = if x.handler == "thaw" { "thaw-vmm" } else { "sleep infinity" };
+            let (pid, _) = procs
+                .iter()
+                .find(|(_, cmd)| cmd.contains(want))
+                .ok_or_else(|| format!("no {want} in the pod's cgroup: {procs:?}"))?;
+            // SAFETY: kill takes plain integers.
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        }
+        drop(pod);
+        ensure(!Path::new(&netns).exists(), || {
+            format!("{netns} still exists after RemovePodSandbox (crash: {crash})")
+        })?;
+        let after = thaw_tests::cri::host_links();
+        // The bridge is CNI's, made by the first pod on it and kept.
+        let new: Vec<&String> = after
+            .difference(&before)
+            .filter(|l| **l != x.setup.bridge)
+            .collect();
+        ensure(new.is_empty(), || {
+            format!("host interfaces left after RemovePodSandbox (crash: {crash}): {new:?}")
+        })?;
+    }
+    Ok(())
 }
 
 /// Two containers in one pod, both running, listed under the pod.
@@ -1844,7 +1864,7 @@ fn checks() -> Vec<Check> {
             port_forward,
         ),
         One(
-            "network: no netns, tap or bridge port left after RemovePodSandbox",
+            "network: no netns, tap or bridge port left after RemovePodSandbox (also after a crash)",
             network_cleanup,
         ),
         One(
