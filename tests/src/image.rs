@@ -128,7 +128,13 @@ pub fn build_image_tar_with_programs(work: &Path, name: &str, programs: &[&str])
         "Cmd": ["sh"],
         "WorkingDir": "/"
     });
-    pack_image(work, &root, name, config, "thaw-tests: busybox-static + host programs")
+    pack_image(
+        work,
+        &root,
+        name,
+        config,
+        "thaw-tests: busybox-static + host programs",
+    )
 }
 
 /// The pod sandbox ("pause") image CRI starts first in every pod: only the

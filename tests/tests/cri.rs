@@ -821,7 +821,11 @@ fn network_cleanup(x: &Ctx) -> Res {
                 .map(|m| m.uid.clone())
                 .unwrap_or_default();
             let procs = x.setup.pod_processes(&uid);
-            let want = if x.handler == "thaw" { "thaw-vmm" } else { "sleep infinity" };
+            let want = if x.handler == "thaw" {
+                "thaw-vmm"
+            } else {
+                "sleep infinity"
+            };
             let (pid, _) = procs
                 .iter()
                 .find(|(_, cmd)| cmd.contains(want))
