@@ -79,17 +79,22 @@ pub fn populate_rootfs(root: &Path, corrupt: bool) {
     fs::write(root.join("etc/hostname"), "busybox\n").unwrap();
 }
 
+/// The image config of the busybox images: a shell, a standard PATH.
+fn shell_config() -> serde_json::Value {
+    serde_json::json!({
+        "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+        "Cmd": ["sh"],
+        "WorkingDir": "/"
+    })
+}
+
 /// Builds the image tar for `name` in `work` and returns its path.
 pub fn build_image_tar(work: &Path, name: &str, corrupt: bool) -> PathBuf {
     let root = work.join("rootfs");
     let _ = fs::remove_dir_all(&root);
     fs::create_dir_all(&root).unwrap();
     populate_rootfs(&root, corrupt);
-    let config = serde_json::json!({
-        "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-        "Cmd": ["sh"],
-        "WorkingDir": "/"
-    });
+    let config = shell_config();
     pack_image(work, &root, name, config, "thaw-tests: busybox-static")
 }
 
@@ -123,11 +128,7 @@ pub fn build_image_tar_with_programs(work: &Path, name: &str, programs: &[&str])
         // Follow links: the library's real bytes under its linked name.
         fs::copy(&f, &dest).unwrap_or_else(|e| panic!("copying {}: {e}", f.display()));
     }
-    let config = serde_json::json!({
-        "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-        "Cmd": ["sh"],
-        "WorkingDir": "/"
-    });
+    let config = shell_config();
     pack_image(
         work,
         &root,

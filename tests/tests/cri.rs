@@ -178,6 +178,17 @@ struct Pod {
     cri: Cri,
 }
 
+impl Pod {
+    /// The pod's uid, as kubelet names its cgroup.
+    fn uid(&self) -> String {
+        self.config
+            .metadata
+            .as_ref()
+            .map(|m| m.uid.clone())
+            .unwrap_or_default()
+    }
+}
+
 impl Drop for Pod {
     fn drop(&mut self) {
         let _ = self.cri.stop_pod_sandbox(api::StopPodSandboxRequest {
@@ -814,12 +825,7 @@ fn network_cleanup(x: &Ctx) -> Res {
         let (pod, _ip, _srv) = echo_pod(x, if crash { "net-crash" } else { "net-gone" })?;
         let netns = x.pod_netns(&pod)?;
         if crash {
-            let uid = pod
-                .config
-                .metadata
-                .as_ref()
-                .map(|m| m.uid.clone())
-                .unwrap_or_default();
+            let uid = pod.uid();
             let procs = x.setup.pod_processes(&uid);
             let want = if x.handler == "thaw" {
                 "thaw-vmm"
@@ -1731,12 +1737,7 @@ fn dev_shm(x: &Ctx) -> Res {
 /// VM.
 fn pod_cgroup(x: &Ctx) -> Res {
     let pod = x.run_pod("cgroup", PodOpts::default())?;
-    let uid = pod
-        .config
-        .metadata
-        .as_ref()
-        .map(|m| m.uid.clone())
-        .unwrap_or_default();
+    let uid = pod.uid();
     let want = if x.handler == "thaw" {
         "thaw-vmm"
     } else {
