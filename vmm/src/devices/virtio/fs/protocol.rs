@@ -267,6 +267,7 @@ mod tests {
     fn layouts_have_the_kernel_sizes() {
         // SAFETY: all-zero bytes are a valid stat/statfs.
         let st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
         let sfs: libc::statfs = unsafe { std::mem::zeroed() };
         let mut v = Vec::new();
         put_attr(&mut v, &st);
