@@ -25,7 +25,8 @@
 //!   by the server.
 //! - Created files, directories and nodes never get S_ISUID/S_ISGID; MKNOD
 //!   makes only regular files and fifos (`EPERM` for devices and sockets);
-//!   `SETATTR` strips the same bits. Ownership follows the requesting guest
+//!   `SETATTR` strips the same bits, and so does an open for writing of a
+//!   file that has them (the VMM's CAP_FSETID would keep them on write). Ownership follows the requesting guest
 //!   uid/gid where the VMM may chown (best effort).
 //! - Hard links are confined: the source is an inode already in the share
 //!   (never a directory), the target a name under a share directory.
@@ -165,6 +166,18 @@ fn file_type(mode: u32) -> u32 {
 /// Permission bits a guest may set: no setuid, no setgid.
 fn safe_mode(mode: u32) -> u32 {
     mode & 0o7777 & !(libc::S_ISUID | libc::S_ISGID)
+}
+
+/// A file opened for writing loses S_ISUID/S_ISGID first: the kernel would
+/// not clear them on write, the VMM holding CAP_FSETID, so a setuid file
+/// the host put in the share could otherwise be rewritten by the guest.
+fn drop_setid_bits(file: &File) -> FsResult<()> {
+    let st = stat_fd(file.as_raw_fd())?;
+    if st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
+        // SAFETY: fchmod on an fd we own.
+        check(unsafe { libc::fchmod(file.as_raw_fd(), safe_mode(st.st_mode)) })?;
+    }
+    Ok(())
 }
 
 /// A component the guest wants to create or remove.
@@ -598,6 +611,9 @@ impl Share {
             _ => return Err(libc::ENXIO),
         }
         let file = self.reopen(inode, flags)?;
+        if flags & libc::O_ACCMODE != libc::O_RDONLY {
+            drop_setid_bits(&file)?;
+        }
         self.add_handle(file)
     }
 
@@ -756,17 +772,32 @@ impl Share {
     ) -> FsResult<(Entry, u64)> {
         let (dir, cname) = self.prepare_new(parent, name)?;
         self.room_for_handle()?;
-        let flags = self.open_flags(flags)? | (flags as i32 & libc::O_EXCL);
-        let fd = openat2(
+        let exclusive = flags as i32 & libc::O_EXCL != 0;
+        let flags = self.open_flags(flags)? | libc::O_NOFOLLOW;
+        // Made exclusively, so only a file we made gets the guest's ids; an
+        // existing one is opened as it is (unless the guest said O_EXCL).
+        let made = openat2(
             dir,
             &cname,
-            flags | libc::O_CREAT | libc::O_NOFOLLOW,
+            flags | libc::O_CREAT | libc::O_EXCL,
             safe_mode(mode),
             RESOLVE_CONFINED,
-        )?;
-        self.chown_to(fd.as_raw_fd(), owner);
+        );
+        let fd = match made {
+            Ok(fd) => {
+                self.chown_to(fd.as_raw_fd(), owner);
+                fd
+            }
+            Err(libc::EEXIST) if !exclusive => openat2(dir, &cname, flags, 0, RESOLVE_CONFINED)?,
+            Err(e) => return Err(e),
+        };
+        let file = File::from(fd);
+        // CREATE also opens a file that already exists (no O_EXCL).
+        if flags & libc::O_ACCMODE != libc::O_RDONLY {
+            drop_setid_bits(&file)?;
+        }
         let entry = self.lookup(parent, name)?;
-        let fh = self.add_handle(File::from(fd))?;
+        let fh = self.add_handle(file)?;
         Ok((entry, fh))
     }
 

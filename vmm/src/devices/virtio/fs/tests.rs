@@ -461,6 +461,26 @@ fn no_setuid_setgid_bits_and_no_device_nodes() {
     // block its thread).
     assert_eq!(c.open(fifo, libc::O_RDONLY), Err(libc::ENXIO));
     let (_, _, _) = c.mknod(ROOT_ID, "plain", libc::S_IFREG | 0o644).unwrap();
+    // CREATE of an existing file opens it and leaves its owner alone.
+    let existing = dir.path().join("existing");
+    std::fs::write(&existing, b"x").unwrap();
+    let owner = std::fs::metadata(&existing).unwrap().uid();
+    c.create(ROOT_ID, "existing", 0o644).unwrap();
+    assert_eq!(std::fs::metadata(&existing).unwrap().uid(), owner);
+    let excl = cat(&[
+        &le32(&[(libc::O_RDWR | libc::O_EXCL) as u32, 0o644, 0, 0]),
+        &cstr("existing"),
+    ]);
+    assert_eq!(c.call(opcode::CREATE, ROOT_ID, &excl), Err(libc::EEXIST));
+    // A setuid file the host put there loses the bit when opened to write.
+    let host_suid = dir.path().join("host-suid");
+    std::fs::write(&host_suid, b"#!/bin/sh").unwrap();
+    std::fs::set_permissions(&host_suid, std::fs::Permissions::from_mode(0o6755)).unwrap();
+    let (hs, _, _) = c.lookup(ROOT_ID, "host-suid").unwrap();
+    c.open(hs, libc::O_RDONLY).unwrap();
+    assert_eq!(host_mode(&host_suid) & 0o7777, 0o6755, "reading keeps it");
+    c.open(hs, libc::O_WRONLY).unwrap();
+    assert_eq!(host_mode(&host_suid) & 0o7777, 0o0755);
 }
 
 #[test]
