@@ -16,7 +16,8 @@ use crate::Error;
 pub const MAGIC: [u8; 8] = *b"THAWSNAP";
 /// Bump when the payload's layout changes; old snapshots are then refused.
 /// 3: every VM has a virtio-net slot; the VM config has its MAC and tap.
-pub const FORMAT_VERSION: u32 = 3;
+/// 4: every VM has a virtio-fs slot; the VM config has its share.
+pub const FORMAT_VERSION: u32 = 4;
 /// Headers are small; anything bigger is a corrupt length.
 const MAX_HEADER: u32 = 64 * 1024;
 

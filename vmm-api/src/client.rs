@@ -68,6 +68,16 @@ impl VmmClient {
         self.round_trip::<IgnoredAny>(&request).map(drop)
     }
 
+    /// Exports host directory `dir` to the guest through virtio-fs (tag
+    /// `thaw-share`); `read_only` is enforced by the VMM.
+    pub fn attach_share(&self, dir: &Path, read_only: bool) -> Result<(), Error> {
+        let request = Request::AttachShare {
+            dir: dir.to_path_buf(),
+            read_only,
+        };
+        self.round_trip::<IgnoredAny>(&request).map(drop)
+    }
+
     /// Pauses the VM (it stays paused) and saves it into `dir`.
     pub fn snapshot(&self, dir: &Path) -> Result<SnapshotSaved, Error> {
         self.round_trip(&Request::Snapshot {
@@ -152,7 +162,8 @@ mod tests {
             | r#"{"op":"resume"}"#
             | r#"{"op":"stop"}"#
             | r#"{"op":"attach_disk","slot":2,"path":"/x.erofs","read_only":true}"#
-            | r#"{"op":"attach_tap","name":"tap0"}"# => {
+            | r#"{"op":"attach_tap","name":"tap0"}"#
+            | r#"{"op":"attach_share","dir":"/srv/p","read_only":true}"# => {
                 r#"{"ok":true}"#.into()
             }
             other => format!(r#"{{"ok":false,"error":"unexpected {}"}}"#, other.replace('"', "'")),
@@ -177,6 +188,14 @@ mod tests {
         c.stop().unwrap();
         c.attach_disk(2, Path::new("/x.erofs"), true).unwrap();
         c.attach_tap("tap0").unwrap();
+        c.attach_share(Path::new("/srv/p"), true).unwrap();
+        assert!(matches!(
+            c.attach_share(Path::new("/srv/p"), false),
+            Err(Error::Refused {
+                op: "attach_share",
+                ..
+            })
+        ));
         assert!(matches!(
             c.attach_tap("tap1"),
             Err(Error::Refused {

@@ -50,6 +50,20 @@ impl Disk {
     }
 }
 
+/// A host directory the guest sees through virtio-fs (tag `thaw-share`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    pub dir: PathBuf,
+    pub read_only: bool,
+}
+
+impl Share {
+    /// `DIR,ro` or `DIR,rw` (the suffix always there, as for disks).
+    fn arg(&self) -> OsString {
+        with_suffix(&self.dir, if self.read_only { ",ro" } else { ",rw" })
+    }
+}
+
 /// Where the guest console goes.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Serial {
@@ -145,6 +159,9 @@ pub struct BootArgs {
     /// Bind the NIC to this tap at start (created if missing, in the VMM's
     /// network namespace); None: no backend until `attach_tap`.
     pub tap: Option<String>,
+    /// Export this directory through virtio-fs from the start; None: none
+    /// until `attach_share`.
+    pub share: Option<Share>,
 }
 
 impl BootArgs {
@@ -165,6 +182,7 @@ impl BootArgs {
             pvm: Pvm::Auto,
             net_mac: None,
             tap: None,
+            share: None,
         }
     }
 }
@@ -182,6 +200,9 @@ pub struct RestoreArgs {
     pub api_sock: Option<PathBuf>,
     /// Bind the NIC to this tap at start; a snapshot never carries one.
     pub tap: Option<String>,
+    /// Export this directory through virtio-fs at start; a snapshot never
+    /// carries one.
+    pub share: Option<Share>,
 }
 
 impl RestoreArgs {
@@ -193,6 +214,7 @@ impl RestoreArgs {
             serial: None,
             api_sock: None,
             tap: None,
+            share: None,
         }
     }
 }
@@ -286,6 +308,7 @@ impl VmmCommand {
                 a.opt("--pvm", b.pvm.arg());
                 a.opt_if("--net-mac", b.net_mac.as_ref());
                 a.opt_if("--tap", b.tap.as_ref());
+                a.opt_if("--share", b.share.as_ref().map(Share::arg));
             }
             VmmCommand::Restore(r) => {
                 a.opt("--restore", &r.snapshot);
@@ -296,6 +319,7 @@ impl VmmCommand {
                 a.opt_if("--serial", r.serial.as_ref().map(Serial::arg));
                 a.opt_if("--api-sock", r.api_sock.as_ref());
                 a.opt_if("--tap", r.tap.as_ref());
+                a.opt_if("--share", r.share.as_ref().map(Share::arg));
             }
             VmmCommand::TemplateBuild(t) => {
                 a.0.push("template".into());
@@ -375,6 +399,10 @@ mod tests {
             pvm: Pvm::Off,
             net_mac: Some("02:00:00:00:00:07".into()),
             tap: Some("tap7".into()),
+            share: Some(Share {
+                dir: "/srv/p,ro".into(),
+                read_only: false,
+            }),
             ..BootArgs::new("/k")
         };
         let args = VmmCommand::Boot(b).args();
@@ -409,6 +437,8 @@ mod tests {
             "02:00:00:00:00:07",
             "--tap",
             "tap7",
+            "--share",
+            "/srv/p,ro,rw",
         ];
         assert_eq!(args, expected.map(OsString::from));
     }
@@ -430,12 +460,16 @@ mod tests {
             serial: Some(Serial::None),
             api_sock: Some("/r/api.sock".into()),
             tap: Some("tap0".into()),
+            share: Some(Share {
+                dir: "/r/shared".into(),
+                read_only: true,
+            }),
             ..RestoreArgs::new("/t/abc")
         };
         assert_eq!(
             argv(r),
             "--restore /t/abc --disk /root.img,ro --vsock-uds /r/v.sock --serial none \
-             --api-sock /r/api.sock --tap tap0"
+             --api-sock /r/api.sock --tap tap0 --share /r/shared,ro"
         );
     }
 

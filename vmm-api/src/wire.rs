@@ -8,6 +8,7 @@
 //! | `{"op":"pause"}`, `resume`, `stop` | `{"ok":true}` |
 //! | `{"op":"attach_disk","slot":N,"path":"...","read_only":B}` | `{"ok":true}` |
 //! | `{"op":"attach_tap","name":"..."}` | `{"ok":true}` |
+//! | `{"op":"attach_share","dir":"...","read_only":B}` | `{"ok":true}` |
 //! | `{"op":"snapshot","dir":"..."}` | `{"ok":true,"state_bytes":N,"memory_bytes_written":N}` |
 //!
 //! Any request can instead get `{"ok":false,"error":"..."}`.
@@ -47,6 +48,10 @@ pub enum Request {
     /// Binds the NIC to tap `name` (opened, or created, in the VMM's
     /// network namespace). Refused if a tap is already bound.
     AttachTap { name: String },
+    /// Exports host directory `dir` through the VM's virtio-fs device (tag
+    /// `thaw-share`), read-only at the VMM if `read_only`. Refused if a
+    /// share is already attached.
+    AttachShare { dir: PathBuf, read_only: bool },
     /// Pauses the VM, which stays paused, and saves it into `dir`:
     /// replies [`Reply::SnapshotSaved`].
     Snapshot { dir: PathBuf },
@@ -62,6 +67,7 @@ impl Request {
             Request::Stop => "stop",
             Request::AttachDisk { .. } => "attach_disk",
             Request::AttachTap { .. } => "attach_tap",
+            Request::AttachShare { .. } => "attach_share",
             Request::Snapshot { .. } => "snapshot",
         }
     }
@@ -121,8 +127,8 @@ pub struct SnapshotSaved {
 /// it answers, so [`Reply::from_line`] needs that request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
-    /// `{"ok":true}`: pause, resume, stop, attach_disk and attach_tap were
-    /// carried out.
+    /// `{"ok":true}`: pause, resume, stop, attach_disk, attach_tap and
+    /// attach_share were carried out.
     Done,
     Status(Status),
     SnapshotSaved(SnapshotSaved),
@@ -190,7 +196,8 @@ impl Reply {
             | Request::Resume
             | Request::Stop
             | Request::AttachDisk { .. }
-            | Request::AttachTap { .. } => {
+            | Request::AttachTap { .. }
+            | Request::AttachShare { .. } => {
                 parse_reply::<IgnoredAny>(line, op)?.map(|_| Reply::Done)
             }
         };
@@ -241,6 +248,13 @@ mod tests {
                     name: "tap0".into(),
                 },
                 r#"{"op":"attach_tap","name":"tap0"}"#,
+            ),
+            (
+                Request::AttachShare {
+                    dir: "/run/thaw/p1/shared".into(),
+                    read_only: false,
+                },
+                r#"{"op":"attach_share","dir":"/run/thaw/p1/shared","read_only":false}"#,
             ),
             (
                 Request::Snapshot {
@@ -336,6 +350,14 @@ mod tests {
             (
                 Reply::Done,
                 Request::AttachTap { name: "t".into() },
+                r#"{"ok":true}"#,
+            ),
+            (
+                Reply::Done,
+                Request::AttachShare {
+                    dir: "/d".into(),
+                    read_only: true,
+                },
                 r#"{"ok":true}"#,
             ),
             (

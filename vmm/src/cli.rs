@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{DiskConfig, PvmQuirks, SerialOutput, VmConfig, VsockConfig};
+use crate::config::{DiskConfig, PvmQuirks, SerialOutput, ShareConfig, VmConfig, VsockConfig};
 use crate::snapshot::RestoreOptions;
 use crate::template::TemplateCommand;
 
@@ -139,6 +139,11 @@ struct LaunchArgs {
     /// attach_tap control request.
     #[arg(long, value_name = "NAME")]
     tap: Option<String>,
+    /// Export this host directory through virtio-fs (tag thaw-share) from
+    /// the start; `,ro` makes the VMM refuse every write. Without it the
+    /// device has no share until the attach_share control request.
+    #[arg(long, value_name = "DIR[,ro]", value_parser = parse_share)]
+    share: Option<ShareConfig>,
     /// Resume the VM saved in DIR (by the snapshot control request) instead
     /// of booting; --vsock-uds gives it a new socket.
     #[arg(long, value_name = "DIR")]
@@ -157,6 +162,15 @@ fn parse_disk(value: &str) -> Result<DiskConfig, String> {
     Ok(DiskConfig {
         path: path.into(),
         read_only,
+    })
+}
+
+/// `DIR`, `DIR,ro` or `DIR,rw`.
+fn parse_share(value: &str) -> Result<ShareConfig, String> {
+    let disk = parse_disk(value).map_err(|_| "expected DIR or DIR,ro".to_string())?;
+    Ok(ShareConfig {
+        dir: disk.path,
+        read_only: disk.read_only,
     })
 }
 
@@ -196,6 +210,7 @@ impl LaunchArgs {
                 serial: self.serial,
                 api_socket: self.api_sock,
                 tap: self.tap,
+                share: self.share,
             }));
         }
         // clap enforces it (required_unless_present); this keeps it so.
@@ -224,6 +239,7 @@ impl LaunchArgs {
                 .net_mac
                 .unwrap_or(crate::devices::virtio::net::DEFAULT_MAC),
             tap: self.tap,
+            share: self.share,
         }))
     }
 }
@@ -291,7 +307,14 @@ mod tests {
         let c = boot(
             "--kernel /k --disk /a,ro --disk /b --spare-disks 2 --vsock-uds /v --cid 7 \
              --vcpus 2 --memory-mib 512 --serial none --api-sock /api --pvm off \
-             --net-mac 02:aB:00:00:00:01 --tap tap3",
+             --net-mac 02:aB:00:00:00:01 --tap tap3 --share /srv/p,ro",
+        );
+        assert_eq!(
+            c.share,
+            Some(ShareConfig {
+                dir: "/srv/p".into(),
+                read_only: true
+            })
         );
         assert_eq!(c.net_mac, [2, 0xab, 0, 0, 0, 1]);
         assert_eq!(c.tap.as_deref(), Some("tap3"));
@@ -345,9 +368,16 @@ mod tests {
     #[test]
     fn restore_takes_host_resources_only() {
         match launch(args(
-            "--restore /snap --vsock-uds /v2 --disk /img,ro --api-sock /a --tap t1",
+            "--restore /snap --vsock-uds /v2 --disk /img,ro --api-sock /a --tap t1 --share /d",
         )) {
             Launch::Restore(r) => {
+                assert_eq!(
+                    r.share,
+                    Some(ShareConfig {
+                        dir: "/d".into(),
+                        read_only: false
+                    })
+                );
                 assert_eq!(r.tap.as_deref(), Some("t1"));
                 assert_eq!(r.snapshot, PathBuf::from("/snap"));
                 assert_eq!(r.vsock_uds, Some(PathBuf::from("/v2")));
@@ -424,7 +454,7 @@ mod tests {
     /// What thaw-vmm-api builds is what this parser reads, option by option.
     #[test]
     fn reads_the_boot_command_line_the_api_crate_builds() {
-        use thaw_vmm_api::{BootArgs, Disk, Pvm, Serial};
+        use thaw_vmm_api::{BootArgs, Disk, Pvm, Serial, Share};
         let minimal = api_args(BootArgs::new("/k").into());
         match launch_os(minimal) {
             Launch::Boot(c) => assert_eq!(
@@ -450,6 +480,10 @@ mod tests {
             pvm: Pvm::On,
             net_mac: Some("02:00:00:00:00:09".into()),
             tap: Some("tap9".into()),
+            share: Some(Share {
+                dir: "/srv/x,ro".into(),
+                read_only: false,
+            }),
             ..BootArgs::new("/k")
         };
         match launch_os(api_args(full.into())) {
@@ -481,6 +515,10 @@ mod tests {
                     pvm_quirks: PvmQuirks::On,
                     net_mac: [2, 0, 0, 0, 0, 9],
                     tap: Some("tap9".into()),
+                    share: Some(ShareConfig {
+                        dir: "/srv/x,ro".into(),
+                        read_only: false
+                    }),
                 }
             ),
             other => panic!("{other:?}"),
@@ -508,7 +546,7 @@ mod tests {
 
     #[test]
     fn reads_the_restore_command_line_the_api_crate_builds() {
-        use thaw_vmm_api::{Disk, RestoreArgs, Serial};
+        use thaw_vmm_api::{Disk, RestoreArgs, Serial, Share};
         match launch_os(api_args(RestoreArgs::new("/snap").into())) {
             Launch::Restore(r) => {
                 assert_eq!(r.snapshot, PathBuf::from("/snap"));
@@ -523,6 +561,10 @@ mod tests {
             serial: Some(Serial::None),
             api_sock: Some("/a".into()),
             tap: Some("tap2".into()),
+            share: Some(Share {
+                dir: "/r/s".into(),
+                read_only: true,
+            }),
             ..RestoreArgs::new("/snap")
         };
         match launch_os(api_args(full.into())) {
@@ -539,6 +581,13 @@ mod tests {
                 assert_eq!(r.serial, Some(SerialOutput::None));
                 assert_eq!(r.api_socket, Some(PathBuf::from("/a")));
                 assert_eq!(r.tap.as_deref(), Some("tap2"));
+                assert_eq!(
+                    r.share,
+                    Some(ShareConfig {
+                        dir: "/r/s".into(),
+                        read_only: true
+                    })
+                );
             }
             other => panic!("{other:?}"),
         }

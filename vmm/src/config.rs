@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::devices::virtio::fs::ShareConfig;
+
 /// Everything the VMM needs to build one VM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmConfig {
@@ -28,6 +30,10 @@ pub struct VmConfig {
     /// resource: a restore takes it from its own command line, never from
     /// the snapshot.
     pub tap: Option<String>,
+    /// The host directory the virtio-fs device exports from the start
+    /// (none: later, with `attach_share`, or never). A host resource, like
+    /// the tap: a restore takes it from its own command line.
+    pub share: Option<ShareConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,8 +86,8 @@ pub enum ConfigError {
 /// The IOAPIC has 24 pins and IRQ 0-4 are taken: this is the virtio budget.
 pub const MAX_VIRTIO_DEVICES: usize = 19;
 pub const MIN_MEMORY_MIB: u32 = 32;
-/// Slots taken by other than disks: vsock, RNG, NIC.
-const FIXED_DEVICES: usize = 3;
+/// Slots taken by other than disks: vsock, RNG, NIC, virtio-fs.
+const FIXED_DEVICES: usize = 4;
 
 impl Default for VmConfig {
     fn default() -> Self {
@@ -99,6 +105,7 @@ impl Default for VmConfig {
             pvm_quirks: PvmQuirks::Auto,
             net_mac: crate::devices::virtio::net::DEFAULT_MAC,
             tap: None,
+            share: None,
         }
     }
 }
@@ -140,8 +147,17 @@ impl VmConfig {
         for d in &self.disks {
             check_file("--disk", &d.path)?;
         }
-        // Block devices, the vsock device, the RNG and the NIC each take
-        // a slot.
+        if let Some(s) = &self.share {
+            if !s.dir.is_dir() {
+                return Err(ConfigError::Path {
+                    what: "--share",
+                    path: s.dir.clone(),
+                    reason: "not a directory".into(),
+                });
+            }
+        }
+        // Block devices, the vsock device, the RNG, the NIC and the
+        // virtio-fs device each take a slot.
         let devices = self.disks.len() + self.spare_disks as usize + FIXED_DEVICES;
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDisks {

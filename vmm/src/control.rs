@@ -24,6 +24,7 @@ pub trait VmControl: Send + Sync {
     fn status(&self) -> Status;
     fn attach_disk(&self, slot: usize, path: &Path, read_only: bool) -> Result<(), AttachError>;
     fn attach_tap(&self, name: &str) -> Result<(), AttachError>;
+    fn attach_share(&self, dir: &Path, read_only: bool) -> Result<(), AttachError>;
     fn snapshot(&self, dir: &Path) -> Result<SnapshotSaved, SnapshotError>;
 }
 
@@ -55,6 +56,9 @@ pub fn handle(ctl: &dyn VmControl, line: &str) -> Handled {
             Reply::Done
         }),
         Ok(Request::AttachTap { name }) => reply(ctl.attach_tap(&name), |()| Reply::Done),
+        Ok(Request::AttachShare { dir, read_only }) => {
+            reply(ctl.attach_share(&dir, read_only), |()| Reply::Done)
+        }
         Ok(Request::Snapshot { dir }) => reply(ctl.snapshot(&dir), Reply::SnapshotSaved),
     };
     Handled {
@@ -126,6 +130,7 @@ pub struct VmmControl {
     pub guest_ram: Vec<(u64, u64)>,
     pub disks: crate::vm::DiskAttacher,
     pub taps: crate::vm::TapAttacher,
+    pub shares: crate::vm::ShareAttacher,
 }
 
 impl VmControl for VmmControl {
@@ -156,6 +161,9 @@ impl VmControl for VmmControl {
     }
     fn attach_tap(&self, name: &str) -> Result<(), AttachError> {
         (self.taps)(name)
+    }
+    fn attach_share(&self, dir: &Path, read_only: bool) -> Result<(), AttachError> {
+        (self.shares)(dir, read_only)
     }
     fn snapshot(&self, dir: &Path) -> Result<SnapshotSaved, SnapshotError> {
         let (state_bytes, memory_bytes_written) = self.vm.snapshot(dir)?;
@@ -208,6 +216,16 @@ mod tests {
             }
             Ok(())
         }
+        fn attach_share(&self, dir: &Path, ro: bool) -> Result<(), AttachError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("share {} {ro}", dir.display()));
+            if dir == Path::new("/taken") {
+                return Err(AttachError::NoFs);
+            }
+            Ok(())
+        }
         fn snapshot(&self, _: &Path) -> Result<SnapshotSaved, SnapshotError> {
             Err(SnapshotError::Unsupported("no".into()))
         }
@@ -237,6 +255,14 @@ mod tests {
             r#"{"ok":false,"error":"this VM has no NIC"}"#
         );
         assert_eq!(
+            handle(r#"{"op":"attach_share","dir":"/srv/v","read_only":true}"#),
+            r#"{"ok":true}"#
+        );
+        assert_eq!(
+            handle(r#"{"op":"attach_share","dir":"/taken","read_only":false}"#),
+            r#"{"ok":false,"error":"this VM has no virtio-fs device"}"#
+        );
+        assert_eq!(
             handle(r#"{"op":"snapshot","dir":"/s"}"#),
             r#"{"ok":false,"error":"cannot snapshot this VM: no"}"#
         );
@@ -246,7 +272,14 @@ mod tests {
         assert!(r.starts_with(r#"{"ok":false"#));
         assert_eq!(
             *f.calls.lock().unwrap(),
-            vec!["pause", "attach 1 /x true", "tap tap0", "tap busy"]
+            vec![
+                "pause",
+                "attach 1 /x true",
+                "tap tap0",
+                "tap busy",
+                "share /srv/v true",
+                "share /taken false"
+            ]
         );
         // Stop is acknowledged first and carried out after the reply.
         assert_eq!(

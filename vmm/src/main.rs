@@ -59,6 +59,7 @@ fn run(launch: Launch) -> Result<VmExit, Error> {
             guest_ram: vm.guest_ram_host_ranges(),
             disks: vm.disk_attacher(),
             taps: vm.tap_attacher(),
+            shares: vm.share_attacher(),
         };
         control::spawn_server(listener, Arc::new(ctl)).map_err(|source| Error::Io {
             what: "starting the control thread".into(),

@@ -13,7 +13,12 @@
 //! the control socket's operations (snapshots, disk attach) open files and
 //! map memory at any time (`attach_tap` opens `/dev/net/tun` and issues
 //! `TUNSETIFF`/`TUNSETVNETHDRSZ`/`TUNSETOFFLOAD`; the NIC's worker uses
-//! `readv`/`writev` on it: none of that is denied, and it must stay so).
+//! `readv`/`writev` on it: none of that is denied, and it must stay so;
+//! the virtio-fs server resolves guest names with `openat2` and reopens its
+//! `O_PATH` fds through `/proc/self/fd`, and also needs the `*at` calls,
+//! `getdents64`, `pread64`/`pwrite64`, `ftruncate`, `fsync` and `fstatfs`).
+//! The handle-based file API stays denied: the virtio-fs server never uses
+//! it, so a guest can never reach around its share with it.
 //! A per-thread allow-list, as Firecracker has, is the next step, with the
 //! jail (namespaces, chroot, an unprivileged uid).
 

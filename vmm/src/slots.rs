@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::devices::virtio::block::{Block, BlockState};
+use crate::devices::virtio::fs::{Fs, FsState};
 use crate::devices::virtio::mmio::{MmioDeviceState, MmioError, MmioTransport};
 use crate::devices::virtio::net::{Net, NetState};
 use crate::devices::virtio::rng::{Rng, RngState};
@@ -20,7 +21,8 @@ use crate::vm::lock;
 /// What a virtio slot is for. Restore takes the slot's host resources from
 /// it: disk `n` reopens the `n`th configured disk, a spare disk slot comes
 /// back empty, the vsock device listens on the configured socket, the NIC
-/// binds the configured tap (if any).
+/// binds the configured tap (if any), the virtio-fs device exports the
+/// configured share (if any).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SlotRole {
     /// The `n`th disk given when the VM was built (`--disk`).
@@ -31,6 +33,9 @@ pub enum SlotRole {
     Rng,
     /// The NIC, in every VM; its tap may come later (`attach_tap`).
     Net,
+    /// The virtio-fs device, in every VM; its share may come later
+    /// (`attach_share`).
+    Fs,
 }
 
 impl fmt::Display for SlotRole {
@@ -41,6 +46,7 @@ impl fmt::Display for SlotRole {
             SlotRole::Vsock => f.write_str("vsock"),
             SlotRole::Rng => f.write_str("rng"),
             SlotRole::Net => f.write_str("net"),
+            SlotRole::Fs => f.write_str("fs"),
         }
     }
 }
@@ -53,6 +59,7 @@ pub enum VirtioHandle {
     Vsock(Arc<Mutex<MmioTransport<Vsock>>>),
     Rng(Arc<Mutex<MmioTransport<Rng>>>),
     Net(Arc<Mutex<MmioTransport<Net>>>),
+    Fs(Arc<Mutex<MmioTransport<Fs>>>),
 }
 
 impl VirtioHandle {
@@ -62,6 +69,7 @@ impl VirtioHandle {
             VirtioHandle::Vsock(t) => lock(t).pause(),
             VirtioHandle::Rng(t) => lock(t).pause(),
             VirtioHandle::Net(t) => lock(t).pause(),
+            VirtioHandle::Fs(t) => lock(t).pause(),
         }
     }
 
@@ -71,6 +79,7 @@ impl VirtioHandle {
             VirtioHandle::Vsock(t) => lock(t).resume(),
             VirtioHandle::Rng(t) => lock(t).resume(),
             VirtioHandle::Net(t) => lock(t).resume(),
+            VirtioHandle::Fs(t) => lock(t).resume(),
         }
     }
 
@@ -81,6 +90,7 @@ impl VirtioHandle {
             VirtioHandle::Vsock(t) => VirtioState::Vsock(lock(t).save()?),
             VirtioHandle::Rng(t) => VirtioState::Rng(lock(t).save()?),
             VirtioHandle::Net(t) => VirtioState::Net(lock(t).save()?),
+            VirtioHandle::Fs(t) => VirtioState::Fs(lock(t).save()?),
         })
     }
 }
@@ -123,4 +133,5 @@ pub enum VirtioState {
     Vsock(MmioDeviceState<VsockState>),
     Rng(MmioDeviceState<RngState>),
     Net(MmioDeviceState<NetState>),
+    Fs(MmioDeviceState<FsState>),
 }

@@ -209,6 +209,9 @@ pub struct RestoreOptions {
     pub api_socket: Option<PathBuf>,
     /// The tap for the NIC (none: bind one later with `attach_tap`).
     pub tap: Option<String>,
+    /// The directory the virtio-fs device exports (none: attach one later
+    /// with `attach_share`).
+    pub share: Option<crate::config::ShareConfig>,
 }
 
 impl RestoreOptions {
@@ -234,6 +237,7 @@ impl RestoreOptions {
         }
         config.api_socket = self.api_socket.clone();
         config.tap = self.tap.clone();
+        config.share = self.share.clone();
         Ok(config)
     }
 }

@@ -18,6 +18,7 @@ use crate::boot_marker::{BootMarker, BootTimes};
 use crate::config::{PvmQuirks, SerialOutput, VmConfig};
 use crate::devices::legacy::{I8042State, Serial, SerialResources, SerialState, I8042};
 use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::fs::{Fs, FsError, DEFAULT_TAG};
 use crate::devices::virtio::mmio::{MmioError, MmioResources, MmioTransport};
 use crate::devices::virtio::net::{Net, NetError, Tap};
 use crate::devices::virtio::rng::Rng;
@@ -67,6 +68,9 @@ pub type DiskAttacher = Box<dyn Fn(usize, &Path, bool) -> Result<(), AttachError
 /// Binds the NIC to a tap, by interface name.
 pub type TapAttacher = Box<dyn Fn(&str) -> Result<(), AttachError> + Send + Sync>;
 
+/// Exports a host directory through virtio-fs: `(dir, read_only)`.
+pub type ShareAttacher = Box<dyn Fn(&Path, bool) -> Result<(), AttachError> + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
     #[error("no spare disk slot {slot} (there are {count})")]
@@ -77,6 +81,10 @@ pub enum AttachError {
     NoNic,
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error("this VM has no virtio-fs device")]
+    NoFs,
+    #[error(transparent)]
+    Fs(#[from] FsError),
 }
 
 /// A device that could not be created, restored or started.
@@ -96,6 +104,8 @@ pub enum DeviceError {
     },
     #[error("NIC: {0}")]
     Net(#[source] NetError),
+    #[error("virtio-fs: {0}")]
+    Fs(#[source] FsError),
     #[error("serial eventfd: {0}")]
     SerialEventFd(#[source] std::io::Error),
     #[error("serial from snapshot: {0}")]
@@ -150,6 +160,8 @@ pub struct Vm {
     pub spare_disks: Vec<Arc<Mutex<MmioTransport<Block>>>>,
     /// The NIC, whose tap the control socket can bind.
     pub net: Option<Arc<Mutex<MmioTransport<Net>>>>,
+    /// The virtio-fs device, whose share the control socket can attach.
+    pub fs: Option<Arc<Mutex<MmioTransport<Fs>>>>,
     pub serial: Option<Arc<Mutex<Serial>>>,
     pub i8042: Option<Arc<Mutex<I8042>>>,
     pub times: BootTimes,
@@ -201,6 +213,7 @@ impl Vm {
             virtio: Vec::new(),
             spare_disks: Vec::new(),
             net: None,
+            fs: None,
             serial: None,
             i8042: None,
             times: BootTimes::default(),
@@ -256,7 +269,14 @@ impl Vm {
             net.attach_tap(name).map_err(DeviceError::Net)?;
         }
         let slot = SlotRole::Net;
-        self.add_virtio(slot, new_transport(&mem, slot, net)?, VirtioHandle::Net)
+        self.add_virtio(slot, new_transport(&mem, slot, net)?, VirtioHandle::Net)?;
+        let mut fs = Fs::new(DEFAULT_TAG).map_err(DeviceError::Fs)?;
+        if let Some(s) = &self.config.share {
+            fs.attach_share(&s.dir, s.read_only)
+                .map_err(DeviceError::Fs)?;
+        }
+        let slot = SlotRole::Fs;
+        self.add_virtio(slot, new_transport(&mem, slot, fs)?, VirtioHandle::Fs)
     }
 
     /// Puts a saved virtio device back, in its saved slot, on the host
@@ -317,6 +337,17 @@ impl Vm {
                 let t = MmioTransport::<Net>::restore(state, MmioResources { mem, device })
                     .map_err(restored)?;
                 self.add_virtio(slot, t, VirtioHandle::Net)?;
+            }
+            VirtioState::Fs(state) => {
+                if slot != SlotRole::Fs {
+                    return Err(wrong_kind("fs").into());
+                }
+                // The share is this VM's, by its own configuration; the
+                // device refuses a state the guest had mounted.
+                let device = self.config.share.clone();
+                let t = MmioTransport::<Fs>::restore(state, MmioResources { mem, device })
+                    .map_err(restored)?;
+                self.add_virtio(slot, t, VirtioHandle::Fs)?;
             }
         }
         let placed = self.virtio.last().map(|s| (s.base, s.irq));
@@ -427,6 +458,7 @@ impl Vm {
         match (role, &handle) {
             (SlotRole::SpareDisk(_), VirtioHandle::Block(t)) => self.spare_disks.push(t.clone()),
             (SlotRole::Net, VirtioHandle::Net(t)) => self.net = Some(t.clone()),
+            (SlotRole::Fs, VirtioHandle::Fs(t)) => self.fs = Some(t.clone()),
             _ => {}
         }
         self.virtio.push(VirtioSlot {
@@ -572,6 +604,16 @@ impl Vm {
         })
     }
 
+    /// `attach_share` for the control socket: exports a host directory
+    /// through the virtio-fs device.
+    pub fn share_attacher(&self) -> ShareAttacher {
+        let fs = self.fs.clone();
+        Box::new(move |dir, read_only| {
+            let t = fs.as_ref().ok_or(AttachError::NoFs)?;
+            Ok(lock(t).device_mut().attach_share(dir, read_only)?)
+        })
+    }
+
     /// Host address range of guest RAM, to tell guest pages from the VMM's
     /// own in /proc/self/smaps.
     pub fn guest_ram_host_ranges(&self) -> Vec<(u64, u64)> {
@@ -690,7 +732,8 @@ mod tests {
                 SpareDisk(1),
                 Vsock,
                 Rng,
-                Net
+                Net,
+                Fs
             ]
         );
         assert_eq!(vm.spare_disks.len(), 2);
@@ -757,6 +800,67 @@ mod tests {
     }
 
     #[test]
+    fn the_share_comes_from_the_config_or_the_control_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let share_of = |vm: &Vm| {
+            let t = vm.fs.as_ref().expect("every VM has a virtio-fs device");
+            lock(t).device().share_dir()
+        };
+        let config = VmConfig {
+            serial: SerialOutput::None,
+            ..VmConfig::default()
+        };
+        let vm = vm_with_devices(config.clone());
+        assert_eq!(share_of(&vm), None);
+        let attach = vm.share_attacher();
+        attach(dir.path(), true).unwrap();
+        assert_eq!(share_of(&vm).as_deref(), Some(dir.path()));
+        let e = attach(Path::new("/"), false).unwrap_err().to_string();
+        assert!(e.contains("already attached"), "{e}");
+        let fs = vm.virtio.last().unwrap();
+        assert_eq!(fs.role, SlotRole::Fs);
+        let saved: Vec<VirtioSlotState> = vm
+            .virtio
+            .iter()
+            .map(|s| {
+                s.handle.pause().unwrap();
+                s.save().unwrap()
+            })
+            .collect();
+        let saved = crate::devices::persist::through_state_file(&saved);
+        drop(attach);
+        drop(vm);
+
+        // A restore exports the share of its own configuration, if any.
+        let config2 = VmConfig {
+            share: Some(crate::config::ShareConfig {
+                dir: dir.path().to_path_buf(),
+                read_only: false,
+            }),
+            ..config.clone()
+        };
+        let restore_all = |config: &VmConfig, saved: &[VirtioSlotState]| {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+            let mut vm = Vm::create_with_memory(config.clone(), mem).unwrap();
+            for s in saved {
+                vm.restore_virtio(s)?;
+            }
+            Ok::<_, Error>(vm)
+        };
+        let vm2 = restore_all(&config2, &saved).unwrap();
+        assert_eq!(share_of(&vm2).as_deref(), Some(dir.path()));
+        let vm3 = restore_all(&config, &saved).unwrap();
+        assert_eq!(share_of(&vm3), None);
+        // A snapshot taken while the guest had it mounted is refused.
+        let mut mounted = saved.clone();
+        if let Some(VirtioState::Fs(s)) = mounted.last_mut().map(|s| &mut s.state) {
+            s.device.mounted = true;
+        }
+        let e = restore_all(&config2, &mounted).err().unwrap().to_string();
+        assert!(e.contains("fs from snapshot"), "{e}");
+    }
+
+    #[test]
     fn the_nic_binds_its_tap_from_the_config_or_the_control_socket() {
         crate::devices::virtio::net::tests::in_netns(|| {
             let tap_of = |vm: &Vm| {
@@ -775,8 +879,7 @@ mod tests {
             assert_eq!(tap_of(&vm).as_deref(), Some("thawvm0"));
             let e = attach("thawvm1").unwrap_err().to_string();
             assert!(e.contains("thawvm0"), "{e}");
-            let net = vm.virtio.last().unwrap();
-            assert_eq!(net.role, SlotRole::Net);
+            let net = vm.virtio.iter().find(|s| s.role == SlotRole::Net).unwrap();
             net.handle.pause().unwrap();
             let saved = crate::devices::persist::through_state_file(&net.save().unwrap());
             drop(attach);

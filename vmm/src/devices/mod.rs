@@ -4,9 +4,9 @@
 //!
 //! Snapshots: every device with state implements [`Persist`]. Its state
 //! is a plain serde struct kept next to the device (`SerialState`,
-//! `I8042State`, `BlockState`, `VsockState`, `RngState`); the virtio-MMIO
-//! transport's `Persist` wraps its device's state with the transport
-//! registers and queues (`mmio::MmioDeviceState`). A transport is saved
+//! `I8042State`, `BlockState`, `VsockState`, `RngState`, `NetState`,
+//! `FsState`); the virtio-MMIO transport's `Persist` wraps its device's
+//! state with the transport registers and queues (`mmio::MmioDeviceState`). A transport is saved
 //! after `pause()` (which stops the device worker and takes the queues
 //! back) and comes back from `restore` paused: register its eventfds with
 //! KVM, then `resume()`.

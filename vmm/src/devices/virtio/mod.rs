@@ -26,6 +26,7 @@
 
 pub mod block;
 pub mod descriptors;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod rng;
@@ -46,6 +47,7 @@ pub const TYPE_BLOCK: u32 = virtio_ids::VIRTIO_ID_BLOCK;
 pub const TYPE_RNG: u32 = virtio_ids::VIRTIO_ID_RNG;
 pub const TYPE_VSOCK: u32 = virtio_ids::VIRTIO_ID_VSOCK;
 pub const TYPE_NET: u32 = virtio_ids::VIRTIO_ID_NET;
+pub const TYPE_FS: u32 = virtio_ids::VIRTIO_ID_FS;
 
 /// Feature bits shared by every device (virtio spec, section 6).
 pub const FEATURE_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
