@@ -62,6 +62,13 @@ pub mod transport;
 
 pub use transport::{CONTROL_PORT, FIRST_STDIO_PORT, HOST_CID, PROTOCOL_VERSION};
 
+/// Where the agent mounts the sandbox's host share in the guest; the shim
+/// rewrites a container's host binds to paths below it.
+pub const SHARE_DIR: &str = "/run/thaw/share";
+
+/// The tag of the VMM's virtio-fs device that serves the share.
+pub const SHARE_TAG: &str = "thaw-share";
+
 /// The most of a container's /dev/termination-log the agent sends back
 /// (kubelet reads no more than this).
 pub const MAX_TERMINATION_MESSAGE: usize = 4096;

@@ -17,5 +17,6 @@ pub mod reaper;
 pub mod runtime;
 pub mod seccomp;
 pub mod server;
+pub mod share;
 
 pub use error::{Error, Result};

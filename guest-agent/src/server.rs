@@ -230,6 +230,12 @@ impl Agent for AgentService {
         Ok(Empty::new())
     }
 
+    async fn mount_share(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<Empty> {
+        let pid1 = self.rt.config().pid1;
+        blocking(move || crate::share::mount_share(pid1)).await?;
+        Ok(Empty::new())
+    }
+
     async fn forward_port(
         &self,
         _: &TtrpcContext,

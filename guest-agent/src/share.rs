@@ -10,11 +10,7 @@ use nix::mount::{mount, MsFlags};
 
 use crate::error::{Error, Result};
 
-/// Where the share is mounted in the guest.
-pub const SHARE_DIR: &str = "/run/thaw/share";
-
-/// The virtio-fs tag the VMM gives its device.
-pub const SHARE_TAG: &str = "thaw-share";
+pub use thaw_agent_protocol::{SHARE_DIR, SHARE_TAG};
 
 /// Whether something is mounted at `dir` (its mountinfo line).
 fn is_mount_point(dir: &str) -> bool {

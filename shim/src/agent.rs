@@ -107,6 +107,14 @@ impl Agent {
             .map_err(|e| map_err("ForwardPort", e))
     }
 
+    /// Mounts the sandbox's host share in the guest.
+    pub fn mount_share(&self) -> Result<()> {
+        self.client
+            .mount_share(self.ctx(), &agent::Empty::new())
+            .map(|_| ())
+            .map_err(|e| map_err("MountShare", e))
+    }
+
     /// Gives the guest NIC the pod's network.
     pub fn configure_network(&self, req: &agent::ConfigureNetworkRequest) -> Result<()> {
         self.client

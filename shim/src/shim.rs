@@ -163,6 +163,7 @@ fn cleanup_after_crash(rec: &ContainerRecord, bundle: &Path) {
         if let Some(netns) = &rec.pod_netns {
             crate::sandbox::network::unlink(netns);
         }
+        crate::sandbox::share::remove_in(&rec.sandbox_dir);
         let _ = std::fs::remove_dir_all(&rec.sandbox_dir);
     }
     if let Some(image) = &rec.image {

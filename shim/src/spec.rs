@@ -340,6 +340,58 @@ fn read_small_text(path: &Path, dst: &str) -> Result<String> {
     Ok(text)
 }
 
+/// A host path a container's spec binds, which a VM must share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostBind {
+    /// Its index in `mounts`.
+    pub index: usize,
+    pub source: PathBuf,
+    pub read_only: bool,
+}
+
+/// The spec's binds of host paths that only a share can bring into the VM
+/// (not the files the guest provides or replaces itself).
+pub fn host_binds(spec: &Value) -> Vec<HostBind> {
+    let Some(mounts) = spec.get("mounts").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    mounts
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| is_bind(m))
+        .filter_map(|(index, m)| {
+            let dst = m.get("destination").and_then(Value::as_str).unwrap_or("");
+            if GUEST_PROVIDED.contains(&dst) || GUEST_REMAPPED.contains(&dst) {
+                return None;
+            }
+            let source = PathBuf::from(m.get("source").and_then(Value::as_str).unwrap_or(""));
+            let read_only = m
+                .get("options")
+                .and_then(Value::as_array)
+                .is_some_and(|o| o.iter().any(|o| o.as_str() == Some("ro")));
+            Some(HostBind {
+                index,
+                source,
+                read_only,
+            })
+        })
+        .collect()
+}
+
+/// `spec` with each bind's source replaced as `rewritten` says (index in
+/// `mounts`, new source).
+pub fn with_bind_sources(spec: &Value, rewritten: &[(usize, String)]) -> Value {
+    let mut spec = spec.clone();
+    if let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) {
+        for (index, source) in rewritten {
+            if let Some(m) = mounts.get_mut(*index) {
+                m["source"] = Value::String(source.clone());
+            }
+        }
+    }
+    spec
+}
+
 fn is_bind(m: &Value) -> bool {
     let t = m.get("type").and_then(Value::as_str).unwrap_or("");
     let opts = m
@@ -401,8 +453,14 @@ pub fn for_vm(spec: &Value) -> Result<Value> {
                 continue;
             }
             let src = m.get("source").and_then(Value::as_str).unwrap_or("");
+            // Host binds arrive here rewritten to the guest's view of the
+            // sandbox's share (`Sandbox::expose_host_mounts`).
+            if Path::new(src).starts_with(thaw_agent_protocol::SHARE_DIR) {
+                kept.push(m);
+                continue;
+            }
             return Err(Error::InvalidSpec(format!(
-                "bind mount {src} -> {dst}: host directories cannot be shared into a thaw VM yet"
+                "bind mount {src} -> {dst}: the host directory was not shared into the VM"
             )));
         }
         *mounts = kept;
@@ -498,6 +556,50 @@ mod tests {
             Some(PathBuf::from("/var/lib/kubelet/pods/u/containers/c/1"))
         );
         assert_eq!(termination_log_from_binds(&json!({"mounts": []})), None);
+    }
+
+    #[test]
+    fn host_binds_are_found_and_rewritten_to_the_share() {
+        let s = json!({"mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/hosts", "options": ["rbind"]},
+            {"destination": "/data", "type": "none", "source": "/srv/data", "options": ["rbind", "rw"]},
+            {"destination": "/cfg", "type": "bind", "source": "/srv/cfg", "options": ["rbind", "ro"]},
+        ]});
+        let binds = host_binds(&s);
+        assert_eq!(
+            binds,
+            vec![
+                HostBind {
+                    index: 2,
+                    source: "/srv/data".into(),
+                    read_only: false
+                },
+                HostBind {
+                    index: 3,
+                    source: "/srv/cfg".into(),
+                    read_only: true
+                },
+            ]
+        );
+        let shared = with_bind_sources(
+            &s,
+            &[
+                (2, format!("{}/c1/2", thaw_agent_protocol::SHARE_DIR)),
+                (3, format!("{}/c1/3", thaw_agent_protocol::SHARE_DIR)),
+            ],
+        );
+        let v = for_vm(&shared).unwrap();
+        let m = v["mounts"].as_array().unwrap();
+        assert_eq!(m.len(), 3, "{v}");
+        assert_eq!(
+            m[1]["source"],
+            format!("{}/c1/2", thaw_agent_protocol::SHARE_DIR)
+        );
+        assert_eq!(m[2]["options"], json!(["rbind", "ro"]));
+        // Not rewritten: refused, naming both paths.
+        let e = for_vm(&s).unwrap_err().to_string();
+        assert!(e.contains("/srv/data") && e.contains("not shared"), "{e}");
     }
 
     #[test]

@@ -839,9 +839,30 @@ fn network_cleanup(x: &Ctx) -> Res {
             // SAFETY: kill takes plain integers.
             unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
         }
+        // As kubelet does: stop (retried while it fails), then remove.
+        let mut errors = Vec::new();
+        for _ in 0..3 {
+            match x.slow().stop_pod_sandbox(api::StopPodSandboxRequest {
+                pod_sandbox_id: pod.id.clone(),
+            }) {
+                Ok(_) => break,
+                Err(e) => errors.push(format!("StopPodSandbox: {}", e.message())),
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        if let Err(e) = x.slow().remove_pod_sandbox(api::RemovePodSandboxRequest {
+            pod_sandbox_id: pod.id.clone(),
+        }) {
+            errors.push(format!("RemovePodSandbox: {}", e.message()));
+        }
+        if !errors.is_empty() {
+            eprintln!("network cleanup (crash: {crash}): {errors:?}");
+        }
         drop(pod);
         ensure(!Path::new(&netns).exists(), || {
-            format!("{netns} still exists after RemovePodSandbox (crash: {crash})")
+            format!(
+                "{netns} still exists after RemovePodSandbox (crash: {crash}; errors: {errors:?})"
+            )
         })?;
         let after = thaw_tests::cri::host_links();
         // The bridge is CNI's, made by the first pod on it and kept.
@@ -1548,27 +1569,180 @@ fn refused_by_thaw(x: &Ctx, attempt: Res, names: &[&str]) -> Res {
     }
 }
 
-/// A host directory volume: runc bind-mounts it; thaw has no way to share
-/// a host directory with the VM yet (virtio-fs, the volumes issue).
-fn host_volume(x: &Ctx) -> Res {
+/// A container with host directories (or files) mounted as kubelet mounts
+/// volumes: `(host path, container path, read-only)`.
+fn volume_container(x: &Ctx, pod: &Pod, mounts: &[(&Path, &str, bool)]) -> Res<String> {
+    x.run(pod, "c", &["sleep", "100000"], |c| {
+        for (host, path, ro) in mounts {
+            c.mounts.push(api::Mount {
+                container_path: (*path).into(),
+                host_path: host.display().to_string(),
+                readonly: *ro,
+                ..Default::default()
+            });
+        }
+    })
+}
+
+/// A hostPath (or disk emptyDir) volume, read-write: a host file is seen
+/// in the container, a write in the container on the host, and a host
+/// change after that in the container again.
+fn volume_read_write(x: &Ctx) -> Res {
     let pod = x.run_pod("volume", PodOpts::default())?;
     let dir = pod.log_dir.join("volume");
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     fs::write(dir.join("probe"), "from the host\n").map_err(|e| format!("probe: {e}"))?;
-    let attempt = (|| {
-        let id = x.run(&pod, "c", &["sleep", "100000"], |c| {
-            c.mounts.push(api::Mount {
-                container_path: "/data".into(),
-                host_path: dir.display().to_string(),
-                ..Default::default()
-            });
+    let id = volume_container(x, &pod, &[(&dir, "/data", false)])?;
+    let got = x.sh(&id, "cat /data/probe")?;
+    ensure(got == "from the host\n", || {
+        format!("/data/probe holds {got:?}")
+    })?;
+    x.sh(
+        &id,
+        "mkdir /data/sub && echo from-the-container > /data/sub/new",
+    )?;
+    let back =
+        fs::read_to_string(dir.join("sub/new")).map_err(|e| format!("sub/new on the host: {e}"))?;
+    ensure(back == "from-the-container\n", || {
+        format!("the host reads {back:?}")
+    })?;
+    fs::write(dir.join("sub/new"), "changed-on-the-host\n").map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let got = x.sh(&id, "cat /data/sub/new")?;
+        if got == "changed-on-the-host\n" {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "2 s after the host's write the container reads {got:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A read-only volume: reads work, every kind of write is refused, and
+/// the host directory is unchanged.
+fn volume_read_only(x: &Ctx) -> Res {
+    let pod = x.run_pod("volume-ro", PodOpts::default())?;
+    let dir = pod.log_dir.join("volume-ro");
+    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    fs::write(dir.join("probe"), "read me\n").map_err(|e| format!("probe: {e}"))?;
+    let id = volume_container(x, &pod, &[(&dir, "/ro", true)])?;
+    ensure(x.sh(&id, "cat /ro/probe")? == "read me\n", || {
+        "read failed".into()
+    })?;
+    for write in [
+        "echo x > /ro/new",
+        "echo x >> /ro/probe",
+        "mkdir /ro/d",
+        "rm /ro/probe",
+        "mv /ro/probe /ro/moved",
+        "touch /ro/probe",
+    ] {
+        let (_, err, code) = x.exec(&id, &["sh", "-c", write])?;
+        ensure(code != 0, || {
+            format!("`{write}` succeeded on a read-only volume")
         })?;
-        let got = x.sh(&id, "cat /data/probe")?;
-        ensure(got == "from the host\n", || {
-            format!("/data/probe holds {got:?}")
-        })
-    })();
-    refused_by_thaw(x, attempt, &[&dir.display().to_string(), "/data"])
+        ensure(err.contains("Read-only file system"), || {
+            format!("`{write}`: {err:?}, not EROFS")
+        })?;
+    }
+    let names: Vec<String> = fs::read_dir(&dir)
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    ensure(names == ["probe"], || {
+        format!("the host directory now holds {names:?}")
+    })?;
+    let probe = fs::read_to_string(dir.join("probe")).map_err(|e| e.to_string())?;
+    ensure(probe == "read me\n", || {
+        format!("probe changed to {probe:?}")
+    })
+}
+
+/// A ConfigMap volume as kubelet writes it (files are links through the
+/// `..data` link to a timestamped directory, updated by swapping `..data`
+/// atomically), mounted read-only: the update is seen within 2 s, and a
+/// subPath mount of one file (kubelet resolves it and binds the file)
+/// reads it too.
+fn volume_configmap(x: &Ctx) -> Res {
+    let pod = x.run_pod("configmap", PodOpts::default())?;
+    let dir = pod.log_dir.join("configmap");
+    let write_version = |name: &str, value: &str| -> Res {
+        let v = dir.join(name);
+        fs::create_dir_all(&v).map_err(|e| e.to_string())?;
+        fs::write(v.join("key"), value).map_err(|e| e.to_string())?;
+        let tmp = dir.join("..data_tmp");
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(name, &tmp).map_err(|e| e.to_string())?;
+        fs::rename(&tmp, dir.join("..data")).map_err(|e| e.to_string())
+    };
+    write_version("..2026_12_01_v1", "one")?;
+    let link = dir.join("key");
+    if !link.exists() {
+        std::os::unix::fs::symlink("..data/key", &link).map_err(|e| e.to_string())?;
+    }
+    let single = pod.log_dir.join("subpath-file");
+    fs::write(&single, "just this file\n").map_err(|e| e.to_string())?;
+    let id = volume_container(
+        x,
+        &pod,
+        &[(&dir, "/config", true), (&single, "/etc/single.conf", true)],
+    )?;
+    ensure(x.sh(&id, "cat /config/key")? == "one", || {
+        "first version not read".into()
+    })?;
+    ensure(
+        x.sh(&id, "cat /etc/single.conf")? == "just this file\n",
+        || "the subPath file is not read".into(),
+    )?;
+    write_version("..2026_12_01_v2", "two")?;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let got = x.sh(&id, "cat /config/key")?;
+        if got == "two" {
+            return Ok(());
+        }
+        ensure(got == "one", || {
+            format!("mid-update the container read {got:?}")
+        })?;
+        if Instant::now() > deadline {
+            return Err("the ConfigMap update was not seen within 2 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A link planted in a volume that points at a host file resolves in the
+/// container's own tree, never on the host; `..` stays inside the volume.
+fn volume_escape(x: &Ctx) -> Res {
+    let pod = x.run_pod("escape", PodOpts::default())?;
+    let dir = pod.log_dir.join("escape");
+    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let secret = pod.log_dir.join("host-secret");
+    fs::write(&secret, "host-only-secret\n").map_err(|e| e.to_string())?;
+    std::os::unix::fs::symlink(&secret, dir.join("link")).map_err(|e| e.to_string())?;
+    let id = volume_container(x, &pod, &[(&dir, "/vol", false)])?;
+    let (out, _, _) = x.exec(
+        &id,
+        &[
+            "sh",
+            "-c",
+            "cat /vol/link; cat /vol/../../../../..$(readlink /vol/link); ls /vol/../",
+        ],
+    )?;
+    ensure(!out.contains("host-only-secret"), || {
+        format!("the container read a host file through the volume: {out:?}")
+    })?;
+    // Writing through the link must not reach the host either.
+    let _ = x.exec(&id, &["sh", "-c", "echo overwritten > /vol/link"])?;
+    let after = fs::read_to_string(&secret).map_err(|e| e.to_string())?;
+    ensure(after == "host-only-secret\n", || {
+        format!("the host file changed to {after:?}")
+    })
 }
 
 /// A pod larger than the largest VM shape: refused by thaw, naming the
@@ -1908,8 +2082,17 @@ fn checks() -> Vec<Check> {
         One("security: masked and read-only /proc paths", masked_paths),
         One("security: namespaced sysctls", sysctls),
         One(
-            "bad input: host directory volume (runc: mounted; thaw: refused)",
-            host_volume,
+            "volumes: hostPath read-write, both ways",
+            volume_read_write,
+        ),
+        One("volumes: read-only volume refuses writes", volume_read_only),
+        One(
+            "volumes: ConfigMap update within 2 s, subPath file",
+            volume_configmap,
+        ),
+        One(
+            "volumes: a planted link does not reach the host",
+            volume_escape,
         ),
         One(
             "bad input: pod beyond the largest VM (runc: runs; thaw: refused)",

@@ -504,3 +504,42 @@ fn vm_a_bogus_network_namespace_is_refused_by_name() {
     }
     c.assert_no_leaks();
 }
+
+/// `ctr run --mount type=bind,...`: a host directory shared into the VM
+/// (virtio-fs), read-write and read-only, and nothing mounted afterwards.
+#[test]
+fn vm_ctr_mount_shares_a_host_directory() {
+    let c = setup();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("shared");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("in"), "from-the-host\n").unwrap();
+    let rw = format!("type=bind,src={},dst=/data,options=rbind:rw", dir.display());
+    let ro = format!("type=bind,src={},dst=/ro,options=rbind:ro", dir.display());
+    let out = c.run_rm(
+        "mount",
+        &["--mount", &rw, "--mount", &ro],
+        &[
+            "sh",
+            "-c",
+            "cat /data/in; echo from-the-vm > /data/out; echo x > /ro/nope || echo refused",
+        ],
+        RUN_TIMEOUT,
+    );
+    assert!(out.success(), "{}", out.describe());
+    assert!(out.stdout.contains("from-the-host"), "{}", out.describe());
+    assert!(out.stdout.contains("refused"), "{}", out.describe());
+    assert!(
+        out.stderr.contains("Read-only file system"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("out")).unwrap(),
+        "from-the-vm\n"
+    );
+    assert!(!dir.join("nope").exists());
+    c.assert_no_leaks();
+    let mounts = thaw_tests::containerd::mounts_under(&c.thaw_state);
+    assert!(mounts.is_empty(), "left mounted: {mounts:?}");
+}

@@ -33,7 +33,25 @@ fn bind_api_socket(path: &Path) -> Result<UnixListener, Error> {
     UnixListener::bind(path).map_err(io)
 }
 
+/// The virtio-fs server keeps up to 65536 inodes and as many open files
+/// per share: lift the soft descriptor limit to the hard one, so that bound
+/// (not the default 1024) is what a guest meets.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write/read the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 fn run(launch: Launch) -> Result<VmExit, Error> {
+    raise_fd_limit();
     let mut vm = match launch {
         Launch::Boot(config) => vm::build(config)?,
         Launch::Restore(opts) => {

@@ -9,6 +9,7 @@ mod cgroup;
 mod host;
 pub mod network;
 mod port_forward;
+pub mod share;
 mod sk_lookup;
 mod vm;
 
@@ -86,6 +87,19 @@ pub trait Backend: Send + Sync {
     }
     /// Runs once the sandbox process has exited, however it ended.
     fn after_exit(&self) {}
+    /// Whether host paths reach the guest only through a share (a VM);
+    /// the host-process stand-in sees them as they are.
+    fn needs_share(&self) -> bool {
+        false
+    }
+    /// Has the sandbox process serve `dir` to the guest (virtio-fs).
+    fn attach_share(&self, dir: &Path) -> Result<()> {
+        Err(Error::Sandbox(format!(
+            "{}: cannot share {}",
+            self.describe(),
+            dir.display()
+        )))
+    }
     /// Has the sandbox process open the tap `name` in its network
     /// namespace and join it to the guest's NIC.
     fn attach_tap(&self, name: &str) -> Result<()> {
@@ -200,6 +214,9 @@ pub struct Sandbox {
     forwarder: Mutex<Option<port_forward::PortForwarder>>,
     /// Where the VMM's network namespace came from.
     netns: PodNetns,
+    /// The host share, made and attached at the first container with host
+    /// mounts.
+    share: Mutex<Option<share::Share>>,
     /// Whether the pod's network was looked at (once, at the first start).
     network_checked: Mutex<bool>,
     _control: UnixListener,
@@ -256,6 +273,7 @@ impl Sandbox {
         if dir.exists() {
             // Left by a crashed shim of the same id; `delete` normally
             // removes it. Nothing in it is live: its process died with it.
+            share::remove_in(&dir);
             let _ = fs::remove_dir_all(&dir);
         }
         fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
@@ -268,6 +286,7 @@ impl Sandbox {
         };
         let result = Self::start_in(cfg, backend, &dir, id, pod_cgroup, netns);
         if result.is_err() {
+            share::remove_in(&dir);
             let _ = fs::remove_dir_all(&dir);
         }
         result
@@ -406,6 +425,7 @@ impl Sandbox {
             forwarder: Mutex::new(None),
             slots: Mutex::new(vec![false; spare as usize]),
             netns,
+            share: Mutex::new(None),
             network_checked: Mutex::new(false),
             _control: control,
         })
@@ -511,6 +531,66 @@ impl Sandbox {
         }
     }
 
+    /// `spec` with its host binds shared into the VM: each source is
+    /// bind-mounted under the sandbox's share (nosuid, nodev, read-only if
+    /// the mount is) and the spec names its guest path below SHARE_DIR.
+    /// Undone by [`Sandbox::withdraw_host_mounts`].
+    pub fn expose_host_mounts(
+        &self,
+        container: &str,
+        spec: &serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        let binds = crate::spec::host_binds(spec);
+        if binds.is_empty() || !self.backend.needs_share() {
+            return Ok(spec.clone());
+        }
+        let mut guard = self
+            .share
+            .lock()
+            .map_err(|_| Error::Shim("share lock poisoned".into()))?;
+        if guard.is_none() {
+            let s = share::Share::create(&self.dir)?;
+            let attached = self
+                .backend
+                .attach_share(s.root())
+                .and_then(|()| self.agent.mount_share());
+            if let Err(e) = attached {
+                s.remove();
+                return Err(e);
+            }
+            *guard = Some(s);
+        }
+        let Some(s) = guard.as_ref() else {
+            return Err(Error::Shim("the share vanished".into()));
+        };
+        let mut rewritten = Vec::with_capacity(binds.len());
+        for b in &binds {
+            match s.expose(container, b.index, &b.source, b.read_only) {
+                Ok(rel) => rewritten.push((
+                    b.index,
+                    Path::new(thaw_agent_protocol::SHARE_DIR)
+                        .join(rel)
+                        .display()
+                        .to_string(),
+                )),
+                Err(e) => {
+                    s.withdraw(container);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(crate::spec::with_bind_sources(spec, &rewritten))
+    }
+
+    /// Removes what [`Sandbox::expose_host_mounts`] made for `container`.
+    pub fn withdraw_host_mounts(&self, container: &str) {
+        if let Ok(g) = self.share.lock() {
+            if let Some(s) = g.as_ref() {
+                s.withdraw(container);
+            }
+        }
+    }
+
     /// The pod network namespace that outlives the VMM (CRI's), which
     /// `delete` cleans after a shim crash.
     pub fn joined_netns(&self) -> Option<PathBuf> {
@@ -584,6 +664,9 @@ impl Sandbox {
                 let _ = fs::copy(self.dir.join(f), dest.join(f));
             }
         }
+        // Detach the binds first: removing the directory must never reach
+        // into a shared host directory.
+        share::remove_in(&self.dir);
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

@@ -101,8 +101,12 @@ impl Share {
             if read_only {
                 flags |= MsFlags::MS_RDONLY;
             }
-            mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)
-                .map_err(mount_err(format!("making {shown} nosuid,nodev{}", if read_only { ",ro" } else { "" })))
+            mount(None::<&str>, &target, None::<&str>, flags, None::<&str>).map_err(mount_err(
+                format!(
+                    "making {shown} nosuid,nodev{}",
+                    if read_only { ",ro" } else { "" }
+                ),
+            ))
         })();
         if let Err(e) = result {
             let _ = umount2(&target, MntFlags::MNT_DETACH);
@@ -141,6 +145,15 @@ impl Share {
     }
 }
 
+/// Removes the share of the sandbox directory `sandbox_dir`, if any
+/// (also for `delete` after a crash, and for a stale directory).
+pub fn remove_in(sandbox_dir: &Path) {
+    let root = sandbox_dir.join("share");
+    if root.exists() {
+        Share { root }.remove();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,7 +181,10 @@ mod tests {
         let rw = share.expose("c1", 1, &src, false).unwrap();
         let file = share.expose("c1", 2, &file_src, true).unwrap();
         let root = share.root().to_path_buf();
-        assert_eq!(fs::read_to_string(root.join(&ro).join("f")).unwrap(), "data");
+        assert_eq!(
+            fs::read_to_string(root.join(&ro).join("f")).unwrap(),
+            "data"
+        );
         let e = fs::write(root.join(&ro).join("new"), "x").unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
         fs::write(root.join(&rw).join("new"), "x").unwrap();

@@ -191,6 +191,15 @@ impl Backend for VmBackend {
         }
     }
 
+    fn needs_share(&self) -> bool {
+        true
+    }
+
+    fn attach_share(&self, dir: &Path) -> Result<()> {
+        self.client()?.attach_share(dir, false)?;
+        Ok(())
+    }
+
     fn attach_tap(&self, name: &str) -> Result<()> {
         self.client()?.attach_tap(name)?;
         Ok(())

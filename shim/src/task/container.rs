@@ -242,7 +242,12 @@ impl Tasks {
                 annotations: &bundle_spec.annotations,
             },
         )?;
-        let spec_json = sb.adapt_spec(&bundle_spec.json)?;
+        let exposed = sb.expose_host_mounts(&id, &bundle_spec.json)?;
+        {
+            let (sb, id) = (sb.clone(), id.clone());
+            undo.push(move || sb.withdraw_host_mounts(&id));
+        }
+        let spec_json = sb.adapt_spec(&exposed)?;
         let stdio_paths = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -439,6 +444,9 @@ impl Tasks {
             if let Err(e) = image_cache(&cfg).release(&image) {
                 log::warn!("releasing image {}: {e}", image.key);
             }
+        }
+        if let Some(sb) = &sb {
+            sb.withdraw_host_mounts(id);
         }
         c.run_hooks_logged(Stage::Poststop, st.pid);
         ContainerRecord::remove(&c.bundle);
