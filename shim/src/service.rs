@@ -235,8 +235,25 @@ impl Task for Service {
         let r = (|| {
             let p = self.tasks.process(&req.id, &req.exec_id)?;
             let sb = self.tasks.live_sandbox();
-            p.kill(sb.as_ref().map(|s| s.agent()), req.signal, req.all)?;
-            Ok(api::Empty::new())
+            match p.kill(sb.as_ref().map(|s| s.agent()), req.signal, req.all) {
+                Ok(()) => Ok(api::Empty::new()),
+                // The VM died under the call (its exits are on their way):
+                // for containerd the process is gone, which is what a kill
+                // of a finished process says, so a StopPodSandbox racing a
+                // VMM crash goes on instead of failing.
+                Err(e)
+                    if sb
+                        .as_ref()
+                        .is_some_and(|s| s.dies_within(std::time::Duration::from_secs(2))) =>
+                {
+                    log::info!("kill {}: the sandbox died ({e})", req.id);
+                    Err(Error::NotFound(format!(
+                        "process {}/{}: its sandbox died",
+                        req.id, req.exec_id
+                    )))
+                }
+                Err(e) => Err(e),
+            }
         })();
         rpc("kill", r)
     }

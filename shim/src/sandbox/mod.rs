@@ -465,6 +465,12 @@ impl Sandbox {
         self.life.get().is_some()
     }
 
+    /// Whether the sandbox process exits within `timeout` (at once if it
+    /// has): a failed agent call may be the first sign of its death.
+    pub fn dies_within(&self, timeout: Duration) -> bool {
+        self.life.wait(timeout).is_some()
+    }
+
     /// Runs `hook` (once) with a description when the process dies without
     /// being asked to. Runs at once if it already died.
     pub fn on_death(&self, hook: impl FnOnce(String) + Send + 'static) {
