@@ -9,8 +9,9 @@
 //!   checking each exists (stat).
 //!
 //! Times come from inside the container (coreutils `date +%s%N`, put in
-//! the image with `dd`), so the cost of reaching the container is not in
-//! them. THAW_BENCH_RUNS (default 3) rounds, runtimes interleaved; medians.
+//! the image with `dd` and called by path: busybox's shell would run its
+//! own `date`, which has no nanoseconds), so the cost of reaching the
+//! container is not in them. THAW_BENCH_RUNS (default 3) rounds, runtimes interleaved; medians.
 //! On PVM hosts thaw's figures include the emulated guest kernel's FUSE and
 //! page-cache work; they hold only there.
 //!
@@ -52,10 +53,10 @@ struct Sample {
 
 fn script(dir: &str, mb: usize, files: usize) -> String {
     format!(
-        "d={dir}; t0=$(date +%s%N); dd if=/dev/zero of=$d/big bs=1M count={mb} conv=fsync 2>/dev/null; \
-         t1=$(date +%s%N); dd if=$d/hostfile of=/dev/null bs=1M 2>/dev/null; t2=$(date +%s%N); \
-         mkdir $d/small; i=0; while [ $i -lt {files} ]; do : > $d/small/$i; i=$((i+1)); done; t3=$(date +%s%N); \
-         i=0; while [ $i -lt {files} ]; do [ -e $d/small/$i ] || exit 9; i=$((i+1)); done; t4=$(date +%s%N); \
+        "d={dir}; t0=$(/usr/bin/date +%s%N); /usr/bin/dd if=/dev/zero of=$d/big bs=1M count={mb} conv=fsync 2>/dev/null; \
+         t1=$(/usr/bin/date +%s%N); /usr/bin/dd if=$d/hostfile of=/dev/null bs=1M 2>/dev/null; t2=$(/usr/bin/date +%s%N); \
+         mkdir $d/small; i=0; while [ $i -lt {files} ]; do : > $d/small/$i; i=$((i+1)); done; t3=$(/usr/bin/date +%s%N); \
+         i=0; while [ $i -lt {files} ]; do [ -e $d/small/$i ] || exit 9; i=$((i+1)); done; t4=$(/usr/bin/date +%s%N); \
          echo RESULT $((t1-t0)) $((t2-t1)) $((t3-t2)) $((t4-t3))"
     )
 }
@@ -98,11 +99,24 @@ fn in_container(
     mb: usize,
     files: usize,
 ) -> Result<Sample, String> {
-    let id = c.new_id(if runtime.contains("thaw") { "volthaw" } else { "volrunc" });
+    let id = c.new_id(if runtime.contains("thaw") {
+        "volthaw"
+    } else {
+        "volrunc"
+    });
     let mount = format!("type=bind,src={},dst=/data,options=rbind:rw", dir.display());
     let out = c.ctr_timeout(
         &[
-            "run", "--rm", "--runtime", runtime, "--mount", &mount, IMAGE, &id, "sh", "-c",
+            "run",
+            "--rm",
+            "--runtime",
+            runtime,
+            "--mount",
+            &mount,
+            IMAGE,
+            &id,
+            "sh",
+            "-c",
             &script("/data", mb, files),
         ],
         Duration::from_secs(1800),
@@ -144,16 +158,23 @@ fn run() -> Result<(), String> {
         .prefix("thaw-bench-volumes-")
         .tempdir_in("/var/tmp")
         .map_err(|e| e.to_string())?;
-    let mut samples: Vec<(&str, Vec<Sample>)> =
-        vec![("host", Vec::new()), ("runc", Vec::new()), ("thaw", Vec::new())];
+    let mut samples: Vec<(&str, Vec<Sample>)> = vec![
+        ("host", Vec::new()),
+        ("runc", Vec::new()),
+        ("thaw", Vec::new()),
+    ];
     for round in 0..runs {
         eprintln!("round {}/{runs}", round + 1);
         let dir = fresh_dir(root.path(), "host", mb)?;
         samples[0].1.push(on_host(&dir, mb, files)?);
         let dir = fresh_dir(root.path(), "runc", mb)?;
-        samples[1].1.push(in_container(&c, "io.containerd.runc.v2", &dir, mb, files)?);
+        samples[1]
+            .1
+            .push(in_container(&c, "io.containerd.runc.v2", &dir, mb, files)?);
         let dir = fresh_dir(root.path(), "thaw", mb)?;
-        samples[2].1.push(in_container(&c, "io.containerd.thaw.v2", &dir, mb, files)?);
+        samples[2]
+            .1
+            .push(in_container(&c, "io.containerd.thaw.v2", &dir, mb, files)?);
     }
     println!(
         "\nhost directory in a container: {mb} MiB sequential, {files} small files, median of {runs} runs{}",
