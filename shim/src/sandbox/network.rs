@@ -124,10 +124,11 @@ pub fn open_netns(path: &Path) -> Result<File> {
 }
 
 /// Runs `f` on a thread that has entered the namespace at `path`, so the
-/// shim's own threads never change namespace.
+/// shim's own threads never change namespace (for sockets that must be
+/// made there; netlink work uses [`netlink_in`]).
 pub(super) fn in_netns<T: Send + 'static>(
     path: &Path,
-    f: impl FnOnce(&mut Netlink) -> Result<T> + Send + 'static,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     let file = open_netns(path)?;
     let shown = path.display().to_string();
@@ -142,14 +143,20 @@ pub(super) fn in_netns<T: Send + 'static>(
                     std::io::Error::last_os_error(),
                 ));
             }
-            let mut nl =
-                Netlink::open().map_err(|e| Error::Sandbox(format!("netlink in {shown}: {e}")))?;
-            f(&mut nl)
+            f()
         })
         .map_err(|e| Error::io("starting a network namespace thread".to_string(), e))?;
     handle
         .join()
         .map_err(|_| Error::Shim("the network namespace thread panicked".into()))?
+}
+
+/// A netlink socket in the network namespace at `path` (checked to be
+/// one); the calling thread stays where it is.
+fn netlink_in(path: &Path) -> Result<Netlink> {
+    open_netns(path)?;
+    Netlink::open_in(path)
+        .map_err(|e| Error::Sandbox(format!("netlink in {}: {e}", path.display())))
 }
 
 /// The CNI interface's configuration as read in the namespace.
@@ -269,7 +276,7 @@ fn request_for(iface: &Interface) -> Result<proto::ConfigureNetworkRequest> {
 
 /// Reads the CNI interface in `netns`; None when there is none.
 pub fn read_interface(netns: &Path) -> Result<Option<(String, proto::ConfigureNetworkRequest)>> {
-    let iface = in_netns(netns, find_interface)?;
+    let iface = find_interface(&mut netlink_in(netns)?)?;
     match iface {
         None => Ok(None),
         Some(i) => Ok(Some((i.link.name.clone(), request_for(&i)?))),
@@ -279,16 +286,14 @@ pub fn read_interface(netns: &Path) -> Result<Option<(String, proto::ConfigureNe
 /// Redirects every frame between `interface` and the VMM's tap, both ways,
 /// and brings the tap up with the interface's MTU. Undone on failure.
 pub fn redirect(netns: &Path, interface: &str, mtu: u32) -> Result<()> {
-    let interface = interface.to_string();
-    in_netns(netns, move |nl| {
-        let result = redirect_in(nl, &interface, mtu);
-        if result.is_err() {
-            if let Ok(link) = nl.link_by_name(&interface) {
-                let _ = nl.delete_ingress_qdisc(link.index);
-            }
+    let mut nl = netlink_in(netns)?;
+    let result = redirect_in(&mut nl, interface, mtu);
+    if result.is_err() {
+        if let Ok(link) = nl.link_by_name(interface) {
+            let _ = nl.delete_ingress_qdisc(link.index);
         }
-        result
-    })
+    }
+    result
 }
 
 fn redirect_in(nl: &mut Netlink, interface: &str, mtu: u32) -> Result<()> {
@@ -324,7 +329,7 @@ pub fn unlink(netns: &Path) {
     if !netns.exists() {
         return;
     }
-    let result = in_netns(netns, |nl| {
+    let result = netlink_in(netns).and_then(|mut nl| {
         let links = nl
             .links()
             .map_err(nl_err("listing the pod namespace's links".into()))?;

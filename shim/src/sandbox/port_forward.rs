@@ -45,7 +45,7 @@ impl PortForwarder {
         ports: Arc<AtomicU32>,
     ) -> Result<PortForwarder> {
         let shown = netns.display().to_string();
-        let (listener, steering) = in_netns(netns, move |_| {
+        let (listener, steering) = in_netns(netns, move || {
             let listener = TcpListener::bind("127.0.0.1:0")
                 .map_err(|e| Error::io(format!("listening on the loopback of {shown}"), e))?;
             let ns = std::fs::File::open("/proc/thread-self/ns/net")
