@@ -66,6 +66,10 @@ pub use transport::{CONTROL_PORT, FIRST_STDIO_PORT, HOST_CID, PROTOCOL_VERSION};
 /// rewrites a container's host binds to paths below it.
 pub const SHARE_DIR: &str = "/run/thaw/share";
 
+/// Where the agent mounts a pod's memory-backed emptyDir volumes, each a
+/// guest tmpfs named by the shim (`MountEphemeral`).
+pub const EPHEMERAL_DIR: &str = "/run/thaw/ephemeral";
+
 /// The tag of the VMM's virtio-fs device that serves the share.
 pub const SHARE_TAG: &str = "thaw-share";
 

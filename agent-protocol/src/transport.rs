@@ -13,7 +13,7 @@ pub const CONTROL_PORT: u32 = 1024;
 pub const FIRST_STDIO_PORT: u32 = 0x1_0000;
 
 /// Bumped on incompatible protocol changes; reported by `Health`.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// The host Unix socket that a guest-initiated vsock connection to host
 /// `port` arrives on, given the VMM's vsock socket `uds` (Firecracker's

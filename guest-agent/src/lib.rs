@@ -4,6 +4,7 @@
 
 pub mod channel;
 pub mod cli;
+pub mod ephemeral;
 pub mod error;
 pub mod forward;
 pub mod guest;

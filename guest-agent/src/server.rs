@@ -236,6 +236,17 @@ impl Agent for AgentService {
         Ok(Empty::new())
     }
 
+    async fn mount_ephemeral(
+        &self,
+        _: &TtrpcContext,
+        req: MountEphemeralRequest,
+    ) -> ttrpc::Result<Empty> {
+        let pid1 = self.rt.config().pid1;
+        let e = crate::ephemeral::Ephemeral::parse(&req.name, req.size_bytes, req.mode)?;
+        blocking(move || crate::ephemeral::mount_ephemeral(&e, pid1)).await?;
+        Ok(Empty::new())
+    }
+
     async fn forward_port(
         &self,
         _: &TtrpcContext,

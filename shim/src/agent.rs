@@ -115,6 +115,18 @@ impl Agent {
             .map_err(|e| map_err("MountShare", e))
     }
 
+    /// Mounts a guest tmpfs for a memory-backed emptyDir (idempotent).
+    pub fn mount_ephemeral(&self, name: &str, size_bytes: u64, mode: u32) -> Result<()> {
+        let mut r = agent::MountEphemeralRequest::new();
+        r.name = name.into();
+        r.size_bytes = size_bytes;
+        r.mode = mode;
+        self.client
+            .mount_ephemeral(self.ctx(), &r)
+            .map(|_| ())
+            .map_err(|e| map_err("MountEphemeral", e))
+    }
+
     /// Gives the guest NIC the pod's network.
     pub fn configure_network(&self, req: &agent::ConfigureNetworkRequest) -> Result<()> {
         self.client

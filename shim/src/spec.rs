@@ -454,8 +454,11 @@ pub fn for_vm(spec: &Value) -> Result<Value> {
             }
             let src = m.get("source").and_then(Value::as_str).unwrap_or("");
             // Host binds arrive here rewritten to the guest's view of the
-            // sandbox's share (`Sandbox::expose_host_mounts`).
-            if Path::new(src).starts_with(thaw_agent_protocol::SHARE_DIR) {
+            // sandbox's share or to a guest tmpfs for a memory-backed
+            // emptyDir (`Sandbox::expose_host_mounts`).
+            if Path::new(src).starts_with(thaw_agent_protocol::SHARE_DIR)
+                || Path::new(src).starts_with(thaw_agent_protocol::EPHEMERAL_DIR)
+            {
                 kept.push(m);
                 continue;
             }

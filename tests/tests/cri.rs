@@ -1716,6 +1716,69 @@ fn volume_configmap(x: &Ctx) -> Res {
     }
 }
 
+/// A memory-backed emptyDir as kubelet makes it (a tmpfs sized by
+/// `sizeLimit` at `pods/<uid>/volumes/kubernetes.io~empty-dir/<name>`,
+/// bound into each container): a tmpfs in the container, shared by the
+/// pod's containers, full at its size. runc uses the host tmpfs itself;
+/// thaw a tmpfs in the guest, so the host one stays empty.
+fn volume_memory(x: &Ctx) -> Res {
+    /// Unmounts the stand-in for kubelet's tmpfs however the check ends.
+    struct Tmpfs(PathBuf);
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let pod = x.run_pod("memvol", PodOpts::default())?;
+    let dir = pod
+        .log_dir
+        .join("pods/uid/volumes/kubernetes.io~empty-dir/cache");
+    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    nix::mount::mount(
+        Some("tmpfs"),
+        &dir,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=4m,mode=777"),
+    )
+    .map_err(|e| format!("tmpfs on {}: {e}", dir.display()))?;
+    let _tmpfs = Tmpfs(dir.clone());
+    let mount = |c: &mut api::ContainerConfig| {
+        c.mounts.push(api::Mount {
+            container_path: "/cache".into(),
+            host_path: dir.display().to_string(),
+            ..Default::default()
+        });
+    };
+    let a = x.run(&pod, "a", &["sleep", "100000"], mount)?;
+    let b = x.run(&pod, "b", &["sleep", "100000"], mount)?;
+    let mounts = x.sh(&a, "grep ' /cache ' /proc/mounts")?;
+    ensure(mounts.split(' ').nth(2) == Some("tmpfs"), || {
+        format!("/cache is not a tmpfs: {mounts:?}")
+    })?;
+    x.sh(&a, "echo from-a > /cache/probe")?;
+    let got = x.sh(&b, "cat /cache/probe")?;
+    ensure(
+        got == "from-a
+",
+        || format!("the second container reads {got:?}"),
+    )?;
+    let (_, err, code) = x.exec(
+        &b,
+        &["dd", "if=/dev/zero", "of=/cache/big", "bs=1M", "count=6"],
+    )?;
+    ensure(code != 0 && err.contains("No space left"), || {
+        format!("6 MiB into a 4 MiB volume: exit {code}, {err:?}")
+    })?;
+    let on_host = dir.join("probe").exists();
+    match x.handler {
+        "thaw" => ensure(!on_host, || {
+            "the pod's data is in the host tmpfs, not the VM's memory".into()
+        }),
+        _ => ensure(on_host, || "runc: the host tmpfs lacks the probe".into()),
+    }
+}
+
 /// A link planted in a volume that points at a host file resolves in the
 /// container's own tree, never on the host; `..` stays inside the volume.
 fn volume_escape(x: &Ctx) -> Res {
@@ -2089,6 +2152,10 @@ fn checks() -> Vec<Check> {
         One(
             "volumes: ConfigMap update within 2 s, subPath file",
             volume_configmap,
+        ),
+        One(
+            "volumes: memory emptyDir is a shared tmpfs of its sizeLimit",
+            volume_memory,
         ),
         One(
             "volumes: a planted link does not reach the host",

@@ -543,3 +543,55 @@ fn vm_ctr_mount_shares_a_host_directory() {
     let mounts = thaw_tests::containerd::mounts_under(&c.thaw_state);
     assert!(mounts.is_empty(), "left mounted: {mounts:?}");
 }
+
+/// The shim SIGKILLed while its container has a host directory shared in:
+/// containerd's `delete` (the shim binary again, from the bundle record)
+/// detaches the share's bind mounts and removes the sandbox directory, and
+/// the VMM goes too: nothing is left mounted or running.
+#[test]
+fn vm_a_crashed_shim_leaves_no_share_behind() {
+    let c = setup();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("shared");
+    std::fs::create_dir(&dir).unwrap();
+    let rw = format!("type=bind,src={},dst=/data,options=rbind:rw", dir.display());
+    let id = c.new_id("share-crash");
+    let mut args = c.run_args(&["-d", "--mount", &rw]);
+    args.push(BUSYBOX_REF);
+    args.push(&id);
+    args.extend_from_slice(&["sh", "-c", "echo up > /data/up; sleep 600"]);
+    let out = c.ctr_timeout(&args, RUN_TIMEOUT);
+    assert!(out.success(), "{}", out.describe());
+    assert!(
+        wait_for(RUN_TIMEOUT, || {
+            (std::fs::read_to_string(dir.join("up")).ok()? == "up\n").then_some(())
+        })
+        .is_some(),
+        "the container never wrote to the share"
+    );
+    let mounts = thaw_tests::containerd::mounts_under(&c.thaw_state);
+    assert!(!mounts.is_empty(), "no share mounted while running");
+    let shims: Vec<i32> = processes_matching(&c.address.display().to_string(), "-")
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("containerd-shim-thaw-v2") && cmd.contains("-socket"))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(shims.len(), 1, "shim daemons: {shims:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shims[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let gone = wait_for(Duration::from_secs(60), || {
+        let s = c.task_status(&id);
+        (s.is_empty() || s == "STOPPED").then_some(())
+    });
+    assert!(gone.is_some(), "task still {}", c.task_status(&id));
+    let _ = c.ctr(&["tasks", "delete", &id]);
+    let out = c.ctr(&["containers", "delete", &id]);
+    assert!(out.success(), "{}", out.describe());
+    c.assert_no_leaks();
+    let mounts = thaw_tests::containerd::mounts_under(&c.thaw_state);
+    assert!(mounts.is_empty(), "left mounted: {mounts:?}");
+    assert!(dir.join("up").exists(), "the host directory itself is kept");
+}

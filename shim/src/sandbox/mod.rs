@@ -6,6 +6,7 @@
 //! reaches the guest and how it is asked to stop; see [`Backend`].
 
 mod cgroup;
+mod ephemeral;
 mod host;
 pub mod network;
 mod port_forward;
@@ -537,10 +538,12 @@ impl Sandbox {
         }
     }
 
-    /// `spec` with its host binds shared into the VM: each source is
-    /// bind-mounted under the sandbox's share (nosuid, nodev, read-only if
-    /// the mount is) and the spec names its guest path below SHARE_DIR.
-    /// Undone by [`Sandbox::withdraw_host_mounts`].
+    /// `spec` with its host binds brought into the VM. A memory-backed
+    /// emptyDir becomes a guest tmpfs of the same size, shared by the
+    /// pod's containers ([`ephemeral`]). Every other source is
+    /// bind-mounted under the sandbox's share (nosuid, nodev, read-only
+    /// if the mount is) and the spec names its guest path below
+    /// SHARE_DIR. Undone by [`Sandbox::withdraw_host_mounts`].
     pub fn expose_host_mounts(
         &self,
         container: &str,
@@ -549,6 +552,21 @@ impl Sandbox {
         let binds = crate::spec::host_binds(spec);
         if binds.is_empty() || !self.backend.needs_share() {
             return Ok(spec.clone());
+        }
+        let mut rewritten = Vec::with_capacity(binds.len());
+        let mut shared = Vec::with_capacity(binds.len());
+        for b in binds {
+            match ephemeral::memory_volume(&b.source)? {
+                Some(v) => {
+                    self.agent.mount_ephemeral(&v.name, v.size_bytes, v.mode)?;
+                    let guest = Path::new(thaw_agent_protocol::EPHEMERAL_DIR).join(&v.name);
+                    rewritten.push((b.index, guest.display().to_string()));
+                }
+                None => shared.push(b),
+            }
+        }
+        if shared.is_empty() {
+            return Ok(crate::spec::with_bind_sources(spec, &rewritten));
         }
         let mut guard = self
             .share
@@ -569,8 +587,7 @@ impl Sandbox {
         let Some(s) = guard.as_ref() else {
             return Err(Error::Shim("the share vanished".into()));
         };
-        let mut rewritten = Vec::with_capacity(binds.len());
-        for b in &binds {
+        for b in &shared {
             match s.expose(container, b.index, &b.source, b.read_only) {
                 Ok(rel) => rewritten.push((
                     b.index,
