@@ -595,3 +595,28 @@ fn vm_a_crashed_shim_leaves_no_share_behind() {
     assert!(mounts.is_empty(), "left mounted: {mounts:?}");
     assert!(dir.join("up").exists(), "the host directory itself is kept");
 }
+
+/// The VMM holds guest memory: it never dumps core (a crash must not
+/// write a tenant's memory to disk) and sits in an IPC namespace of its
+/// own, away from the host's System V objects and message queues.
+#[test]
+fn vm_the_vmm_has_no_core_dumps_and_its_own_ipc_namespace() {
+    let c = setup();
+    let id = c.run_detached("confined", &["sleep", "600"], RUN_TIMEOUT);
+    let pid = vmm_pid(&c).expect("a running thaw-vmm");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("a core limit line");
+    assert_eq!(
+        core.split_whitespace().skip(4).take(2).collect::<Vec<_>>(),
+        ["0", "0"],
+        "{core}"
+    );
+    let own = std::fs::read_link("/proc/self/ns/ipc").unwrap();
+    let vmm = std::fs::read_link(format!("/proc/{pid}/ns/ipc")).unwrap();
+    assert_ne!(own, vmm, "the VMM shares the host's IPC namespace");
+    c.kill_and_remove(&id, RUN_TIMEOUT);
+    c.assert_no_leaks();
+}

@@ -50,7 +50,31 @@ fn raise_fd_limit() {
     }
 }
 
+/// Guest memory must never leave the process: no core file (RLIMIT_CORE
+/// 0), and not dumpable, so neither a crash nor a process of another uid
+/// (ptrace, `/proc/<pid>/mem`) can read it. Set before guest memory is
+/// mapped.
+fn keep_guest_memory_private() -> Result<(), Error> {
+    let none = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit reads the struct we pass; prctl takes integers.
+    let failed = unsafe {
+        libc::setrlimit(libc::RLIMIT_CORE, &none) != 0
+            || libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0
+    };
+    if failed {
+        return Err(Error::Io {
+            what: "making the VMM non-dumpable (RLIMIT_CORE, PR_SET_DUMPABLE)".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
 fn run(launch: Launch) -> Result<VmExit, Error> {
+    keep_guest_memory_private()?;
     raise_fd_limit();
     let mut vm = match launch {
         Launch::Boot(config) => vm::build(config)?,

@@ -336,6 +336,10 @@ impl Sandbox {
             .map(PodCgroup::procs_files)
             .unwrap_or_default();
         let enter_netns = netns.enter_in_child();
+        // The VMM uses no System V IPC or POSIX message queues: a private
+        // IPC namespace hides the host's from it. (The host-process
+        // stand-in runs containers itself and keeps the shim's.)
+        let own_ipc = cfg.backend == BackendKind::Vm;
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -343,6 +347,9 @@ impl Sandbox {
                 // which lives as long as the process): a crashed shim must
                 // not leave a VM behind.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if own_ipc && libc::unshare(libc::CLONE_NEWIPC) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 cgroup::join(&procs)?;
