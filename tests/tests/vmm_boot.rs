@@ -98,6 +98,17 @@ fn boots_to_init_then_disk_vsock_and_reboot_work() {
             "a VMM thread without its seccomp filter:\n{status}"
         );
     }
+    // A guest writing the marker page in a loop: each mark is recorded
+    // and printed once, so the VMM's memory and log stay bounded.
+    let rss_before = rss_kib(vmm.id());
+    const FLOOD: usize = 100_000;
+    writeln!(w, "flood {FLOOD}").unwrap();
+    assert_eq!(read_line(&mut r), format!("flooded {FLOOD}\n"));
+    let grown = rss_kib(vmm.id()).saturating_sub(rss_before);
+    assert!(
+        grown < 4096,
+        "the VMM grew by {grown} KiB over {FLOOD} marker writes"
+    );
     writeln!(w, "reboot").unwrap();
 
     let status = wait_with_deadline(&mut vmm, Duration::from_secs(300));
@@ -120,6 +131,14 @@ fn boots_to_init_then_disk_vsock_and_reboot_work() {
         );
     }
     assert!(stderr.contains("guest requested reset"), "{stderr}");
+    let mark_lines = stderr
+        .lines()
+        .filter(|l| l.starts_with("thaw-vmm: mark "))
+        .count();
+    assert!(
+        mark_lines <= 256 + 8,
+        "{mark_lines} mark lines after the flood: one per mark name at most"
+    );
     assert!(
         console_text.contains("thaw-test-init: echoed the host's line"),
         "{console_text}"
@@ -176,4 +195,14 @@ fn bad_arguments_are_named_and_nothing_is_left() {
         "{err}"
     );
     let _ = Path::new("/");
+}
+
+/// The resident set of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .expect("a VmRSS line")
 }

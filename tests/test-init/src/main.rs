@@ -9,7 +9,8 @@
 //! 5. serves the host: dials host port 1234 again and again (so a VM
 //!    restored from a snapshot, whose old connection was reset, comes back
 //!    on its new socket) and answers `write <word>` (appends to a tmpfs
-//!    file), `read` and `reboot`.
+//!    file), `read`, `flood <n>` (writes n boot marks, every value in
+//!    turn, as a hostile guest would) and `reboot`.
 //!
 //! Built static (`-C target-feature=+crt-static`); only libc is used.
 //! Failures are printed to the console and end in a reboot too: the host
@@ -34,6 +35,11 @@ fn say(msg: &str) {
 }
 
 fn mark_init() -> Result<(), String> {
+    write_marks(&[MARK_INIT])
+}
+
+/// Writes each byte of `marks` to the boot-marker page, in order.
+fn write_marks(marks: &[u8]) -> Result<(), String> {
     let path = CString::new("/dev/mem").map_err(|e| e.to_string())?;
     // SAFETY: plain syscalls; the mapping is used only for one volatile write.
     unsafe {
@@ -56,7 +62,9 @@ fn mark_init() -> Result<(), String> {
         if p == libc::MAP_FAILED {
             return Err(format!("mmap marker: {}", std::io::Error::last_os_error()));
         }
-        (p as *mut u8).write_volatile(MARK_INIT);
+        for m in marks {
+            (p as *mut u8).write_volatile(*m);
+        }
         libc::munmap(p, 4096);
     }
     Ok(())
@@ -231,6 +239,12 @@ fn serve(conn: std::fs::File) -> Result<(), String> {
         } else if line == "read" {
             let notes = std::fs::read_to_string(NOTES).unwrap_or_default();
             writeln!(w, "notes {}", notes.trim()).map_err(|e| e.to_string())?;
+        } else if let Some(n) = line.strip_prefix("flood ") {
+            // A hostile guest: every marker value, over and over.
+            let n: usize = n.parse().map_err(|e| format!("flood {n}: {e}"))?;
+            let marks: Vec<u8> = (0..n).map(|i| i as u8).collect();
+            write_marks(&marks)?;
+            writeln!(w, "flooded {n}").map_err(|e| e.to_string())?;
         } else if line == "reboot" {
             return Ok(());
         } else {
