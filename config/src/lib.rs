@@ -101,6 +101,11 @@ pub struct VmConfig {
     /// What the guest kernel and agent need beside a pod's containers,
     /// added to the pod's memory before a shape is picked.
     pub guest_overhead_mib: u32,
+    /// System calls forbidden to sandbox VMMs on top of their seccomp
+    /// filter (`thaw-vmm --deny-syscall`): names of calls the VMM makes
+    /// only for volumes, or numbers. A node without volumes can forbid
+    /// the virtio-fs server's calls; a VMM that makes one is killed.
+    pub deny_syscalls: Vec<String>,
 }
 
 /// The sum of a pod's container memory limits (bytes), which containerd's
@@ -181,6 +186,7 @@ impl Default for VmConfig {
             max_memory_mib: 16384,
             memory_shapes_mib: vec![256, 512, 1024, 2048, 4096, 8192, 16384],
             guest_overhead_mib: 64,
+            deny_syscalls: Vec::new(),
         }
     }
 }

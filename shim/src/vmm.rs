@@ -39,6 +39,7 @@ pub fn boot_command(vm: &VmConfig, paths: &VmPaths) -> Command {
         append: vm.kernel_append.clone(),
         serial: paths.serial.clone(),
         api_sock: Some(paths.api_sock.clone()),
+        deny_syscalls: vm.deny_syscalls.clone(),
         ..BootArgs::new(&vm.kernel)
     })
     .command(&vm.vmm)
@@ -58,6 +59,7 @@ pub fn restore_command(vm: &VmConfig, template: &Path, paths: &VmPaths) -> Comma
         vsock_uds: Some(paths.vsock_uds.clone()),
         serial: Some(paths.serial.clone()),
         api_sock: Some(paths.api_sock.clone()),
+        deny_syscalls: vm.deny_syscalls.clone(),
         ..RestoreArgs::new(template)
     })
     .command(&vm.vmm)

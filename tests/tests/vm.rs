@@ -620,3 +620,42 @@ fn vm_the_vmm_has_no_core_dumps_and_its_own_ipc_namespace() {
     c.kill_and_remove(&id, RUN_TIMEOUT);
     c.assert_no_leaks();
 }
+
+/// A node that forbids the VMM a system call (`vm.deny_syscalls`, here
+/// `getdents64`, which only the virtio-fs server's READDIR makes): the
+/// container starts, its `ls` of a shared directory makes the VMM call it,
+/// the seccomp filter kills the VMM, and the task exits 255 with the
+/// reason, SIGSYS by name, in the shim's log.
+#[test]
+fn vm_a_forbidden_system_call_kills_the_vmm_and_the_task_exits_255() {
+    let c = PrivateContainerd::start_with(Backend::Vm, |cfg| {
+        cfg.replace("[vm]\n", "[vm]\ndeny_syscalls = [\"getdents64\"]\n")
+    });
+    c.import_busybox();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("shared");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("in"), "x").unwrap();
+    let rw = format!("type=bind,src={},dst=/data,options=rbind:rw", dir.display());
+    let out = c.run_rm(
+        "sigsys",
+        &["--mount", &rw],
+        &[
+            "sh",
+            "-c",
+            "cat /data/in && echo read-ok; ls /data; sleep 600",
+        ],
+        RUN_TIMEOUT,
+    );
+    assert_eq!(out.code(), Some(255), "{}", out.describe());
+    assert!(out.stdout.contains("read-ok"), "{}", out.describe());
+    let log = c.containerd_log();
+    assert!(
+        log.lines().any(|l| l.contains(
+            "with status 159 (SIGSYS: the VMM made a system call its seccomp filter forbids)"
+        )),
+        "no seccomp death reason in the shim log:\n{}",
+        thaw_tests::containerd::tail(&log, 40)
+    );
+    c.assert_no_leaks();
+}

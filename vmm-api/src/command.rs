@@ -162,6 +162,8 @@ pub struct BootArgs {
     /// Export this directory through virtio-fs from the start; None: none
     /// until `attach_share`.
     pub share: Option<Share>,
+    /// System calls to forbid on top of the VMM's filter (names or numbers).
+    pub deny_syscalls: Vec<String>,
 }
 
 impl BootArgs {
@@ -183,6 +185,7 @@ impl BootArgs {
             net_mac: None,
             tap: None,
             share: None,
+            deny_syscalls: Vec::new(),
         }
     }
 }
@@ -203,6 +206,8 @@ pub struct RestoreArgs {
     /// Export this directory through virtio-fs at start; a snapshot never
     /// carries one.
     pub share: Option<Share>,
+    /// System calls to forbid on top of the VMM's filter (names or numbers).
+    pub deny_syscalls: Vec<String>,
 }
 
 impl RestoreArgs {
@@ -215,6 +220,7 @@ impl RestoreArgs {
             api_sock: None,
             tap: None,
             share: None,
+            deny_syscalls: Vec::new(),
         }
     }
 }
@@ -309,6 +315,9 @@ impl VmmCommand {
                 a.opt_if("--net-mac", b.net_mac.as_ref());
                 a.opt_if("--tap", b.tap.as_ref());
                 a.opt_if("--share", b.share.as_ref().map(Share::arg));
+                for c in &b.deny_syscalls {
+                    a.opt("--deny-syscall", c);
+                }
             }
             VmmCommand::Restore(r) => {
                 a.opt("--restore", &r.snapshot);
@@ -320,6 +329,9 @@ impl VmmCommand {
                 a.opt_if("--api-sock", r.api_sock.as_ref());
                 a.opt_if("--tap", r.tap.as_ref());
                 a.opt_if("--share", r.share.as_ref().map(Share::arg));
+                for c in &r.deny_syscalls {
+                    a.opt("--deny-syscall", c);
+                }
             }
             VmmCommand::TemplateBuild(t) => {
                 a.0.push("template".into());
@@ -403,6 +415,7 @@ mod tests {
                 dir: "/srv/p,ro".into(),
                 read_only: false,
             }),
+            deny_syscalls: vec!["openat2".into(), "39".into()],
             ..BootArgs::new("/k")
         };
         let args = VmmCommand::Boot(b).args();
@@ -439,6 +452,10 @@ mod tests {
             "tap7",
             "--share",
             "/srv/p,ro,rw",
+            "--deny-syscall",
+            "openat2",
+            "--deny-syscall",
+            "39",
         ];
         assert_eq!(args, expected.map(OsString::from));
     }

@@ -24,7 +24,11 @@ pub enum Launch {
 /// Everything `thaw-vmm` can be asked to do.
 #[derive(Debug)]
 pub enum Invocation {
-    Launch(Launch),
+    /// Run a VM; `deny_syscalls` are forbidden on top of the VMM's filter.
+    Launch {
+        launch: Launch,
+        deny_syscalls: Vec<libc::c_long>,
+    },
     Template(TemplateCommand),
 }
 
@@ -148,6 +152,11 @@ struct LaunchArgs {
     /// of booting; --vsock-uds gives it a new socket.
     #[arg(long, value_name = "DIR")]
     restore: Option<PathBuf>,
+    /// Forbid this system call too (repeatable): a name the VMM uses only
+    /// for virtio-fs (openat2, getdents64, ...) or a number. Calling it
+    /// kills the VMM (SIGSYS).
+    #[arg(long = "deny-syscall", value_name = "NAME|NR", value_parser = crate::seccomp::deniable)]
+    deny_syscalls: Vec<libc::c_long>,
 }
 
 /// `PATH`, `PATH,ro` or `PATH,rw`.
@@ -253,7 +262,13 @@ where
     let cli = Cli::try_parse_from(argv)?;
     match cli.command {
         Some(Command::Template(t)) => Ok(Invocation::Template(t)),
-        None => Ok(Invocation::Launch(cli.launch.into_launch()?)),
+        None => {
+            let deny_syscalls = cli.launch.deny_syscalls.clone();
+            Ok(Invocation::Launch {
+                launch: cli.launch.into_launch()?,
+                deny_syscalls,
+            })
+        }
     }
 }
 
@@ -286,7 +301,7 @@ mod tests {
 
     fn launch(argv: Vec<String>) -> Launch {
         match parse(argv).unwrap() {
-            Invocation::Launch(l) => l,
+            Invocation::Launch { launch, .. } => launch,
             other => panic!("expected a launch, got {other:?}"),
         }
     }
@@ -300,6 +315,18 @@ mod tests {
 
     fn err(s: &str) -> clap::Error {
         parse(args(s)).unwrap_err()
+    }
+
+    #[test]
+    fn deny_syscall_takes_names_and_numbers() {
+        match parse(args("--kernel /k --deny-syscall openat2 --deny-syscall 39")).unwrap() {
+            Invocation::Launch { deny_syscalls, .. } => {
+                assert_eq!(deny_syscalls, [libc::SYS_openat2, 39]);
+            }
+            other => panic!("expected a launch, got {other:?}"),
+        }
+        let e = err("--kernel /k --deny-syscall fork2").to_string();
+        assert!(e.contains("--deny-syscall") && e.contains("fork2"), "{e}");
     }
 
     #[test]
@@ -539,7 +566,7 @@ mod tests {
 
     fn launch_os(argv: Vec<OsString>) -> Launch {
         match parse(argv).unwrap() {
-            Invocation::Launch(l) => l,
+            Invocation::Launch { launch, .. } => launch,
             other => panic!("expected a launch, got {other:?}"),
         }
     }

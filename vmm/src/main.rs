@@ -73,7 +73,7 @@ fn keep_guest_memory_private() -> Result<(), Error> {
     Ok(())
 }
 
-fn run(launch: Launch) -> Result<VmExit, Error> {
+fn run(launch: Launch, deny_syscalls: &[libc::c_long]) -> Result<VmExit, Error> {
     keep_guest_memory_private()?;
     raise_fd_limit();
     let mut vm = match launch {
@@ -90,7 +90,7 @@ fn run(launch: Launch) -> Result<VmExit, Error> {
     let handle = Arc::new(VmHandle::new(&vm)?);
     // Before the guest runs: the vCPU and control threads made from here
     // on inherit it.
-    thaw_vmm::seccomp::install()?;
+    thaw_vmm::seccomp::install(deny_syscalls)?;
     let exits = vm.start()?;
 
     if let Some(listener) = listener {
@@ -127,13 +127,16 @@ fn run(launch: Launch) -> Result<VmExit, Error> {
 
 fn main() {
     boot_marker::set_process_start();
-    let launch = match cli::parse(std::env::args_os()) {
-        Ok(Invocation::Launch(l)) => l,
+    let (launch, deny_syscalls) = match cli::parse(std::env::args_os()) {
+        Ok(Invocation::Launch {
+            launch,
+            deny_syscalls,
+        }) => (launch, deny_syscalls),
         Ok(Invocation::Template(t)) => std::process::exit(t.run()),
         Err(e) => std::process::exit(cli::report(&e)),
     };
     thaw_vmm::logger::init();
-    match run(launch) {
+    match run(launch, &deny_syscalls) {
         Ok(exit) => {
             match &exit {
                 VmExit::GuestReset => {
