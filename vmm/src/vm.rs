@@ -16,7 +16,9 @@ use vm_memory::{
 use crate::arch::{self, boot_params, layout, mptable, regs};
 use crate::boot_marker::{BootMarker, BootTimes};
 use crate::config::{PvmQuirks, SerialOutput, VmConfig};
-use crate::devices::legacy::{I8042State, Serial, SerialResources, SerialState, I8042};
+use crate::devices::legacy::{
+    BoundedOutput, I8042State, Serial, SerialResources, SerialState, I8042,
+};
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::fs::{Fs, FsError, DEFAULT_TAG};
 use crate::devices::virtio::mmio::{MmioError, MmioResources, MmioTransport};
@@ -386,13 +388,17 @@ impl Vm {
         self.fd
             .register_irqfd(&serial_irq, layout::SERIAL_IRQ)
             .map_err(kvm_error("KVM_IRQFD (serial)"))?;
+        let limit = crate::devices::legacy::serial::OUTPUT_LIMIT;
         let out: Box<dyn std::io::Write + Send> = match &self.config.serial {
             SerialOutput::None => Box::new(std::io::sink()),
-            SerialOutput::Stdout => Box::new(std::io::stdout()),
-            SerialOutput::File(p) => Box::new(File::create(p).map_err(|source| Error::Io {
-                what: format!("serial output {}", p.display()),
-                source,
-            })?),
+            SerialOutput::Stdout => Box::new(BoundedOutput::new(std::io::stdout(), limit)),
+            SerialOutput::File(p) => Box::new(BoundedOutput::new(
+                File::create(p).map_err(|source| Error::Io {
+                    what: format!("serial output {}", p.display()),
+                    source,
+                })?,
+                limit,
+            )),
         };
         let serial = match serial_state {
             Some(state) => {

@@ -30,6 +30,62 @@ impl Trigger for IrqTrigger {
 
 type Output = Box<dyn Write + Send>;
 
+/// The most console output one VM writes (16 MiB): a guest printing in a
+/// loop must not fill the host's disk or log. Past it a single line says
+/// so and the rest is dropped, counted.
+pub const OUTPUT_LIMIT: u64 = 16 << 20;
+
+/// A console sink that stops after `limit` bytes.
+pub struct BoundedOutput<W: Write> {
+    inner: W,
+    written: u64,
+    limit: u64,
+    dropped: u64,
+}
+
+impl<W: Write> BoundedOutput<W> {
+    pub fn new(inner: W, limit: u64) -> Self {
+        Self {
+            inner,
+            written: 0,
+            limit,
+            dropped: 0,
+        }
+    }
+
+    /// Bytes dropped after the limit.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+}
+
+impl<W: Write> Write for BoundedOutput<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let room = self.limit.saturating_sub(self.written);
+        if room == 0 {
+            if self.dropped == 0 {
+                let note = format!(
+                    "\n[thaw-vmm: console output reached its limit of {} bytes; the rest is dropped]\n",
+                    self.limit
+                );
+                let _ = self.inner.write_all(note.as_bytes());
+                let _ = self.inner.flush();
+            }
+            self.dropped = self.dropped.saturating_add(buf.len() as u64);
+            // Accepted: the UART must not see an error for a full console.
+            return Ok(buf.len());
+        }
+        let take = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let n = self.inner.write(&buf[..take])?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 pub struct Serial {
     uart: Uart<IrqTrigger, NoEvents, Output>,
 }
@@ -160,6 +216,21 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn console_output_stops_at_its_limit_with_one_note() {
+        let sink = Captured::default();
+        let mut out = BoundedOutput::new(sink.clone(), 1000);
+        for _ in 0..100 {
+            out.write_all(&[b'x'; 64]).unwrap();
+        }
+        let got = sink.0.lock().unwrap().clone();
+        let text = String::from_utf8(got).unwrap();
+        assert_eq!(text.matches('x').count(), 1000);
+        assert_eq!(text.matches("reached its limit of 1000 bytes").count(), 1);
+        assert!(text.len() < 1100, "{} bytes written", text.len());
+        assert_eq!(out.dropped(), 6400 - 1000);
     }
 
     struct Broken;
