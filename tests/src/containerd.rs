@@ -398,6 +398,37 @@ disabled_plugins = [{disabled}]
             .to_string()
     }
 
+    /// Shim daemons serving this containerd (their command line names our
+    /// containerd socket).
+    pub fn shim_daemons(&self) -> Vec<i32> {
+        processes_matching(&self.address.display().to_string(), "-")
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains("containerd-shim-thaw-v2") && cmd.contains("-socket"))
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+
+    /// SIGKILLs the one shim daemon, waits until containerd has noticed
+    /// (and run `containerd-shim-thaw-v2 delete`), then deletes what is left
+    /// of container `id`.
+    pub fn crash_shim(&self, id: &str) {
+        let shims = self.shim_daemons();
+        assert_eq!(shims.len(), 1, "shim daemons: {shims:?}");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(shims[0]),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let gone = cmd::wait_for(Duration::from_secs(60), || {
+            let s = self.task_status(id);
+            (s.is_empty() || s == "STOPPED").then_some(())
+        });
+        assert!(gone.is_some(), "task still {}", self.task_status(id));
+        let _ = self.ctr(&["tasks", "delete", id]);
+        let out = self.ctr(&["containers", "delete", id]);
+        assert!(out.success(), "{}", out.describe());
+    }
+
     /// SIGKILLs the task, waits (up to `timeout`) until it is stopped, then
     /// deletes the task and the container.
     pub fn kill_and_remove(&self, id: &str, timeout: Duration) {

@@ -347,17 +347,6 @@ fn events_are_published_in_order() {
     c.assert_no_leaks();
 }
 
-/// Shim daemons serving this containerd (their command line names our
-/// containerd socket).
-fn shim_daemons(c: &PrivateContainerd) -> Vec<i32> {
-    let sock = c.address.display().to_string();
-    thaw_tests::containerd::processes_matching(&sock, "-")
-        .into_iter()
-        .filter(|(_, cmd)| cmd.contains("containerd-shim-thaw-v2") && cmd.contains("-socket"))
-        .map(|(pid, _)| pid)
-        .collect()
-}
-
 fn agents(c: &PrivateContainerd) -> Vec<i32> {
     thaw_tests::containerd::processes_matching(&c.thaw_state.display().to_string(), "-")
         .into_iter()
@@ -385,7 +374,7 @@ fn pod_containers_share_the_sandbox_shim_and_vm() {
     assert!(out.success(), "{}", out.describe());
     assert_eq!(c.task_status(&sb), "RUNNING");
     assert_eq!(c.task_status(&app), "RUNNING");
-    assert_eq!(shim_daemons(&c).len(), 1, "one shim for the pod");
+    assert_eq!(c.shim_daemons().len(), 1, "one shim for the pod");
     assert_eq!(agents(&c).len(), 1, "one sandbox (VM) for the pod");
     // The app's shim address is the sandbox's, by containerd's formula.
     let sock = thaw_tests::containerd::shim_socket_path(
@@ -401,7 +390,7 @@ fn pod_containers_share_the_sandbox_shim_and_vm() {
     // Removing the app leaves the pod running.
     remove(&c, &app);
     assert_eq!(c.task_status(&sb), "RUNNING");
-    assert_eq!(shim_daemons(&c).len(), 1);
+    assert_eq!(c.shim_daemons().len(), 1);
     remove(&c, &sb);
     c.assert_no_leaks();
 }
@@ -447,22 +436,8 @@ fn unused_images_are_collected_beyond_the_budget() {
 fn a_crashed_shim_is_cleaned_up_by_delete() {
     let c = setup();
     let id = detached(&c, "crash", &["sleep", "600"]);
-    let shims = shim_daemons(&c);
-    assert_eq!(shims.len(), 1);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(shims[0]),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
     // containerd notices the dead shim and runs `containerd-shim-thaw-v2 delete`.
-    let gone = wait_for(Duration::from_secs(30), || {
-        let s = c.task_status(&id);
-        (s.is_empty() || s == "STOPPED").then_some(())
-    });
-    assert!(gone.is_some(), "task still {}", c.task_status(&id));
-    let _ = c.ctr(&["tasks", "delete", &id]);
-    let out = c.ctr(&["containers", "delete", &id]);
-    assert!(out.success(), "{}", out.describe());
+    c.crash_shim(&id);
     c.assert_no_leaks();
 }
 
@@ -512,7 +487,7 @@ fn every_task_method_is_answered_on_the_shim_socket() {
             },
         )
         .unwrap();
-    assert_eq!(shim_daemons(&c), vec![cr.shim_pid as i32]);
+    assert_eq!(c.shim_daemons(), vec![cr.shim_pid as i32]);
     assert!(task
         .pids(
             ctx(),

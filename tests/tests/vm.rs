@@ -571,25 +571,7 @@ fn vm_a_crashed_shim_leaves_no_share_behind() {
     );
     let mounts = thaw_tests::containerd::mounts_under(&c.thaw_state);
     assert!(!mounts.is_empty(), "no share mounted while running");
-    let shims: Vec<i32> = processes_matching(&c.address.display().to_string(), "-")
-        .into_iter()
-        .filter(|(_, cmd)| cmd.contains("containerd-shim-thaw-v2") && cmd.contains("-socket"))
-        .map(|(pid, _)| pid)
-        .collect();
-    assert_eq!(shims.len(), 1, "shim daemons: {shims:?}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(shims[0]),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let gone = wait_for(Duration::from_secs(60), || {
-        let s = c.task_status(&id);
-        (s.is_empty() || s == "STOPPED").then_some(())
-    });
-    assert!(gone.is_some(), "task still {}", c.task_status(&id));
-    let _ = c.ctr(&["tasks", "delete", &id]);
-    let out = c.ctr(&["containers", "delete", &id]);
-    assert!(out.success(), "{}", out.describe());
+    c.crash_shim(&id);
     c.assert_no_leaks();
     let mounts = thaw_tests::containerd::mounts_under(&c.thaw_state);
     assert!(mounts.is_empty(), "left mounted: {mounts:?}");
