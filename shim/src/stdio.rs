@@ -214,7 +214,8 @@ pub fn prepare(
             let port = next_port();
             let sock = thaw_agent_protocol::transport::host_socket_path(uds, port);
             let _ = std::fs::remove_file(&sock);
-            let l = UnixListener::bind(&sock).ctx(|| format!("listening on {}", sock.display()))?;
+            let l = thaw_snapshots::private::bind_socket(&sock)
+                .ctx(|| format!("listening on {}", sock.display()))?;
             l.set_nonblocking(true)
                 .ctx(|| format!("setting {} non-blocking", sock.display()))?;
             Ok(Some((port, l, sock, file)))

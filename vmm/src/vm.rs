@@ -389,10 +389,13 @@ impl Vm {
         let out: Box<dyn std::io::Write + Send> = match &self.config.serial {
             SerialOutput::None => Box::new(std::io::sink()),
             SerialOutput::Stdout => Box::new(std::io::stdout()),
-            SerialOutput::File(p) => Box::new(File::create(p).map_err(|source| Error::Io {
-                what: format!("serial output {}", p.display()),
-                source,
-            })?),
+            // The guest console can carry whatever a guest prints: owner only.
+            SerialOutput::File(p) => Box::new(thaw_snapshots::private::create_file(p).map_err(
+                |source| Error::Io {
+                    what: format!("serial output {}", p.display()),
+                    source,
+                },
+            )?),
         };
         let serial = match serial_state {
             Some(state) => {
