@@ -314,7 +314,8 @@ fn templates_build_runs_thaw_vmm_as_the_shim_does() {
         argv().trim(),
         format!(
             "template build --kernel {k} --disk {r},ro --spare-disks 2 --vcpus 1 \
-             --memory-mib 128 --ready agent --timeout 600 --retry-after 600 --store {s}"
+             --memory-mib 128 --ready agent --timeout 600 --retry-after 600 --store {s} \
+             --max-store-mib 8192"
         )
     );
     let out = i.thaw(&["templates", "build", "--vcpus", "2", "--memory-mib", "512"]);
