@@ -250,6 +250,21 @@ fn two_containers_at_once() {
         .join(thaw_tests::containerd::NAMESPACE);
     assert!(c.cache_entries()[0].starts_with(&ns_dir));
     assert_owner_only(&c.thaw_state.join("images"));
+    // Each sandbox's directory is 0700, its sockets and log 0600.
+    let mut sandboxes = 0;
+    for sb in std::fs::read_dir(c.thaw_state.join("run/sandboxes")).unwrap() {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let sb = sb.unwrap().path();
+        sandboxes += 1;
+        assert_eq!(std::fs::metadata(&sb).unwrap().mode() & 0o7777, 0o700);
+        for e in std::fs::read_dir(&sb).unwrap().flatten() {
+            let md = std::fs::symlink_metadata(e.path()).unwrap();
+            if md.file_type().is_socket() || e.file_name() == "sandbox.log" {
+                assert_eq!(md.mode() & 0o7777, 0o600, "{}", e.path().display());
+            }
+        }
+    }
+    assert_eq!(sandboxes, 2);
     remove(&c, &a);
     assert_eq!(c.task_status(&b), "RUNNING", "b survives a's removal");
     remove(&c, &b);

@@ -502,6 +502,10 @@ fn run(cmd: Subcommand, store: &Store) -> Result<(), Error> {
             timeout,
             max_store_mib,
         } => {
+            // Narrows a store made before stores were owner-only, so the
+            // templates inside (guest memory) cannot be reached by others.
+            thaw_snapshots::private::create_dir_all(store.root())
+                .map_err(io_err(format!("creating {}", store.root().display())))?;
             let key = store.key(&inputs)?;
             if let Some(dir) = store.get(&key) {
                 store.mark_used(&key);

@@ -685,6 +685,9 @@ mod tests {
         drop(first); // leaves the socket file behind
         let m = Muxer::new(3, &path).unwrap();
         assert!(path.exists());
+        // Owner only, whatever the umask: it reaches the guest's ports.
+        let mode = std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(&path).unwrap());
+        assert_eq!(mode & 0o777, 0o600);
         drop(m);
         assert!(!path.exists());
         // A regular file in the way is an error, not something we delete.
