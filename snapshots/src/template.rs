@@ -348,7 +348,10 @@ impl Store {
             };
             let Some(dir) = self.get(&key) else { continue };
             let mut bytes = 0u64;
-            let files = std::fs::read_dir(&dir).map_err(io("listing", &dir))?;
+            // Removed meanwhile by another process: nothing to count.
+            let Ok(files) = std::fs::read_dir(&dir) else {
+                continue;
+            };
             for f in files.flatten() {
                 if let Ok(m) = f.metadata() {
                     bytes = bytes.saturating_add(m.blocks().saturating_mul(512));
@@ -1075,6 +1078,20 @@ mod tests {
         assert!(store.evict_to(0, Some(&d)).unwrap().is_empty());
         assert_eq!(store.evict_to(0, None).unwrap(), [d]);
         assert!(store.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_template_being_built_or_removed_is_not_evicted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("store"));
+        let k = built(&store, tmp.path(), 128, 4096);
+        let lock = store.lock(&k).unwrap();
+        assert!(store
+            .evict_idle(0, None, Duration::ZERO)
+            .unwrap()
+            .is_empty());
+        drop(lock);
+        assert_eq!(store.evict_idle(0, None, Duration::ZERO).unwrap(), [k]);
     }
 
     #[test]
