@@ -66,7 +66,8 @@ enum TemplatesCommand {
         key: TemplateKey,
     },
     /// Remove templates whose kernel, root image or thaw version changed
-    /// since they were built.
+    /// since they were built, then the least recently used unused ones
+    /// past vm.template_store_max_mib.
     Gc,
 }
 

@@ -61,14 +61,28 @@ pub fn remove(config: &Config, key: &TemplateKey) -> Result<(), Error> {
     Ok(())
 }
 
+/// Removes stale templates, then keeps the store within
+/// `vm.template_store_max_mib` as the shim's starts do (least recently
+/// used first, never one a running VM holds).
 pub fn gc(config: &Config) -> Result<(), Error> {
     let store = store(config);
     let removed = store.gc().map_err(store_err(&store))?;
-    if removed.is_empty() {
+    let max = config.vm.template_store_max_mib;
+    let evicted = if max > 0 {
+        store
+            .evict_to(max.saturating_mul(1 << 20), None)
+            .map_err(store_err(&store))?
+    } else {
+        Vec::new()
+    };
+    if removed.is_empty() && evicted.is_empty() {
         eprintln!("thaw: nothing to remove in {}", store.root().display());
     }
     for key in removed {
         println!("removed {key}");
+    }
+    for key in evicted {
+        println!("evicted {key} (store over {max} MiB)");
     }
     Ok(())
 }

@@ -91,6 +91,11 @@ pub struct VmConfig {
     /// After a failed build, starts cold-boot at once for this long
     /// instead of each paying another failed build first.
     pub template_retry_secs: u64,
+    /// The most disk the template store may take, in MiB (templates are
+    /// sparse: what counts is what is allocated). Past it, the least
+    /// recently used templates that no running VM was restored from are
+    /// removed after a start; 0: no limit.
+    pub template_store_max_mib: u64,
     /// Upper bounds for annotation overrides.
     pub max_vcpus: u32,
     pub max_memory_mib: u32,
@@ -182,6 +187,7 @@ impl Default for VmConfig {
             template_store: PathBuf::from("/var/lib/thaw/templates"),
             template_build_timeout_secs: 600,
             template_retry_secs: 600,
+            template_store_max_mib: 8192,
             max_vcpus: 8,
             max_memory_mib: 16384,
             memory_shapes_mib: vec![256, 512, 1024, 2048, 4096, 8192, 16384],
@@ -419,6 +425,7 @@ impl VmConfig {
             timeout_secs: self.template_build_timeout_secs,
             retry_after_secs: self.template_retry_secs,
             store: Some(self.template_store.clone()),
+            max_store_mib: (self.template_store_max_mib > 0).then_some(self.template_store_max_mib),
             ..TemplateBuildArgs::new(&self.kernel, &self.root_image)
         }
     }

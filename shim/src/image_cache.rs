@@ -1,18 +1,40 @@
 //! Read-only erofs images of container root filesystems, cached by content
-//! and shared by every shim on the host.
+//! per containerd namespace and shared by every shim on the host.
 //!
-//! Layout under `<state_dir>/images/`:
-//! - `<key>.erofs`: a finished image (never written again once renamed in);
-//! - `refs/<key>/<owner-hash>`: one file per container using the image, its
-//!   text names the owner (`namespace/container-id`);
-//! - `locks/<key>.lock`: flock serializing build, reference and removal of
-//!   one key across shim processes;
-//! - `tmp/`, `mnt/`: images being built and overlay views being read.
+//! Layout under `<state_dir>/images/` (every directory 0700, every file
+//! 0600, whatever the umask: an image is a tenant's root filesystem):
+//! - `ns/<namespace>/<key>.erofs`: a finished image (never written again
+//!   once renamed in);
+//! - `ns/<namespace>/refs/<key>/<owner-hash>`: one file per container
+//!   using the image, its text names the owner (`namespace/container-id`);
+//! - `ns/<namespace>/locks/<key>.lock`: flock serializing build, reference
+//!   and removal of one key across shim processes;
+//! - `ns/<namespace>/tmp/`, `ns/<namespace>/mnt/`: images being built and
+//!   overlay views being read.
 //!
-//! An image without references is kept for reuse until the unreferenced
-//! images exceed `keep_unused_mib`; then the least recently used go.
+//! Tenants apart: a containerd namespace is the unit of tenancy (CRI uses
+//! `k8s.io`, each `ctr -n` user its own), so each namespace has its own
+//! directory of images, references and locks, and no lookup ever leaves
+//! it. Within a namespace the key (`rootfs::content_key`) names the exact
+//! inodes and their ctime, so it cannot be forged either: see that module.
+//! The namespace is checked against containerd's own rule for names
+//! before it becomes a path component.
+//!
+//! The budget is global: unreferenced images of all namespaces together
+//! are kept up to `keep_unused_mib`, then the least recently used go,
+//! whichever namespace they are in. A per-namespace budget would let disk
+//! use grow with the number of namespaces, which a tenant may choose; a
+//! global one means a busy namespace can push another's *unused* images
+//! out (a rebuild later, never a wrong image), and referenced images are
+//! never evicted.
+//!
+//! Older shims kept images flat (`images/<key>.erofs`, `images/refs/`,
+//! `images/locks/`). A bundle record of theirs still names its
+//! `cache_dir` (`images/`) and key, so `release_ref` releases it the same
+//! way; `gc` removes flat images once nothing references them (they are
+//! never looked up again).
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,6 +43,7 @@ use std::time::{Duration, SystemTime};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use thaw_snapshots::private;
 
 use crate::child;
 use crate::error::{Error, IoContext, Result};
@@ -31,9 +54,15 @@ const MKFS_FLAGS: &[&str] = &["--preserve-mtime", "--quiet"];
 const MKFS_TIMEOUT: Duration = Duration::from_secs(600);
 /// The kernel's limit on mount option text.
 const MAX_MOUNT_DATA: usize = 4095;
+/// Where the per-namespace directories live, under `images/`.
+const NS_DIR: &str = "ns";
+/// containerd's limit on a namespace name.
+const MAX_NAMESPACE: usize = 76;
 
 /// One container's hold on a cached image. Plain data so it can be stored
-/// in the bundle and released by `delete` after a shim crash.
+/// in the bundle and released by `delete` after a shim crash. `cache_dir`
+/// is the namespace's directory (`images/ns/<namespace>`), or `images/`
+/// in records written by shims before namespaces were kept apart.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageRef {
     pub key: String,
@@ -62,6 +91,28 @@ fn owner_file(owner: &str) -> String {
     format!("{:x}", h.finalize())[..32].to_string()
 }
 
+/// Checks a containerd namespace name the way containerd does (letters and
+/// digits, single `.`, `_` or `-` between them, at most 76 bytes), so it
+/// is one safe path component: never empty, `.`, `..` or with a `/`.
+pub fn validate_namespace(ns: &str) -> Result<()> {
+    let bad = |why: &str| Err(Error::ImageCache(format!("namespace {ns:?} {why}")));
+    if ns.is_empty() {
+        return bad("is empty");
+    }
+    if ns.len() > MAX_NAMESPACE {
+        return bad("is longer than 76 bytes");
+    }
+    let b = ns.as_bytes();
+    let sep = |c: u8| matches!(c, b'.' | b'_' | b'-');
+    if !b.iter().all(|&c| c.is_ascii_alphanumeric() || sep(c)) {
+        return bad("has characters other than letters, digits, '.', '_' and '-'");
+    }
+    if sep(b[0]) || sep(b[b.len() - 1]) || b.windows(2).any(|w| sep(w[0]) && sep(w[1])) {
+        return bad("must start and end with a letter or digit and not repeat separators");
+    }
+    Ok(())
+}
+
 /// An exclusive flock on `locks/<key>.lock`, re-taken if GC unlinked the
 /// file while we waited for it.
 struct KeyLock {
@@ -72,12 +123,7 @@ impl KeyLock {
     fn take(dir: &Path, key: &str, wait: bool) -> Result<Option<KeyLock>> {
         let path = dir.join("locks").join(format!("{key}.lock"));
         loop {
-            let f = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .ctx(|| format!("opening {}", path.display()))?;
+            let f = private::open_lock_file(&path).ctx(|| format!("opening {}", path.display()))?;
             let arg = if wait {
                 FlockArg::LockExclusive
             } else {
@@ -113,6 +159,10 @@ impl Drop for TempMount {
     }
 }
 
+fn private_dir(p: &Path) -> Result<()> {
+    private::create_dir_all(p).ctx(|| format!("creating {}", p.display()))
+}
+
 impl ImageCache {
     pub fn new(state_dir: &Path, keep_unused_mib: u64, mkfs: &Path) -> Self {
         ImageCache {
@@ -122,35 +172,47 @@ impl ImageCache {
         }
     }
 
-    fn ensure_dirs(&self) -> Result<()> {
+    /// The directory of one namespace's images (the namespace checked).
+    fn ns_dir(&self, namespace: &str) -> Result<PathBuf> {
+        validate_namespace(namespace)?;
+        Ok(self.dir.join(NS_DIR).join(namespace))
+    }
+
+    /// Creates (or narrows to 0700) the cache's directories down to the
+    /// namespace's.
+    fn ensure_dirs(&self, ns_dir: &Path) -> Result<()> {
+        private_dir(&self.dir)?;
+        private_dir(&self.dir.join(NS_DIR))?;
         for d in ["", "refs", "locks", "tmp", "mnt"] {
-            let p = self.dir.join(d);
-            fs::create_dir_all(&p).ctx(|| format!("creating {}", p.display()))?;
+            private_dir(&ns_dir.join(d))?;
         }
         Ok(())
     }
 
-    fn entry_path(&self, key: &str) -> PathBuf {
-        self.dir.join(format!("{key}.erofs"))
-    }
-
-    /// Finds or builds the image for `src` and records `owner` as a user.
-    pub fn acquire(&self, src: &RootfsSource, owner: &str) -> Result<(ImageRef, Outcome)> {
-        self.ensure_dirs()?;
+    /// Finds or builds the image for `src` in `namespace`'s cache and
+    /// records `owner` as a user.
+    pub fn acquire(
+        &self,
+        src: &RootfsSource,
+        namespace: &str,
+        owner: &str,
+    ) -> Result<(ImageRef, Outcome)> {
+        let ns_dir = self.ns_dir(namespace)?;
+        self.ensure_dirs(&ns_dir)?;
         let extra = format!("mkfs.erofs {}", MKFS_FLAGS.join(" "));
         let key = rootfs::content_key(src, &extra)?;
-        let _lock = KeyLock::take(&self.dir, &key, true)?;
-        let path = self.entry_path(&key);
+        let _lock = KeyLock::take(&ns_dir, &key, true)?;
+        let path = entry_path(&ns_dir, &key);
         let outcome = if path.exists() {
             Outcome::Hit
         } else {
-            self.build(src, &key, &path)?;
+            self.build(src, &ns_dir, &key, &path)?;
             Outcome::Built
         };
-        let refs = self.dir.join("refs").join(&key);
-        fs::create_dir_all(&refs).ctx(|| format!("creating {}", refs.display()))?;
+        let refs = ns_dir.join("refs").join(&key);
+        private_dir(&refs)?;
         let rf = refs.join(owner_file(owner));
-        fs::write(&rf, owner).ctx(|| format!("writing {}", rf.display()))?;
+        private::write_file(&rf, owner.as_bytes()).ctx(|| format!("writing {}", rf.display()))?;
         // The mtime orders unreferenced entries for eviction.
         if let Ok(f) = File::open(&path) {
             let _ = f.set_modified(SystemTime::now());
@@ -160,20 +222,20 @@ impl ImageCache {
                 key,
                 path,
                 owner: owner.to_string(),
-                cache_dir: self.dir.clone(),
+                cache_dir: ns_dir,
             },
             outcome,
         ))
     }
 
-    fn build(&self, src: &RootfsSource, key: &str, dest: &Path) -> Result<()> {
+    fn build(&self, src: &RootfsSource, ns_dir: &Path, key: &str, dest: &Path) -> Result<()> {
         let unique = format!("{key}.{}", std::process::id());
-        let tmp = self.dir.join("tmp").join(format!("{unique}.erofs"));
+        let tmp = ns_dir.join("tmp").join(format!("{unique}.erofs"));
         let _ = fs::remove_file(&tmp);
         let (input, _mount) = match src {
             RootfsSource::Dir(d) => (d.clone(), None),
             RootfsSource::Overlay(layers) => {
-                let mp = self.dir.join("mnt").join(&unique);
+                let mp = ns_dir.join("mnt").join(&unique);
                 let m = mount_merged_view(layers, &mp)?;
                 (mp, Some(m))
             }
@@ -202,11 +264,12 @@ impl ImageCache {
                 msg.lines().last().unwrap_or("")
             )));
         }
-        let mut perm = fs::metadata(&tmp)
-            .ctx(|| format!("stat {}", tmp.display()))?
-            .permissions();
-        perm.set_readonly(true);
-        let _ = fs::set_permissions(&tmp, perm);
+        // mkfs.erofs made the file from the umask; only the VMM (root)
+        // reads it, through its own read-only open.
+        if let Err(e) = private::restrict_file(&tmp) {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io(format!("chmod {}", tmp.display()), e));
+        }
         fs::rename(&tmp, dest).ctx(|| format!("renaming {} into the cache", tmp.display()))?;
         Ok(())
     }
@@ -217,53 +280,87 @@ impl ImageCache {
         self.gc().map(|_| ())
     }
 
-    /// Evicts unreferenced images beyond the budget, least recently used
-    /// first; returns the removed keys.
+    /// Evicts unreferenced images of every namespace beyond the budget,
+    /// least recently used first, and unreferenced images of the old flat
+    /// layout whatever the budget; returns the removed keys.
     pub fn gc(&self) -> Result<Vec<String>> {
-        let mut unused = Vec::new();
-        let rd = match fs::read_dir(&self.dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Error::io(format!("reading {}", self.dir.display()), e)),
-        };
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            let Some(key) = name.strip_suffix(".erofs") else {
-                continue;
-            };
-            if has_refs(&self.dir, key) {
-                continue;
+        let mut removed = Vec::new();
+        // The flat layout of older shims: never looked up again.
+        for (_, key, _) in unreferenced(&self.dir)? {
+            if evict(&self.dir, &key)? {
+                removed.push(key);
             }
-            if let Ok(md) = e.metadata() {
-                let mtime = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                unused.push((mtime, key.to_string(), md.len()));
+        }
+        let ns_root = self.dir.join(NS_DIR);
+        let mut unused = Vec::new();
+        let namespaces = match fs::read_dir(&ns_root) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+            Err(e) => return Err(Error::io(format!("reading {}", ns_root.display()), e)),
+        };
+        for ns in namespaces.flatten() {
+            let ns_dir = ns.path();
+            for (mtime, key, size) in unreferenced(&ns_dir)? {
+                unused.push((mtime, ns_dir.clone(), key, size));
             }
         }
         unused.sort();
-        let mut total: u64 = unused.iter().map(|u| u.2).sum();
-        let mut removed = Vec::new();
-        for (_, key, size) in unused {
+        let mut total: u64 = unused.iter().map(|u| u.3).sum();
+        for (_, ns_dir, key, size) in unused {
             if total <= self.keep_unused_bytes {
                 break;
             }
-            // Skip keys another shim is working on right now.
-            let Some(lock) = KeyLock::take(&self.dir, &key, false)? else {
-                continue;
-            };
-            if has_refs(&self.dir, &key) {
-                continue;
-            }
-            let p = self.entry_path(&key);
-            if fs::remove_file(&p).is_ok() {
+            if evict(&ns_dir, &key)? {
                 total = total.saturating_sub(size);
-                removed.push(key.clone());
+                removed.push(key);
             }
-            let _ = fs::remove_dir(self.dir.join("refs").join(&key));
-            let _ = fs::remove_file(self.dir.join("locks").join(format!("{key}.lock")));
-            drop(lock);
         }
         Ok(removed)
     }
+}
+
+fn entry_path(dir: &Path, key: &str) -> PathBuf {
+    dir.join(format!("{key}.erofs"))
+}
+
+/// The images in `dir` that no container references: (mtime, key, size).
+fn unreferenced(dir: &Path) -> Result<Vec<(SystemTime, String, u64)>> {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(format!("reading {}", dir.display()), e)),
+    };
+    let mut unused = Vec::new();
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(key) = name.strip_suffix(".erofs") else {
+            continue;
+        };
+        if has_refs(dir, key) {
+            continue;
+        }
+        if let Ok(md) = e.metadata() {
+            let mtime = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            unused.push((mtime, key.to_string(), md.len()));
+        }
+    }
+    Ok(unused)
+}
+
+/// Removes `dir`'s image `key` unless another shim holds its lock or it
+/// gained a reference meanwhile; true if it was removed.
+fn evict(dir: &Path, key: &str) -> Result<bool> {
+    let Some(lock) = KeyLock::take(dir, key, false)? else {
+        return Ok(false);
+    };
+    if has_refs(dir, key) {
+        return Ok(false);
+    }
+    let removed = fs::remove_file(entry_path(dir, key)).is_ok();
+    let _ = fs::remove_dir(dir.join("refs").join(key));
+    let _ = fs::remove_file(dir.join("locks").join(format!("{key}.lock")));
+    drop(lock);
+    Ok(removed)
 }
 
 fn has_refs(dir: &Path, key: &str) -> bool {
@@ -273,8 +370,15 @@ fn has_refs(dir: &Path, key: &str) -> bool {
 }
 
 /// Removes one reference file (and its key dir when it was the last). Used
-/// by `delete` after a crash too, where no config is at hand.
+/// by `delete` after a crash too, where no config is at hand; works for
+/// records of the flat layout as well (their `cache_dir` is `images/`).
 pub fn release_ref(r: &ImageRef) -> Result<()> {
+    if r.key.is_empty() || !r.key.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::ImageCache(format!(
+            "the bundle record names image key {:?}, not a cache key",
+            r.key
+        )));
+    }
     let _lock = KeyLock::take(&r.cache_dir, &r.key, true)?;
     let refs = r.cache_dir.join("refs").join(&r.key);
     let rf = refs.join(owner_file(&r.owner));
@@ -298,7 +402,7 @@ fn mount_merged_view(layers: &[PathBuf], mp: &Path) -> Result<TempMount> {
             data.len()
         )));
     }
-    fs::create_dir_all(mp).ctx(|| format!("creating {}", mp.display()))?;
+    private_dir(mp)?;
     nix::mount::mount(
         Some("overlay"),
         mp,
@@ -343,13 +447,13 @@ mod tests {
         tree(src.path(), "v1");
         let c = cache(state.path(), 0);
         let s = RootfsSource::Dir(src.path().into());
-        let (r1, o1) = c.acquire(&s, "ns/a").unwrap();
+        let (r1, o1) = c.acquire(&s, "ns", "ns/a").unwrap();
         assert_eq!(o1, Outcome::Built);
         assert!(r1.path.exists());
         // erofs superblock magic at offset 1024.
         let img = fs::read(&r1.path).unwrap();
         assert_eq!(&img[1024..1028], &0xE0F5_E1E2u32.to_le_bytes());
-        let (r2, o2) = c.acquire(&s, "ns/b").unwrap();
+        let (r2, o2) = c.acquire(&s, "ns", "ns/b").unwrap();
         assert_eq!(o2, Outcome::Hit);
         assert_eq!(r1.path, r2.path);
 
@@ -361,7 +465,7 @@ mod tests {
             "budget 0: evicted with its last reference"
         );
         assert_eq!(
-            fs::read_dir(state.path().join("images/refs"))
+            fs::read_dir(state.path().join("images/ns/ns/refs"))
                 .unwrap()
                 .count(),
             0
@@ -375,12 +479,12 @@ mod tests {
         tree(src.path(), "v1");
         let c = cache(state.path(), 64);
         let (r, _) = c
-            .acquire(&RootfsSource::Dir(src.path().into()), "ns/a")
+            .acquire(&RootfsSource::Dir(src.path().into()), "ns", "ns/a")
             .unwrap();
         c.release(&r).unwrap();
         assert!(r.path.exists(), "kept for reuse under the 64 MiB budget");
         let (_, o) = c
-            .acquire(&RootfsSource::Dir(src.path().into()), "ns/b")
+            .acquire(&RootfsSource::Dir(src.path().into()), "ns", "ns/b")
             .unwrap();
         assert_eq!(o, Outcome::Hit);
     }
@@ -392,11 +496,11 @@ mod tests {
         tree(src.path(), "v1");
         let c = cache(state.path(), 64);
         let (a, _) = c
-            .acquire(&RootfsSource::Dir(src.path().into()), "ns/a")
+            .acquire(&RootfsSource::Dir(src.path().into()), "ns", "ns/a")
             .unwrap();
         fs::write(src.path().join("bin/app"), "version two").unwrap();
         let (b, o) = c
-            .acquire(&RootfsSource::Dir(src.path().into()), "ns/b")
+            .acquire(&RootfsSource::Dir(src.path().into()), "ns", "ns/b")
             .unwrap();
         assert_eq!(o, Outcome::Built);
         assert_ne!(a.key, b.key);
@@ -423,11 +527,11 @@ mod tests {
         .unwrap();
         let c = cache(state.path(), 64);
         let (r, _) = c
-            .acquire(&RootfsSource::Overlay(vec![upper, lower]), "ns/o")
+            .acquire(&RootfsSource::Overlay(vec![upper, lower]), "ns", "ns/o")
             .unwrap();
         // No temporary mount is left behind.
         assert_eq!(
-            fs::read_dir(state.path().join("images/mnt"))
+            fs::read_dir(state.path().join("images/ns/ns/mnt"))
                 .unwrap()
                 .count(),
             0
@@ -456,21 +560,226 @@ mod tests {
         tree(src.path(), "v1");
         let c = ImageCache::new(state.path(), 64, Path::new("/nonexistent/mkfs.erofs"));
         let e = c
-            .acquire(&RootfsSource::Dir(src.path().into()), "ns/a")
+            .acquire(&RootfsSource::Dir(src.path().into()), "ns", "ns/a")
             .unwrap_err()
             .to_string();
         assert!(e.contains("/nonexistent/mkfs.erofs"), "{e}");
         assert_eq!(
-            fs::read_dir(state.path().join("images/tmp"))
+            fs::read_dir(state.path().join("images/ns/ns/tmp"))
                 .unwrap()
                 .count(),
             0
         );
         assert_eq!(
-            fs::read_dir(state.path().join("images/refs"))
+            fs::read_dir(state.path().join("images/ns/ns/refs"))
                 .unwrap()
                 .count(),
             0
         );
+    }
+
+    /// Reads `file` from an erofs image through the kernel's driver.
+    fn read_from_image(image: &Path, file: &str) -> String {
+        let d = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "erofs", "-o", "ro,loop"])
+            .arg(image)
+            .arg(d.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = fs::read_to_string(d.path().join(file));
+        let _ = Command::new("umount").arg(d.path()).status();
+        text.unwrap()
+    }
+
+    /// Gives every entry of a `tree` fixed modes and mtimes: all the
+    /// metadata a tenant controls.
+    fn same_metadata(root: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        for (p, mode) in [("bin/app", 0o755), ("bin", 0o755), ("", 0o755)] {
+            let p = root.join(p);
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+            File::open(&p).unwrap().set_modified(t).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_planted_look_alike_is_not_served_as_anothers_image() {
+        let state = tempfile::tempdir().unwrap();
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        // Same names, sizes, modes, owners and mtimes; other bytes.
+        tree(a.path(), "tenant A's app");
+        tree(b.path(), "tenant B's app");
+        same_metadata(a.path());
+        same_metadata(b.path());
+        let c = cache(state.path(), 64);
+        let src_a = RootfsSource::Dir(a.path().into());
+        let src_b = RootfsSource::Dir(b.path().into());
+        // B plants first, in its own namespace and (were it let in) in A's.
+        let (planted, o) = c.acquire(&src_b, "tenant-b", "tenant-b/p").unwrap();
+        assert_eq!(o, Outcome::Built);
+        let (planted_in_a, o) = c.acquire(&src_b, "tenant-a", "tenant-a/p").unwrap();
+        assert_eq!(o, Outcome::Built);
+        // A's start builds A's own image and reads A's bytes from it.
+        let (img_a, o) = c.acquire(&src_a, "tenant-a", "tenant-a/x").unwrap();
+        assert_eq!(o, Outcome::Built, "a look-alike must not be a hit");
+        assert_ne!(img_a.key, planted_in_a.key);
+        assert_ne!(img_a.path, planted.path);
+        assert_eq!(read_from_image(&img_a.path, "bin/app"), "tenant A's app");
+        // And B gets B's, not A's.
+        let (again_b, o) = c.acquire(&src_b, "tenant-b", "tenant-b/q").unwrap();
+        assert_eq!(o, Outcome::Hit);
+        assert_eq!(again_b.path, planted.path);
+        assert_eq!(read_from_image(&again_b.path, "bin/app"), "tenant B's app");
+    }
+
+    #[test]
+    fn namespaces_get_separate_images() {
+        let state = tempfile::tempdir().unwrap();
+        let src = tempfile::tempdir().unwrap();
+        tree(src.path(), "shared");
+        let s = RootfsSource::Dir(src.path().into());
+        let c = cache(state.path(), 64);
+        let (x, ox) = c.acquire(&s, "k8s.io", "k8s.io/c1").unwrap();
+        let (y, oy) = c.acquire(&s, "default", "default/c1").unwrap();
+        assert_eq!((ox, oy), (Outcome::Built, Outcome::Built));
+        assert_eq!(x.key, y.key, "same tree, same key");
+        assert_ne!(x.path, y.path);
+        assert!(x.path.starts_with(state.path().join("images/ns/k8s.io")));
+        assert!(y.path.starts_with(state.path().join("images/ns/default")));
+        // Releasing one namespace's reference leaves the other's image.
+        let c0 = cache(state.path(), 0);
+        c0.release(&x).unwrap();
+        assert!(!x.path.exists());
+        assert!(y.path.exists(), "still referenced in its own namespace");
+        c0.release(&y).unwrap();
+        assert!(!y.path.exists());
+    }
+
+    #[test]
+    fn bad_namespaces_are_refused_before_touching_disk() {
+        let state = tempfile::tempdir().unwrap();
+        let src = tempfile::tempdir().unwrap();
+        tree(src.path(), "v1");
+        let c = cache(state.path(), 64);
+        let long = "a".repeat(77);
+        for ns in [
+            "", ".", "..", "a/b", "../x", "-a", "a-", "a..b", "a b", &long,
+        ] {
+            let e = c
+                .acquire(&RootfsSource::Dir(src.path().into()), ns, "o")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("namespace"), "{ns:?}: {e}");
+        }
+        assert!(!state.path().join("images").exists());
+        for ns in ["default", "k8s.io", "a_b-c.d", "moby", &"b".repeat(76)] {
+            validate_namespace(ns).unwrap();
+        }
+    }
+
+    #[test]
+    fn cached_files_are_0600_and_directories_0700() {
+        let state = tempfile::tempdir().unwrap();
+        let src = tempfile::tempdir().unwrap();
+        tree(src.path(), "v1");
+        // An install from before: a world-readable cache directory.
+        let images = state.path().join("images");
+        fs::create_dir(&images).unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&images, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let c = cache(state.path(), 64);
+        let (r, _) = c
+            .acquire(&RootfsSource::Dir(src.path().into()), "ns", "ns/a")
+            .unwrap();
+        let mode = |p: &Path| fs::symlink_metadata(p).unwrap().mode();
+        let mut seen = (0, 0);
+        let mut stack = vec![images.clone()];
+        while let Some(d) = stack.pop() {
+            assert_eq!(mode(&d) & 0o7777, 0o700, "{}", d.display());
+            seen.0 += 1;
+            for e in fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if fs::symlink_metadata(&p).unwrap().is_dir() {
+                    stack.push(p);
+                } else {
+                    assert_eq!(mode(&p) & 0o7777, 0o600, "{}", p.display());
+                    seen.1 += 1;
+                }
+            }
+        }
+        // images, ns, ns/ns, refs, refs/<key>, locks, tmp, mnt; the image,
+        // its reference and its lock.
+        assert_eq!(seen, (8, 3));
+        assert_eq!(mode(&r.path) & 0o777, 0o600);
+    }
+
+    #[test]
+    fn eviction_is_least_recently_used_across_namespaces() {
+        let state = tempfile::tempdir().unwrap();
+        let (s1, s2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        tree(s1.path(), "one");
+        tree(s2.path(), "two");
+        let big = cache(state.path(), 64);
+        let (old, _) = big
+            .acquire(&RootfsSource::Dir(s1.path().into()), "ns-a", "ns-a/1")
+            .unwrap();
+        let (new, _) = big
+            .acquire(&RootfsSource::Dir(s2.path().into()), "ns-b", "ns-b/2")
+            .unwrap();
+        File::open(&old.path)
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(60))
+            .unwrap();
+        big.release(&old).unwrap();
+        big.release(&new).unwrap();
+        // Room for one unused image: the older goes, whatever its namespace.
+        let size = fs::metadata(&new.path).unwrap().len();
+        let one = ImageCache {
+            keep_unused_bytes: size,
+            ..big.clone()
+        };
+        assert_eq!(one.gc().unwrap(), vec![old.key.clone()]);
+        assert!(!old.path.exists());
+        assert!(new.path.exists());
+    }
+
+    #[test]
+    fn records_of_the_flat_layout_are_released_and_their_images_removed() {
+        let state = tempfile::tempdir().unwrap();
+        let images = state.path().join("images");
+        let key = "ab".repeat(32);
+        let owner = "default/old";
+        fs::create_dir_all(images.join("refs").join(&key)).unwrap();
+        fs::create_dir_all(images.join("locks")).unwrap();
+        fs::write(images.join(format!("{key}.erofs")), b"old image").unwrap();
+        fs::write(
+            images.join("refs").join(&key).join(owner_file(owner)),
+            owner,
+        )
+        .unwrap();
+        // What an older shim wrote into the bundle record.
+        let json = format!(
+            r#"{{"key":"{key}","path":"{}","owner":"{owner}","cache_dir":"{}"}}"#,
+            images.join(format!("{key}.erofs")).display(),
+            images.display()
+        );
+        let old: ImageRef = serde_json::from_str(&json).unwrap();
+        let c = cache(state.path(), 64);
+        assert!(c.gc().unwrap().is_empty(), "referenced: kept");
+        c.release(&old).unwrap();
+        assert!(!images.join(format!("{key}.erofs")).exists());
+        assert!(!images.join("refs").join(&key).exists());
+        // A record naming no key is refused, not a path to remove.
+        let bad = ImageRef {
+            key: "../x".into(),
+            ..old
+        };
+        assert!(release_ref(&bad).unwrap_err().to_string().contains("../x"));
     }
 }

@@ -40,7 +40,9 @@ impl ContainerRecord {
         let tmp = bundle.join(format!(".{FILE}.tmp"));
         let data = serde_json::to_vec_pretty(self)
             .map_err(|e| Error::Shim(format!("encoding {FILE}: {e}")))?;
-        std::fs::write(&tmp, data).ctx(|| format!("writing {}", tmp.display()))?;
+        // In containerd's bundle (root's); names paths of thaw's state only.
+        thaw_snapshots::private::write_file(&tmp, &data)
+            .ctx(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &path).ctx(|| format!("renaming to {}", path.display()))
     }
 

@@ -214,7 +214,8 @@ pub fn prepare(
             let port = next_port();
             let sock = thaw_agent_protocol::transport::host_socket_path(uds, port);
             let _ = std::fs::remove_file(&sock);
-            let l = UnixListener::bind(&sock).ctx(|| format!("listening on {}", sock.display()))?;
+            let l = thaw_snapshots::private::bind_socket(&sock)
+                .ctx(|| format!("listening on {}", sock.display()))?;
             l.set_nonblocking(true)
                 .ctx(|| format!("setting {} non-blocking", sock.display()))?;
             Ok(Some((port, l, sock, file)))
@@ -509,6 +510,12 @@ mod tests {
             (ports.stdin_port, ports.stdout_port, ports.stderr_port),
             (101, 102, 103)
         );
+        // The listeners the agent dials are owner-only, whatever the umask.
+        for p in [101, 102, 103] {
+            let sock = thaw_agent_protocol::transport::host_socket_path(&uds, p);
+            let mode = std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(&sock).unwrap());
+            assert_eq!(mode & 0o777, 0o600, "{}", sock.display());
+        }
         // The client side (ctr) opens its ends.
         let mut out_reader = File::open(&f.paths.stdout).unwrap();
         let mut err_reader = File::open(&f.paths.stderr).unwrap();

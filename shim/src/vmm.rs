@@ -126,8 +126,13 @@ mod tests {
             "template build --kernel /usr/local/share/thaw/vmlinux \
              --disk /usr/local/share/thaw/root.img,ro --spare-disks 8 --vcpus 1 \
              --memory-mib 256 --ready agent --timeout 600 --retry-after 600 \
-             --store /var/lib/thaw/templates"
+             --store /var/lib/thaw/templates --max-store-mib 8192"
         );
+        let unlimited = VmConfig {
+            template_store_max_mib: 0,
+            ..VmConfig::default()
+        };
+        assert!(!args(template_build_command(&unlimited)).contains("--max-store-mib"));
         assert_eq!(
             args(restore_command(&vm, Path::new("/t/abc"), &paths())),
             "--restore /t/abc --disk /usr/local/share/thaw/root.img,ro \

@@ -113,8 +113,8 @@ impl DigestCache {
 
     fn store(&self, entry: &Path, d: FileDigest) {
         let tmp = entry.with_extension(format!("tmp{}", std::process::id()));
-        let written = std::fs::create_dir_all(&self.dir)
-            .and_then(|()| std::fs::write(&tmp, d.to_line()))
+        let written = crate::private::create_dir_all(&self.dir)
+            .and_then(|()| crate::private::write_file(&tmp, d.to_line().as_bytes()))
             .and_then(|()| std::fs::rename(&tmp, entry));
         if written.is_err() {
             let _ = std::fs::remove_file(&tmp);

@@ -13,7 +13,11 @@
 //! <store>/<key>.failed                         the last failed build: when and why
 //! <store>/.build-<key>-<pid>                   a build in progress (or a crashed one)
 //! <store>/.digests/<id>                        cached input file digests
+//! <store>/<key>.in-use                         shared flock of every VM restored from it;
+//!                                              its mtime: when the template was last used
 //! ```
+//! Everything in the store is owner-only (0600 files, 0700 directories):
+//! a template's memory file is a booted guest's RAM.
 //! A build writes into its own temporary directory and renames it to
 //! `<key>` once complete, under the key's lock: readers never see half a
 //! template, and concurrent builders of one key build it once.
@@ -23,12 +27,28 @@
 //! instead of booting again. On a host too slow to boot within the build's
 //! deadline, every sandbox start would otherwise pay a failed build before
 //! its cold boot.
+//!
+//! The store can have a size quota ([`Store::evict_to`]): past it, the
+//! least recently used templates go, but never one that a VM is running
+//! from. "In use" is a shared flock on `<key>.in-use` that the restoring
+//! VMM takes ([`Store::pin`]) before it reads the snapshot and keeps until
+//! it exits, so a crashed shim or VMM can never leave a template held: the
+//! kernel drops the lock with the process. Eviction takes the key's build
+//! lock and then `<key>.in-use` exclusively, both without waiting, and
+//! skips the template if either is held. It does not rely on Linux
+//! keeping a removed file's pages for a VM that mapped it (`MAP_PRIVATE`
+//! holds the inode, so that would be safe too, but the space would not be
+//! freed until the VM exits, and the quota would be a fiction). Templates
+//! used in the last [`MIN_IDLE`] are not evicted either: that covers the
+//! moment between a shim being given a template's directory and its VMM
+//! pinning it.
 
 use crate::digest::{DigestCache, FileDigest};
 use crate::error::io;
 use crate::Error;
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -46,6 +66,9 @@ const FAILED_SUFFIX: &str = ".failed";
 /// How long a failed build is remembered unless the store says otherwise.
 pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(600);
 const DIGEST_DIR: &str = ".digests";
+const IN_USE_SUFFIX: &str = ".in-use";
+/// A template used more recently than this is never evicted.
+pub const MIN_IDLE: Duration = Duration::from_secs(60);
 
 /// What a template is booted from. Paths are read for their contents; the
 /// key does not depend on where the files are.
@@ -200,6 +223,20 @@ pub struct Store {
 /// Holds a key's flock until dropped (closing the file releases it).
 struct KeyLock(#[allow(dead_code)] File);
 
+/// A VM's hold on the template it was restored from: a shared flock on
+/// `<key>.in-use`, released when dropped or when the process ends.
+#[derive(Debug)]
+pub struct Pin(#[allow(dead_code)] File);
+
+/// One template as eviction sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Usage {
+    pub key: TemplateKey,
+    /// Bytes allocated on disk (the memory file is sparse).
+    pub bytes: u64,
+    pub last_used: SystemTime,
+}
+
 impl Store {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Store {
@@ -251,14 +288,162 @@ impl Store {
         crate::private::create_dir_all(&self.root)
             .map_err(io("creating template store", &self.root))?;
         let path = self.root.join(format!("{key}.lock"));
-        let f = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io("opening template lock", &path))?;
+        let f =
+            crate::private::open_lock_file(&path).map_err(io("opening template lock", &path))?;
         f.lock().map_err(io("locking", &path))?;
         Ok(KeyLock(f))
+    }
+
+    fn in_use_path(&self, key: &TemplateKey) -> PathBuf {
+        self.root.join(format!("{key}{IN_USE_SUFFIX}"))
+    }
+
+    /// Marks `key` used now (the mtime of `<key>.in-use`). Best effort: a
+    /// stamp that cannot be written only makes the template look older.
+    pub fn mark_used(&self, key: &TemplateKey) {
+        let path = self.in_use_path(key);
+        if let Ok(f) = crate::private::open_lock_file(&path) {
+            let _ = f.set_modified(SystemTime::now());
+        }
+    }
+
+    /// Holds the template at `snapshot` for a VM restored from it, if it is
+    /// one in a store (its name a key and its store's `<key>.lock` next to
+    /// it); None for any other snapshot directory. Waits only for an
+    /// eviction in progress, and fails if the template is gone or
+    /// incomplete once the hold is taken. Keep the pin as long as the VM runs.
+    pub fn pin(snapshot: &Path) -> Result<Option<Pin>, Error> {
+        let name = snapshot.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let Ok(key) = TemplateKey::parse(name) else {
+            return Ok(None);
+        };
+        let Some(root) = snapshot.parent() else {
+            return Ok(None);
+        };
+        if !root.join(format!("{key}.lock")).is_file() {
+            return Ok(None);
+        }
+        let store = Store::new(root);
+        let path = store.in_use_path(&key);
+        let f = crate::private::open_lock_file(&path).map_err(io("opening", &path))?;
+        f.lock_shared().map_err(io("locking", &path))?;
+        if store.get(&key).is_none() {
+            return Err(Error::NotFound(key.to_string()));
+        }
+        let _ = f.set_modified(SystemTime::now());
+        Ok(Some(Pin(f)))
+    }
+
+    /// Every complete template with its size on disk and last use.
+    pub fn usage(&self) -> Result<Vec<Usage>, Error> {
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io("listing", &self.root)(e)),
+        };
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let Ok(key) = TemplateKey::parse(&e.file_name().to_string_lossy()) else {
+                continue;
+            };
+            let Some(dir) = self.get(&key) else { continue };
+            let mut bytes = 0u64;
+            // Removed meanwhile by another process: nothing to count.
+            let Ok(files) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for f in files.flatten() {
+                if let Ok(m) = f.metadata() {
+                    bytes = bytes.saturating_add(m.blocks().saturating_mul(512));
+                }
+            }
+            // Built (the record's write) or last used, whichever is later.
+            let built = std::fs::metadata(dir.join(RECORD_FILE)).and_then(|m| m.modified());
+            let used = std::fs::metadata(self.in_use_path(&key)).and_then(|m| m.modified());
+            let last_used = [built.ok(), used.ok()]
+                .into_iter()
+                .flatten()
+                .max()
+                .unwrap_or(UNIX_EPOCH);
+            out.push(Usage {
+                key,
+                bytes,
+                last_used,
+            });
+        }
+        out.sort_by(|a, b| (a.last_used, &a.key).cmp(&(b.last_used, &b.key)));
+        Ok(out)
+    }
+
+    /// Removes least recently used templates until the store's templates
+    /// take at most `max_bytes` on disk. Skipped: `keep`, templates a VM
+    /// holds ([`Store::pin`]), one being built or removed, and any used
+    /// within [`MIN_IDLE`]. Returns the keys removed; the store may stay
+    /// over its quota if everything left is skipped.
+    pub fn evict_to(
+        &self,
+        max_bytes: u64,
+        keep: Option<&TemplateKey>,
+    ) -> Result<Vec<TemplateKey>, Error> {
+        self.evict_idle(max_bytes, keep, MIN_IDLE)
+    }
+
+    fn evict_idle(
+        &self,
+        max_bytes: u64,
+        keep: Option<&TemplateKey>,
+        min_idle: Duration,
+    ) -> Result<Vec<TemplateKey>, Error> {
+        let usage = self.usage()?;
+        let mut total: u64 = usage.iter().map(|u| u.bytes).sum();
+        let now = SystemTime::now();
+        let mut removed = Vec::new();
+        for u in usage {
+            if total <= max_bytes {
+                break;
+            }
+            let idle = now.duration_since(u.last_used).unwrap_or_default();
+            if Some(&u.key) == keep || idle < min_idle {
+                continue;
+            }
+            if self.try_evict(&u.key)? {
+                total = total.saturating_sub(u.bytes);
+                removed.push(u.key);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes `key` unless it is being built or removed or a VM holds it.
+    fn try_evict(&self, key: &TemplateKey) -> Result<bool, Error> {
+        let lock_path = self.root.join(format!("{key}.lock"));
+        let lock = crate::private::open_lock_file(&lock_path)
+            .map_err(io("opening template lock", &lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(false),
+            Err(std::fs::TryLockError::Error(e)) => return Err(io("locking", &lock_path)(e)),
+        }
+        let use_path = self.in_use_path(key);
+        let in_use = crate::private::open_lock_file(&use_path).map_err(io("opening", &use_path))?;
+        match in_use.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(false),
+            Err(std::fs::TryLockError::Error(e)) => return Err(io("locking", &use_path)(e)),
+        }
+        let dir = self.dir(key);
+        if !dir.exists() {
+            return Ok(false);
+        }
+        let doomed = self
+            .root
+            .join(format!("{BUILD_PREFIX}{key}-evict{}", std::process::id()));
+        std::fs::rename(&dir, &doomed).map_err(io("evicting template", &dir))?;
+        std::fs::remove_dir_all(&doomed).map_err(io("evicting template", &doomed))?;
+        // A VMM that opens it from now on finds the template gone; the
+        // build lock file stays (see `remove`).
+        let _ = std::fs::remove_file(&use_path);
+        Ok(true)
     }
 
     /// Returns the template for `key`, building it with `builder` if it is
@@ -273,10 +458,12 @@ impl Store {
         builder: impl FnOnce(&Path) -> Result<(), E>,
     ) -> Result<PathBuf, Error> {
         if let Some(dir) = self.get(key) {
+            self.mark_used(key);
             return Ok(dir);
         }
         let _lock = self.lock(key)?;
         if let Some(dir) = self.get(key) {
+            self.mark_used(key);
             return Ok(dir);
         }
         self.check_recent_failure(key)?;
@@ -321,7 +508,7 @@ impl Store {
         let tmp = path.with_extension("failed.tmp");
         let written = serde_json::to_vec(&record)
             .ok()
-            .is_some_and(|json| std::fs::write(&tmp, json).is_ok())
+            .is_some_and(|json| crate::private::write_file(&tmp, &json).is_ok())
             && std::fs::rename(&tmp, &path).is_ok();
         if !written {
             let _ = std::fs::remove_file(&tmp);
@@ -473,6 +660,8 @@ impl Store {
             .join(format!("{BUILD_PREFIX}{key}-rm{}", std::process::id()));
         std::fs::rename(&dir, &doomed).map_err(io("removing template", &dir))?;
         std::fs::remove_dir_all(&doomed).map_err(io("removing template", &doomed))?;
+        // A VM still holding it keeps its own handle on the in-use file.
+        let _ = std::fs::remove_file(self.in_use_path(key));
         // The lock file stays: unlinking it while another process waits on
         // it would let a third lock a fresh file and build alongside.
         Ok(())
@@ -826,5 +1015,182 @@ mod tests {
         expected.sort();
         assert_eq!(removed, expected);
         assert!(store.list().unwrap().is_empty());
+    }
+
+    /// Builds a template of `memory_mib` whose memory file has `bytes`
+    /// written (allocated) and returns its key.
+    fn built(store: &Store, tmp: &Path, memory_mib: u32, bytes: usize) -> TemplateKey {
+        let inp = TemplateInputs {
+            memory_mib,
+            ..inputs(tmp)
+        };
+        let key = store.key(&inp).unwrap();
+        store
+            .build(&key, &inp, |dir| {
+                std::fs::write(dir.join(STATE_FILE), b"state")?;
+                std::fs::write(dir.join(MEMORY_FILE), vec![7u8; bytes])
+            })
+            .unwrap();
+        key
+    }
+
+    fn used_secs_ago(store: &Store, key: &TemplateKey, secs: u64) {
+        let t = SystemTime::now() - Duration::from_secs(secs);
+        let f = crate::private::open_lock_file(&store.in_use_path(key)).unwrap();
+        f.set_modified(t).unwrap();
+        File::open(store.dir(key).join(RECORD_FILE))
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
+
+    #[test]
+    fn quota_evicts_the_least_recently_used_template_no_vm_holds() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("store"));
+        let mib = 1 << 20;
+        let a = built(&store, tmp.path(), 128, mib);
+        let b = built(&store, tmp.path(), 256, mib);
+        let c = built(&store, tmp.path(), 512, mib);
+        let d = built(&store, tmp.path(), 1024, mib);
+        // Least recent first: a, then b (held by a running VM), then c.
+        used_secs_ago(&store, &a, 400);
+        used_secs_ago(&store, &b, 300);
+        used_secs_ago(&store, &c, 200);
+        used_secs_ago(&store, &d, 100);
+        let pin = Store::pin(&store.dir(&b))
+            .unwrap()
+            .expect("a store template");
+        // pin marked b used just now; make it the oldest again.
+        used_secs_ago(&store, &b, 500);
+        let order: Vec<_> = store.usage().unwrap().into_iter().map(|u| u.key).collect();
+        assert_eq!(order, [b.clone(), a.clone(), c.clone(), d.clone()]);
+        // Room for two: b is held, so a and c go.
+        let removed = store.evict_to(2 * mib as u64 + 64 * 1024, None).unwrap();
+        assert_eq!(removed, [a.clone(), c.clone()]);
+        assert!(store.get(&b).is_some(), "held by a running VM");
+        assert!(store.get(&d).is_some(), "most recently used");
+        assert!(store.get(&a).is_none() && store.get(&c).is_none());
+        // Once the VM is gone, b is the least recently used.
+        drop(pin);
+        assert_eq!(store.evict_to(mib as u64 + 64 * 1024, None).unwrap(), [b]);
+        // `keep` (the template just built) stays even over the quota.
+        assert!(store.evict_to(0, Some(&d)).unwrap().is_empty());
+        assert_eq!(store.evict_to(0, None).unwrap(), [d]);
+        assert!(store.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_template_being_built_or_removed_is_not_evicted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("store"));
+        let k = built(&store, tmp.path(), 128, 4096);
+        let lock = store.lock(&k).unwrap();
+        assert!(store
+            .evict_idle(0, None, Duration::ZERO)
+            .unwrap()
+            .is_empty());
+        drop(lock);
+        assert_eq!(store.evict_idle(0, None, Duration::ZERO).unwrap(), [k]);
+    }
+
+    #[test]
+    fn recently_used_templates_are_not_evicted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("store"));
+        let k = built(&store, tmp.path(), 128, 4096);
+        assert!(store.evict_to(0, None).unwrap().is_empty(), "just built");
+        assert_eq!(store.evict_idle(0, None, Duration::ZERO).unwrap(), [k]);
+    }
+
+    #[test]
+    fn a_hit_marks_the_template_used() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("store"));
+        let k = built(&store, tmp.path(), 128, 4096);
+        used_secs_ago(&store, &k, 1000);
+        let before = store.usage().unwrap()[0].last_used;
+        let inp = TemplateInputs {
+            memory_mib: 128,
+            ..inputs(tmp.path())
+        };
+        store.build(&k, &inp, fake_builder).unwrap();
+        assert!(store.usage().unwrap()[0].last_used > before);
+    }
+
+    #[test]
+    fn pin_is_only_for_store_templates_and_fails_once_evicted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("store"));
+        let k = built(&store, tmp.path(), 128, 4096);
+        // A plain snapshot directory is not pinned (and nothing is made).
+        let plain = tmp.path().join("snap");
+        std::fs::create_dir(&plain).unwrap();
+        assert!(Store::pin(&plain).unwrap().is_none());
+        assert!(!tmp.path().join("snap.in-use").exists());
+        let dir = store.dir(&k);
+        let evicted = store.evict_idle(0, None, Duration::ZERO).unwrap();
+        assert_eq!(evicted, std::slice::from_ref(&k));
+        let e = Store::pin(&dir).unwrap_err().to_string();
+        assert!(e.contains(k.as_str()), "{e}");
+    }
+
+    #[test]
+    fn a_mapped_memory_file_outlives_its_removal() {
+        // What a VM restored with MAP_PRIVATE keeps if its template is
+        // removed anyway (`thaw-vmm template rm`): its pages stay readable.
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("memory");
+        std::fs::write(&p, vec![0x5au8; 8192]).unwrap();
+        let f = File::open(&p).unwrap();
+        // SAFETY: a fresh private read-only mapping of a file we own,
+        // unmapped below; nothing else aliases it.
+        let (v, len) = unsafe {
+            use std::os::fd::AsRawFd;
+            let m = libc::mmap(
+                std::ptr::null_mut(),
+                8192,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                f.as_raw_fd(),
+                0,
+            );
+            assert_ne!(m, libc::MAP_FAILED);
+            drop(f);
+            std::fs::remove_file(&p).unwrap();
+            let s = std::slice::from_raw_parts(m as *const u8, 8192);
+            let v = (s[0], s[8191]);
+            libc::munmap(m, 8192);
+            (v, 8192)
+        };
+        assert_eq!(v, (0x5a, 0x5a));
+        assert_eq!(len, 8192);
+    }
+
+    #[test]
+    fn store_files_are_0600_and_directories_0700() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("store"));
+        let k = built(&store, tmp.path(), 128, 4096);
+        let _pin = Store::pin(&store.dir(&k)).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
+        assert_eq!(mode(store.root()), 0o700);
+        for e in std::fs::read_dir(store.root()).unwrap() {
+            let p = e.unwrap().path();
+            let want = if p.is_dir() { 0o700 } else { 0o600 };
+            assert_eq!(mode(&p), want, "{}", p.display());
+            if p.is_dir() {
+                for f in std::fs::read_dir(&p).unwrap() {
+                    let f = f.unwrap().path();
+                    let want = if f.is_dir() { 0o700 } else { 0o600 };
+                    if f.file_name().unwrap() == MEMORY_FILE || f.file_name().unwrap() == STATE_FILE
+                    {
+                        // Written by the test's builder, not by the store.
+                        continue;
+                    }
+                    assert_eq!(mode(&f), want, "{}", f.display());
+                }
+            }
+        }
     }
 }

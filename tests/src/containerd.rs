@@ -568,11 +568,8 @@ disabled_plugins = [{disabled}]
         if let Some(cri) = &self.cri {
             out.extend(cri.leaks());
         }
-        let refs = self.thaw_state.join("images/refs");
-        if let Ok(rd) = fs::read_dir(&refs) {
-            for e in rd.flatten() {
-                out.push(format!("image cache reference: {}", e.path().display()));
-            }
+        for refs in self.image_ref_dirs() {
+            out.push(format!("image cache reference: {}", refs.display()));
         }
         let sandboxes = self.thaw_state.join("run/sandboxes");
         if let Ok(rd) = fs::read_dir(&sandboxes) {
@@ -583,14 +580,39 @@ disabled_plugins = [{disabled}]
         out
     }
 
-    /// Image cache entries (`*.erofs`) currently on disk.
+    /// The image cache's per-namespace directories (`images/ns/<ns>`) and
+    /// `images/` itself (the flat layout of older shims).
+    fn image_dirs(&self) -> Vec<PathBuf> {
+        let images = self.thaw_state.join("images");
+        let mut v = vec![images.clone()];
+        if let Ok(rd) = fs::read_dir(images.join("ns")) {
+            v.extend(rd.flatten().map(|e| e.path()));
+        }
+        v
+    }
+
+    /// One `refs/<key>` directory per referenced image, every namespace.
+    pub fn image_ref_dirs(&self) -> Vec<PathBuf> {
+        let mut v = Vec::new();
+        for d in self.image_dirs() {
+            if let Ok(rd) = fs::read_dir(d.join("refs")) {
+                v.extend(rd.flatten().map(|e| e.path()));
+            }
+        }
+        v.sort();
+        v
+    }
+
+    /// Image cache entries (`*.erofs`) currently on disk, every namespace.
     pub fn cache_entries(&self) -> Vec<PathBuf> {
         let mut v = Vec::new();
-        if let Ok(rd) = fs::read_dir(self.thaw_state.join("images")) {
-            for e in rd.flatten() {
-                let p = e.path();
-                if p.extension().map(|x| x == "erofs").unwrap_or(false) {
-                    v.push(p);
+        for d in self.image_dirs() {
+            if let Ok(rd) = fs::read_dir(d) {
+                for e in rd.flatten() {
+                    let p = e.path();
+                    if p.extension().map(|x| x == "erofs").unwrap_or(false) {
+                        v.push(p);
+                    }
                 }
             }
         }

@@ -238,6 +238,45 @@ fn doctor_names_the_config_key_at_fault() {
 }
 
 #[test]
+fn templates_gc_keeps_the_store_within_its_quota() {
+    let i = Install::new();
+    i.write_config("template_store_max_mib = 1\n");
+    let store = Store::new(i.store());
+    let keys: Vec<TemplateKey> = (1..=3).map(|v| i.fake_template(v)).collect();
+    // 700 KiB allocated each; the first built is the least recently used.
+    for (age, key) in [(300, &keys[0]), (200, &keys[1]), (100, &keys[2])] {
+        let dir = i.store().join(key.as_str());
+        fs::write(dir.join(thaw_snapshots::MEMORY_FILE), vec![1u8; 700 << 10]).unwrap();
+        let t = std::time::SystemTime::now() - Duration::from_secs(age);
+        fs::File::open(dir.join("template.json"))
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+        let in_use = i.store().join(format!("{key}.in-use"));
+        if in_use.exists() {
+            fs::File::options()
+                .write(true)
+                .open(&in_use)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        }
+    }
+    let out = i.thaw(&["templates", "gc"]);
+    assert!(out.success(), "{}", out.describe());
+    assert_eq!(
+        out.stdout.trim(),
+        format!(
+            "evicted {} (store over 1 MiB)\nevicted {} (store over 1 MiB)",
+            keys[0], keys[1]
+        ),
+        "{}",
+        out.describe()
+    );
+    assert!(store.get(&keys[2]).is_some());
+}
+
+#[test]
 fn templates_list_rm_and_gc() {
     let i = Install::new();
     let out = i.thaw(&["templates", "list"]);
@@ -314,7 +353,8 @@ fn templates_build_runs_thaw_vmm_as_the_shim_does() {
         argv().trim(),
         format!(
             "template build --kernel {k} --disk {r},ro --spare-disks 2 --vcpus 1 \
-             --memory-mib 128 --ready agent --timeout 600 --retry-after 600 --store {s}"
+             --memory-mib 128 --ready agent --timeout 600 --retry-after 600 --store {s} \
+             --max-store-mib 8192"
         )
     );
     let out = i.thaw(&["templates", "build", "--vcpus", "2", "--memory-mib", "512"]);

@@ -237,12 +237,34 @@ fn two_containers_at_once() {
     assert_eq!(c.task_status(&b), "RUNNING");
     // Same image, one cache entry, two references.
     assert_eq!(c.cache_entries().len(), 1);
-    let refs = std::fs::read_dir(c.thaw_state.join("images/refs"))
-        .unwrap()
-        .flatten()
-        .map(|d| std::fs::read_dir(d.path()).unwrap().count())
+    let refs = c
+        .image_ref_dirs()
+        .iter()
+        .map(|d| std::fs::read_dir(d).unwrap().count())
         .sum::<usize>();
     assert_eq!(refs, 2);
+    // In this namespace's own directory; the cache is owner-only.
+    let ns_dir = c
+        .thaw_state
+        .join("images/ns")
+        .join(thaw_tests::containerd::NAMESPACE);
+    assert!(c.cache_entries()[0].starts_with(&ns_dir));
+    assert_owner_only(&c.thaw_state.join("images"));
+    // Each sandbox's directory is 0700, its sockets and log 0600.
+    let mut sandboxes = 0;
+    for sb in std::fs::read_dir(c.thaw_state.join("run/sandboxes")).unwrap() {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let sb = sb.unwrap().path();
+        sandboxes += 1;
+        assert_eq!(std::fs::metadata(&sb).unwrap().mode() & 0o7777, 0o700);
+        for e in std::fs::read_dir(&sb).unwrap().flatten() {
+            let md = std::fs::symlink_metadata(e.path()).unwrap();
+            if md.file_type().is_socket() || e.file_name() == "sandbox.log" {
+                assert_eq!(md.mode() & 0o7777, 0o600, "{}", e.path().display());
+            }
+        }
+    }
+    assert_eq!(sandboxes, 2);
     remove(&c, &a);
     assert_eq!(c.task_status(&b), "RUNNING", "b survives a's removal");
     remove(&c, &b);
@@ -708,4 +730,23 @@ fn tasks_survive_a_containerd_restart_and_still_report_exits() {
     assert!(c.ctr(&["tasks", "delete", &id]).success());
     assert!(c.ctr(&["containers", "delete", &id]).success());
     c.assert_no_leaks();
+}
+
+/// Every directory under `root` (and `root`) is 0700, every other entry 0600.
+fn assert_owner_only(root: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let md = std::fs::symlink_metadata(&d).unwrap();
+        assert_eq!(md.mode() & 0o7777, 0o700, "{}", d.display());
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            if md.is_dir() {
+                stack.push(p);
+            } else {
+                assert_eq!(md.mode() & 0o7777, 0o600, "{}", p.display());
+            }
+        }
+    }
 }

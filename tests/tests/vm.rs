@@ -330,7 +330,7 @@ fn vm_failed_template_build_falls_back_to_a_cold_boot_with_the_containers_status
     let entries: Vec<String> = std::fs::read_dir(store.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.ends_with(".lock") && !n.starts_with(".digests"))
+        .filter(|n| !n.ends_with(".lock") && !n.ends_with(".in-use") && !n.starts_with(".digests"))
         .collect();
     assert!(
         entries.len() == 1 && entries[0].ends_with(".failed"),

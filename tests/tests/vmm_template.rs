@@ -35,8 +35,8 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Store entries other than lock files and the input digest cache (a build
-/// must leave no debris).
+/// Store entries other than lock and in-use files and the input digest
+/// cache (a build must leave no debris).
 /// The one entry a failed build leaves: its failure record, holding the
 /// reason, so the next start does not pay the same failure again.
 fn assert_only_a_failure_record(store: &Path, reason: &str) {
@@ -53,7 +53,7 @@ fn store_entries(store: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(store)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.ends_with(".lock") && n != ".digests")
+        .filter(|n| !n.ends_with(".lock") && !n.ends_with(".in-use") && n != ".digests")
         .collect();
     v.sort();
     v
@@ -193,6 +193,27 @@ fn template_is_built_once_listed_restored_and_removed() {
     assert_eq!(read_line(&mut rd), "ok\n");
     writeln!(w, "read").unwrap();
     assert_eq!(read_line(&mut rd), "notes restored\n");
+    // The running VM's sockets and console are owner-only, and it holds
+    // its template: the store's quota cannot evict it, however old its
+    // last use looks.
+    for p in [&uds, &api, &dir.join("r.console")] {
+        assert_eq!(mode(p), 0o600, "{}", p.display());
+    }
+    let in_use = store.join(format!("{key}.in-use"));
+    assert_eq!(mode(&in_use), 0o600);
+    std::fs::File::options()
+        .write(true)
+        .open(&in_use)
+        .unwrap()
+        .set_modified(std::time::SystemTime::UNIX_EPOCH)
+        .unwrap();
+    std::fs::File::open(tdir.join("template.json"))
+        .unwrap()
+        .set_modified(std::time::SystemTime::UNIX_EPOCH)
+        .unwrap();
+    let held = thaw_snapshots::template::Store::new(&store);
+    assert!(held.evict_to(0, None).unwrap().is_empty(), "evicted in use");
+    assert!(tdir.join("memory").exists());
     writeln!(w, "reboot").unwrap();
     let status = wait_with_deadline(&mut vmm, Duration::from_secs(120));
     assert_eq!(status.code(), Some(0));

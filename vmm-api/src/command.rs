@@ -244,6 +244,9 @@ pub struct TemplateBuildArgs {
     pub retry_after_secs: u64,
     /// None: the VMM's default store (/var/lib/thaw/templates).
     pub store: Option<PathBuf>,
+    /// Keep the store within this many MiB (least recently used unused
+    /// templates go); None: no quota.
+    pub max_store_mib: Option<u64>,
 }
 
 impl TemplateBuildArgs {
@@ -259,6 +262,7 @@ impl TemplateBuildArgs {
             timeout_secs: 300,
             retry_after_secs: 600,
             store: None,
+            max_store_mib: None,
         }
     }
 }
@@ -346,6 +350,7 @@ impl VmmCommand {
                 a.number("--timeout", t.timeout_secs);
                 a.number("--retry-after", t.retry_after_secs);
                 a.opt_if("--store", t.store.as_ref());
+                a.opt_if("--max-store-mib", t.max_store_mib.map(|m| m.to_string()));
             }
         }
         a.0
@@ -504,12 +509,14 @@ mod tests {
             ready_port: Some(4321),
             timeout_secs: 5,
             store: Some("/s".into()),
+            max_store_mib: Some(2048),
             ..TemplateBuildArgs::new("/k", "/r")
         };
         assert_eq!(
             argv(t),
             "template build --kernel /k --disk /r,ro --spare-disks 2 --vcpus 1 --memory-mib 128 \
-             --ready test-init --ready-port 4321 --timeout 5 --retry-after 600 --store /s"
+             --ready test-init --ready-port 4321 --timeout 5 --retry-after 600 --store /s \
+             --max-store-mib 2048"
         );
     }
 

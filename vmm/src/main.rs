@@ -30,7 +30,8 @@ fn bind_api_socket(path: &Path) -> Result<UnixListener, Error> {
         }
         std::fs::remove_file(path).map_err(io)?;
     }
-    UnixListener::bind(path).map_err(io)
+    // Whoever may connect can stop or reconfigure the VM: owner only.
+    thaw_snapshots::private::bind_socket(path).map_err(io)
 }
 
 /// The virtio-fs server keeps up to 65536 inodes and as many open files
@@ -76,6 +77,12 @@ fn keep_guest_memory_private() -> Result<(), Error> {
 fn run(launch: Launch, deny_syscalls: &[libc::c_long]) -> Result<VmExit, Error> {
     keep_guest_memory_private()?;
     raise_fd_limit();
+    // A template in a store is held for as long as this VM runs, so the
+    // store's quota never evicts it under us (and its space is counted).
+    let _pin = match &launch {
+        Launch::Restore(opts) => thaw_snapshots::template::Store::pin(&opts.snapshot)?,
+        Launch::Boot(_) => None,
+    };
     let mut vm = match launch {
         Launch::Boot(config) => vm::build(config)?,
         Launch::Restore(opts) => {

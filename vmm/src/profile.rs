@@ -66,7 +66,7 @@ impl RipSampler {
     }
 
     pub fn write_file(&self) -> std::io::Result<u64> {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&self.path)?);
+        let mut f = std::io::BufWriter::new(thaw_snapshots::private::create_file(&self.path)?);
         let total = self.write_to(&mut f)?;
         f.flush()?;
         Ok(total)

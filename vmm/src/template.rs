@@ -5,7 +5,6 @@
 //!
 //! Also the `thaw-vmm template build|list|rm|gc` subcommand.
 
-use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -156,10 +155,10 @@ pub fn boot_and_snapshot(
     let api = sockets.path().join("api");
     // Listen before the VMM starts: the guest may dial as soon as it runs.
     let ready_path = sockets.path().join(format!("vsock_{}", opts.ready_port));
-    let ready = UnixListener::bind(&ready_path)
+    let ready = thaw_snapshots::private::bind_socket(&ready_path)
         .map_err(io_err(format!("listening on {}", ready_path.display())))?;
     let stderr_path = sockets.path().join("stderr");
-    let stderr = File::create(&stderr_path)
+    let stderr = thaw_snapshots::private::create_file(&stderr_path)
         .map_err(io_err(format!("creating {}", stderr_path.display())))?;
 
     let boot = VmmCommand::Boot(BootArgs {
@@ -402,6 +401,11 @@ pub struct BuildArgs {
     #[arg(long, value_name = "SECS",
           default_value_t = thaw_snapshots::template::DEFAULT_RETRY_AFTER.as_secs())]
     retry_after: u64,
+    /// Keep the store's templates within this many MiB on disk: past it,
+    /// the least recently used templates no VM runs from are removed (the
+    /// one this command returns never is).
+    #[arg(long, value_name = "MIB")]
+    max_store_mib: Option<u64>,
     #[command(flatten)]
     store: StoreArgs,
 }
@@ -418,6 +422,7 @@ enum Subcommand {
         probe: ReadyProbe,
         ready_port: u32,
         timeout: Duration,
+        max_store_mib: Option<u64>,
     },
     List,
     Remove(TemplateKey),
@@ -451,6 +456,7 @@ impl TemplateCommand {
                         ReadyProbe::TestInit => TEST_INIT_PORT,
                     }),
                     timeout: Duration::from_secs(b.timeout),
+                    max_store_mib: b.max_store_mib,
                 };
                 (cmd, store)
             }
@@ -473,6 +479,20 @@ impl TemplateCommand {
     }
 }
 
+/// Evicts least recently used templates past `max_mib` (never `keep`).
+/// A failure is reported, not fatal: the template asked for is ready.
+fn enforce_quota(store: &Store, max_mib: Option<u64>, keep: &TemplateKey) {
+    let Some(max) = max_mib else { return };
+    match store.evict_to(max.saturating_mul(1 << 20), Some(keep)) {
+        Ok(removed) => {
+            for k in removed {
+                eprintln!("thaw-vmm template: evicted {k} (store over {max} MiB)");
+            }
+        }
+        Err(e) => eprintln!("thaw-vmm template: keeping the store within {max} MiB: {e}"),
+    }
+}
+
 fn run(cmd: Subcommand, store: &Store) -> Result<(), Error> {
     match cmd {
         Subcommand::Build {
@@ -480,10 +500,17 @@ fn run(cmd: Subcommand, store: &Store) -> Result<(), Error> {
             probe,
             ready_port,
             timeout,
+            max_store_mib,
         } => {
+            // Narrows a store made before stores were owner-only, so the
+            // templates inside (guest memory) cannot be reached by others.
+            thaw_snapshots::private::create_dir_all(store.root())
+                .map_err(io_err(format!("creating {}", store.root().display())))?;
             let key = store.key(&inputs)?;
             if let Some(dir) = store.get(&key) {
+                store.mark_used(&key);
                 eprintln!("thaw-vmm template: {key} already built");
+                enforce_quota(store, max_store_mib, &key);
                 println!("{}", dir.display());
                 return Ok(());
             }
@@ -500,6 +527,7 @@ fn run(cmd: Subcommand, store: &Store) -> Result<(), Error> {
                 "thaw-vmm template: {key} ready after {:.1}s",
                 started.elapsed().as_secs_f64()
             );
+            enforce_quota(store, max_store_mib, &key);
             println!("{}", dir.display());
         }
         Subcommand::List => {
@@ -570,6 +598,7 @@ mod tests {
                 probe: ReadyProbe::TestInit,
                 ready_port: TEST_INIT_PORT,
                 timeout: Duration::from_secs(90),
+                max_store_mib: None,
             }
         );
         let (cmd, store) = parse("build --kernel /k --disk /r --ready-port 7").unwrap();
@@ -578,6 +607,13 @@ mod tests {
             Subcommand::Build {
                 probe, ready_port, ..
             } => assert_eq!((probe, ready_port), (ReadyProbe::Agent, 7)),
+            other => panic!("{other:?}"),
+        }
+        match parse("build --kernel /k --disk /r --max-store-mib 4096")
+            .unwrap()
+            .0
+        {
+            Subcommand::Build { max_store_mib, .. } => assert_eq!(max_store_mib, Some(4096)),
             other => panic!("{other:?}"),
         }
     }
@@ -655,6 +691,7 @@ mod tests {
                 probe: ReadyProbe::Agent,
                 ready_port: AGENT_PORT,
                 timeout: Duration::from_secs(300),
+                max_store_mib: None,
             }
         );
         let (cmd, store) = parse_api(TemplateBuildArgs {
@@ -666,6 +703,7 @@ mod tests {
             timeout_secs: 5,
             retry_after_secs: 30,
             store: Some("/s".into()),
+            max_store_mib: Some(100),
             ..TemplateBuildArgs::new("/k", "/r")
         });
         assert_eq!(store.root(), Path::new("/s"));
@@ -676,6 +714,7 @@ mod tests {
                 probe: ReadyProbe::TestInit,
                 ready_port: 4321,
                 timeout: Duration::from_secs(5),
+                max_store_mib: Some(100),
             }
         );
         let (cmd, _) = parse_api(TemplateBuildArgs {

@@ -392,8 +392,9 @@ impl Vm {
         let out: Box<dyn std::io::Write + Send> = match &self.config.serial {
             SerialOutput::None => Box::new(std::io::sink()),
             SerialOutput::Stdout => Box::new(BoundedOutput::new(std::io::stdout(), limit)),
+            // The guest console can carry whatever a guest prints: owner only.
             SerialOutput::File(p) => Box::new(BoundedOutput::new(
-                File::create(p).map_err(|source| Error::Io {
+                thaw_snapshots::private::create_file(p).map_err(|source| Error::Io {
                     what: format!("serial output {}", p.display()),
                     source,
                 })?,

@@ -14,9 +14,8 @@ pub mod share;
 mod sk_lookup;
 mod vm;
 
-use std::fs::{self, File};
+use std::fs;
 use std::os::fd::AsFd;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -277,8 +276,9 @@ impl Sandbox {
             share::remove_in(&dir);
             let _ = fs::remove_dir_all(&dir);
         }
-        fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
-        let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(0o700));
+        // Its sockets reach the VMM and the agent: 0700, whatever the umask.
+        thaw_snapshots::private::create_dir_all(&dir)
+            .ctx(|| format!("creating {}", dir.display()))?;
         let pod_cgroup = pod_cgroup.filter(|_| cfg.backend == BackendKind::Vm);
         // The host-process stand-in stays in the shim's namespace.
         let netns = match cfg.backend {
@@ -303,14 +303,15 @@ impl Sandbox {
     ) -> Result<Sandbox> {
         let uds = dir.join("vsock.sock");
         let control_path = transport::host_socket_path(&uds, CONTROL_PORT);
-        let control = UnixListener::bind(&control_path)
+        let control = thaw_snapshots::private::bind_socket(&control_path)
             .ctx(|| format!("listening on {}", control_path.display()))?;
         control
             .set_nonblocking(true)
             .ctx(|| "setting the control socket non-blocking".into())?;
 
         let log_path = dir.join("sandbox.log");
-        let log = File::create(&log_path).ctx(|| format!("creating {}", log_path.display()))?;
+        let log = thaw_snapshots::private::create_file(&log_path)
+            .ctx(|| format!("creating {}", log_path.display()))?;
         let log2 = log
             .try_clone()
             .ctx(|| "duplicating the log file handle".into())?;
@@ -689,7 +690,7 @@ impl Sandbox {
         // Debug aid: keep the logs (console, VMM stderr) of stopped sandboxes.
         if let Some(keep) = std::env::var_os(KEEP_LOGS_ENV) {
             let dest = PathBuf::from(keep).join(self.dir.file_name().unwrap_or_default());
-            let _ = fs::create_dir_all(&dest);
+            let _ = thaw_snapshots::private::create_dir_all(&dest);
             for f in ["sandbox.log", "console.log"] {
                 let _ = fs::copy(self.dir.join(f), dest.join(f));
             }

@@ -120,7 +120,7 @@ fn forward_one(conn: TcpStream, agent: &Agent, uds: &Path, host_port: u32) -> Re
         .map_err(|e| Error::io("reading the forwarded port".to_string(), e))?
         .port();
     let path = transport::host_socket_path(uds, host_port);
-    let listener = UnixListener::bind(&path)
+    let listener = thaw_snapshots::private::bind_socket(&path)
         .map_err(|e| Error::io(format!("binding {}", path.display()), e))?;
     let guest = (|| {
         agent.forward_port(u32::from(port), host_port)?;

@@ -188,7 +188,7 @@ impl Tasks {
             rootfs::source_from_mounts(&req.rootfs, bundle, bundle_spec.root_path.as_deref())?;
         let cache = image_cache(cfg);
         let owner = format!("{}/{id}", self.namespace);
-        let (image, outcome) = cache.acquire(&src, &owner)?;
+        let (image, outcome) = cache.acquire(&src, &self.namespace, &owner)?;
         log::info!("{id}: rootfs image {} ({outcome:?})", image.key);
         {
             let (cache, image) = (cache.clone(), image.clone());

@@ -62,7 +62,8 @@ impl Listener {
                 std::fs::remove_file(path).map_err(err)?;
             }
         }
-        let inner = UnixListener::bind(path).map_err(err)?;
+        // Whoever may connect reaches the guest's ports: owner only.
+        let inner = thaw_snapshots::private::bind_socket(path).map_err(err)?;
         inner.set_nonblocking(true).map_err(err)?;
         Ok(Self {
             inner,
@@ -684,6 +685,9 @@ mod tests {
         drop(first); // leaves the socket file behind
         let m = Muxer::new(3, &path).unwrap();
         assert!(path.exists());
+        // Owner only, whatever the umask: it reaches the guest's ports.
+        let mode = std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(&path).unwrap());
+        assert_eq!(mode & 0o777, 0o600);
         drop(m);
         assert!(!path.exists());
         // A regular file in the way is an error, not something we delete.
