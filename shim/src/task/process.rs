@@ -26,6 +26,9 @@ use crate::stdio::{Bridges, StdioPaths};
 /// holds a stream open without writing) it is published anyway. The agent
 /// sends after an exit only what the process left in its pipes.
 const OUTPUT_IDLE: Duration = Duration::from_secs(30);
+/// How long a failed start waits for the process's exit to be recorded
+/// before it answers (see `Process::start`).
+const START_FAILURE_EXIT_WAIT: Duration = Duration::from_secs(5);
 
 pub fn now() -> Timestamp {
     let d = SystemTime::now()
@@ -157,7 +160,18 @@ impl Process {
                 "process {id}/{exec_id} is not in created state"
             )));
         }
-        let agent_pid = agent.start_process(id, exec_id)?;
+        let agent_pid = match agent.start_process(id, exec_id) {
+            Ok(pid) => pid,
+            Err(e) => {
+                // A process that failed to start (exec refused) exits at
+                // once, and containerd's client deletes a task only once
+                // it is stopped: answer after its exit is recorded, so a
+                // `ctr run --rm` that gets this error can delete it.
+                drop(st);
+                self.wait_stopped(START_FAILURE_EXIT_WAIT);
+                return Err(e);
+            }
+        };
         if agent_pid != 0 {
             st.pid = task_pid(agent_pid);
         }
@@ -322,6 +336,16 @@ impl Process {
             },
         );
         self.cond.notify_all();
+    }
+
+    /// Waits up to `limit` for the process to stop; whether it did.
+    fn wait_stopped(&self, limit: Duration) -> bool {
+        let st = lock(&self.st);
+        let (st, _) = self
+            .cond
+            .wait_timeout_while(st, limit, |st| st.status != Status::STOPPED)
+            .unwrap_or_else(|e| e.into_inner());
+        st.status == Status::STOPPED
     }
 
     /// Blocks until the process has stopped; returns its final state.
