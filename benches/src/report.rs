@@ -221,14 +221,17 @@ impl Report {
             let (a, b) = root.split_vertically(h_times);
             panel(
                 &a,
-                &format!("{}: time, p50 bar, p99 whisker (log scale)", self.title),
+                &format!(
+                    "{}: time, bar to p50, whisker to p99 (log scale)",
+                    self.title
+                ),
                 &times,
                 true,
             )?;
             if !mem.is_empty() {
                 panel(
                     &b,
-                    "memory per idle sandbox, p50 bar, p99 whisker",
+                    "memory per idle sandbox: bar to p50, whisker to p99",
                     &mem,
                     false,
                 )?;
@@ -274,8 +277,10 @@ fn panel(
     let hi = values.iter().cloned().fold(1.0, f64::max);
     let lo = values.iter().cloned().fold(hi, f64::min);
     let n = rows.len().max(1);
+    // Bottom to top: the y axis counts upwards.
     let labels: Vec<String> = rows
         .iter()
+        .rev()
         .map(|r| format!("{}: {}", r.figure, r.runtime))
         .collect();
     let unit = if log { "ms" } else { "MiB" };
@@ -337,8 +342,20 @@ fn bars<X>(chart: &mut Chart<'_, '_, X>, rows: &[&Row], x0: f64) -> Result<(), S
 where
     X: Ranged<ValueType = f64>,
 {
-    for (i, r) in rows.iter().enumerate() {
-        let Some(s) = r.stats else { continue };
+    // The first row on top, as in the table.
+    let n = rows.len();
+    for (k, r) in rows.iter().enumerate() {
+        let i = n - 1 - k;
+        let Some(s) = r.stats else {
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    "no successful run (see the table)",
+                    (x0, SegmentValue::CenterOf(i)),
+                    ("sans-serif", 12),
+                )))
+                .map_err(|e| e.to_string())?;
+            continue;
+        };
         let c = color_of(&r.runtime);
         let (p50, p99) = (scaled(r, s.p50), scaled(r, s.p99));
         let mut bar = Rectangle::new(
@@ -363,7 +380,11 @@ where
             .map_err(|e| e.to_string())?;
         chart
             .draw_series(std::iter::once(Text::new(
-                r.value(s.p50),
+                if s.p99 == s.p50 {
+                    r.value(s.p50)
+                } else {
+                    format!("{} / {}", r.value(s.p50), r.value(s.p99))
+                },
                 (p99, SegmentValue::CenterOf(i)),
                 ("sans-serif", 12),
             )))
