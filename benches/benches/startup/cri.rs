@@ -31,18 +31,7 @@ impl<'a> CriBench<'a> {
         let status = cri
             .status(api::StatusRequest { verbose: true })
             .map_err(|e| format!("CRI Status: {e}"))?;
-        let config: serde_json::Value = serde_json::from_str(
-            status
-                .info
-                .get("config")
-                .map(String::as_str)
-                .unwrap_or("{}"),
-        )
-        .map_err(|e| format!("CRI Status info.config: {e}"))?;
-        let pause = config["sandboxImage"]
-            .as_str()
-            .ok_or("CRI config has no sandboxImage")?
-            .to_string();
+        let pause = Cri::sandbox_image(&status)?;
         let marker = c.marker.clone();
         c.import_image_in(CRI_NAMESPACE, &pause, |w| {
             build_pause_image_tar(w, &pause, &[marker.as_str()])
