@@ -214,7 +214,7 @@ impl Figure {
             note = format!(
                 "{} failed{}: {}",
                 self.failures.len(),
-                if self.gave_up() {
+                if self.gave_up() && self.samples.len() + self.failures.len() < self.planned {
                     format!(" (stopped after {MAX_FAILURES})")
                 } else {
                     String::new()
