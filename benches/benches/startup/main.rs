@@ -924,6 +924,15 @@ fn build_report(
             conc_notes.join("; ")
         }
     )];
+    let setup_timeouts = ctr
+        .concurrent
+        .iter()
+        .flat_map(|c| &c.each.failures)
+        .filter(|e| e.contains("waiting for container setup"))
+        .count();
+    if setup_timeouts > 0 {
+        notes.push(format!("{setup_timeouts} concurrent thaw start(s) failed with `waiting for container setup: Resource temporarily unavailable`: the guest agent waits at most 60 s (`SETUP_TIMEOUT` in guest-agent/src/runtime/spawn.rs) for its init helper to set a container up, and with {} VMs sharing this machine's cores that in-guest work took longer. It is a fixed timeout inside the guest, not covered by the shim's agent request timeout.", n.concurrency));
+    }
     notes.push("Memory: `private memory added` is the `Private_Dirty` (from `/proc/<pid>/smaps`) of the sandbox's shim and every process below it: for thaw the VMM, whose guest-memory mapping of the template's memory file is `MAP_PRIVATE`, so its `Private_Dirty` counts exactly the guest pages this sandbox wrote; the template's clean pages are shared page cache and not counted. For runc the shim and the container's process; for gVisor the shim, the runsc sandbox and gofer.".into());
     if pvm {
         notes.push("What holds only on hardware KVM (this run is on PVM: every guest kernel instruction is emulated at ~1 µs, guest user code is native): the thaw `ctr run` and CRI times, thaw cold boot, and every thaw/runc ratio are dominated by emulated guest kernel work (mounting the image, namespaces, exec, page faults, teardown) and are upper bounds here; on hardware that work takes milliseconds. restore -> agent ready is mostly host-side work (mapping the memory file, recreating vCPU and device state) plus a short emulated vsock reset. runc and gVisor run natively here (runsc's ptrace platform), so their absolute figures are meaningful. Memory figures are page counts and hold on hardware too (the guest may dirty a few more or fewer pages there).".into());
