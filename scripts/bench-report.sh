@@ -20,6 +20,10 @@
 #   THAW_BENCH_RUNS=10 THAW_BENCH_COLD_RUNS=3 THAW_BENCH_CRI_RUNS=5
 #   THAW_BENCH_CONCURRENCY=20 THAW_BENCH_IDLE=3
 #   BENCH_REPORT_SVM_LIMIT  seconds the svm run may take (default 5400)
+#
+# How long (2026-12-01, these defaults, a loaded 2-core machine, templates
+# already stored): host (PVM) 12-16 min, svm 6-9 min, guest boot included;
+# building first adds a few minutes when the tree changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
