@@ -293,14 +293,15 @@ fn panel(
     // Bars start at the axis: for a log axis, a decade under the smallest.
     if log {
         let x0 = 10f64.powf((lo.max(0.01)).log10().floor());
-        let x1 = 10f64.powf(hi.log10().ceil()).max(x0 * 10.0);
+        // Room right of the largest whisker for its label.
+        let x1 = 10f64.powf((hi * 8.0).log10().ceil()).max(x0 * 10.0);
         let mut chart = builder
             .build_cartesian_2d((x0..x1).log_scale(), (0..n).into_segmented())
             .map_err(err)?;
         mesh(&mut chart, &labels, unit)?;
         bars(&mut chart, rows, x0)?;
     } else {
-        let x1 = hi * 1.15;
+        let x1 = hi * 1.4;
         let mut chart = builder
             .build_cartesian_2d(0f64..x1, (0..n).into_segmented())
             .map_err(err)?;
