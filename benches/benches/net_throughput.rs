@@ -73,7 +73,7 @@ fn run() -> Result<(), String> {
     binaries();
     let release = release_binaries()?;
     let cni = DefaultCni::install("thbench0", 215);
-    let c = release_containerd(&release)?;
+    let c = release_containerd(&release, false)?;
     c.import_image_in(thaw_tests::containerd::NAMESPACE, IMAGE, |work| {
         build_image_tar_with_programs(work, IMAGE, &[IPERF])
     });

@@ -149,7 +149,7 @@ fn run() -> Result<(), String> {
     let runs = count_from_env("THAW_BENCH_RUNS", 3).map_err(|e| e.to_string())?;
     binaries();
     let release = release_binaries()?;
-    let c = release_containerd(&release)?;
+    let c = release_containerd(&release, false)?;
     c.import_image_in(thaw_tests::containerd::NAMESPACE, IMAGE, |work| {
         build_image_tar_with_programs(work, IMAGE, &["/usr/bin/date", "/usr/bin/dd"])
     });

@@ -8,7 +8,9 @@
 
 use std::time::Duration;
 
+pub mod report;
 pub mod run;
+pub mod smaps;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

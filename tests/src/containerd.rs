@@ -115,6 +115,11 @@ impl PrivateContainerd {
         Self::start_inner(backend, |c| c, true)
     }
 
+    /// `start_cri`, letting the caller edit the shim config text first.
+    pub fn start_cri_with(backend: Backend, edit: impl FnOnce(String) -> String) -> Self {
+        Self::start_inner(backend, edit, true)
+    }
+
     fn start_inner(backend: Backend, edit: impl FnOnce(String) -> String, cri: bool) -> Self {
         let serial = serial();
         let bins = binaries().clone();

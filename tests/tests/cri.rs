@@ -2346,18 +2346,7 @@ fn cri_conformance_runc_and_thaw() {
         "the node is not ready: {conditions:?}\n{}",
         tail(&c.containerd_log(), 40)
     );
-    let config: serde_json::Value = serde_json::from_str(
-        status
-            .info
-            .get("config")
-            .map(String::as_str)
-            .unwrap_or("{}"),
-    )
-    .expect("CRI Status info.config is JSON");
-    let sandbox_image = config["sandboxImage"]
-        .as_str()
-        .expect("CRI config has sandboxImage")
-        .to_string();
+    let sandbox_image = Cri::sandbox_image(&status).expect("CRI sandbox image");
     say!("cri: sandbox image {sandbox_image} (built offline: busybox sleep)");
     let marker = c.marker.clone();
     import_for_cri(&c, &cri, &sandbox_image, |w| {

@@ -22,7 +22,25 @@ fn target_dir() -> PathBuf {
 
 /// Release builds of the VMM and the shim (the tests use debug builds,
 /// whose host-side cost is not what users get).
+/// With `THAW_TEST_PREBUILT=1` (scripts/bench-report.sh, and inside the
+/// emulated-SVM guest) nothing is built: the binaries must be there.
 pub fn release_binaries() -> Result<Release, String> {
+    let dir = target_dir().join("release");
+    let release = Release {
+        vmm: dir.join("thaw-vmm"),
+        shim: dir.join("containerd-shim-thaw-v2"),
+    };
+    if thaw_tests::binaries::prebuilt() {
+        for b in [&release.vmm, &release.shim] {
+            if !b.is_file() {
+                return Err(format!(
+                    "THAW_TEST_PREBUILT=1 but {} is missing",
+                    b.display()
+                ));
+            }
+        }
+        return Ok(release);
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut c = Command::new(cargo);
     c.current_dir(workspace_root()).args([
@@ -37,18 +55,16 @@ pub fn release_binaries() -> Result<Release, String> {
     if !out.success() {
         return Err(format!("release build failed:\n{}", out.describe()));
     }
-    let dir = target_dir().join("release");
-    Ok(Release {
-        vmm: dir.join("thaw-vmm"),
-        shim: dir.join("containerd-shim-thaw-v2"),
-    })
+    Ok(release)
 }
 
 /// A private containerd (the test harness's) whose thaw runtime runs the
-/// release VMM, restoring from templates, through the release shim.
-pub fn release_containerd(release: &Release) -> Result<PrivateContainerd, String> {
+/// release VMM, restoring from templates, through the release shim; with
+/// containerd's CRI plugin serving the runtimes of `shim/README.md`
+/// (handlers `runc` and `thaw`) when `cri`.
+pub fn release_containerd(release: &Release, cri: bool) -> Result<PrivateContainerd, String> {
     let vmm = release.vmm.display().to_string();
-    let c = PrivateContainerd::start_with(Backend::Vm, |cfg| {
+    let edit = |cfg: String| {
         cfg.lines()
             .map(|l| {
                 if l.starts_with("vmm = ") {
@@ -60,7 +76,12 @@ pub fn release_containerd(release: &Release) -> Result<PrivateContainerd, String
             .collect::<Vec<_>>()
             .join("\n")
             + "\n"
-    });
+    };
+    let c = if cri {
+        PrivateContainerd::start_cri_with(Backend::Vm, edit)
+    } else {
+        PrivateContainerd::start_with(Backend::Vm, edit)
+    };
     // containerd looks the shim up in PATH at every start: point the link
     // in the private bin dir at the release build.
     let link = c.dir().join("bin/containerd-shim-thaw-v2");

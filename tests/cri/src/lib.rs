@@ -75,6 +75,23 @@ impl Cri {
         })
     }
 
+    /// The pod sandbox ("pause") image CRI is configured with, from a
+    /// verbose Status reply's `info.config`.
+    pub fn sandbox_image(status: &api::StatusResponse) -> Result<String, String> {
+        let config: serde_json::Value = serde_json::from_str(
+            status
+                .info
+                .get("config")
+                .map(String::as_str)
+                .unwrap_or("{}"),
+        )
+        .map_err(|e| format!("CRI Status info.config is not JSON: {e}"))?;
+        config["sandboxImage"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| "CRI Status info.config has no sandboxImage".to_string())
+    }
+
     /// The same connection with another deadline per call.
     pub fn with_timeout(&self, timeout: Duration) -> Cri {
         Cri {
