@@ -13,8 +13,12 @@ use crate::init;
 use crate::plan::{FromInit, Plan, ToInit};
 use crate::reaper::{Exit, Reaper};
 
-/// Setup longer than this (a hung mount, say) is abandoned.
-const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Setup longer than this (a hung mount, say) is abandoned. The caller's
+/// own deadline is the shim's request timeout (`agent.request_timeout_secs`,
+/// up to 600 s on slow hosts); this one only reclaims a helper that hangs,
+/// so it must not be shorter: 20 VMs starting at once on a 2-core PVM host
+/// took over 60 s to set up a container, and failed when it was 60 s.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A process set up and waiting for `Start`.
 pub struct Pending {
