@@ -50,7 +50,7 @@ for t in "${targets[@]}"; do
     echo "== fuzz: $t for ${seconds}s (log: fuzz/$log)"
     nice -n 10 cargo +nightly fuzz run -O "$t" "corpus/$t" "${seeds[@]}" -- \
         -max_total_time="$seconds" -print_final_stats=1 -rss_limit_mb=2048 \
-        -malloc_limit_mb=1024 -timeout=20 -jobs=1 -workers=1 >"$log" 2>&1
+        -malloc_limit_mb=1024 -timeout=20 >"$log" 2>&1
     rc=$?
     new=$(comm -13 <(echo "$before") <(findings_file "$t") | sed '/^$/d')
     execs[$t]=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | tail -1 | awk '{print $2}')
