@@ -20,8 +20,19 @@ use thaw_vmm::devices::virtio::worker::EventLoop;
 const GUEST_CID: u64 = 3;
 const MAX_OPS: usize = 96;
 const MAX_PEERS: usize = 8;
-/// Host ports with a listener (guest connects succeed) and without.
-const PORTS: [u32; 4] = [1024, 52, 7, 1025];
+/// Host ports: two with a listener (guest connects succeed), two without,
+/// the first local ports the muxer gives host-initiated connections (so
+/// the guest can answer them), and the largest.
+const PORTS: [u32; 8] = [
+    1024,
+    52,
+    7,
+    1025,
+    1 << 30,
+    (1 << 30) + 1,
+    (1 << 30) + 2,
+    u32::MAX,
+];
 
 #[derive(Arbitrary, Debug)]
 enum Op {
@@ -130,7 +141,7 @@ impl Harness {
                     src_cid: if misaddress & 1 != 0 { 4 } else { GUEST_CID },
                     dst_cid: if misaddress & 2 != 0 { 1 } else { HOST_CID },
                     src_port: 1000 + u32::from(src_port % 8),
-                    dst_port: PORTS[usize::from(dst_port % 4)],
+                    dst_port: PORTS[usize::from(dst_port % 8)],
                     len: len.unwrap_or(payload.len() as u32),
                     kind: if misaddress & 4 != 0 { 2 } else { TYPE_STREAM },
                     op: u16::from(op % 9),
