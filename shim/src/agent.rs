@@ -29,8 +29,9 @@ pub struct Agent {
     wait_slice: Duration,
 }
 
-/// See [`Agent::wait_process`].
-const WAIT_SLICE: Duration = Duration::from_secs(10);
+/// See [`Agent::wait_process`]. The agent's ttrpc server ends (and logs)
+/// each slice's handler when it runs out.
+const WAIT_SLICE: Duration = Duration::from_secs(60);
 
 /// Turns an agent failure into the shim's error, keeping the agent's
 /// status code where containerd gives it meaning. Failures of the
@@ -217,7 +218,7 @@ impl Agent {
 
     /// Blocks until the process exited; no deadline (used as a fallback
     /// when exit events were missed). The call is renewed every
-    /// `wait_slice` while the connection lives, so a dead or half-closed
+    /// `wait_slice` (60 s) while the connection lives, so a dead or half-closed
     /// connection (whose reply can never come) ends it with an error.
     pub fn wait_process(&self, id: &str, exec_id: &str) -> Result<agent::WaitProcessResponse> {
         let mut r = agent::WaitProcessRequest::new();
@@ -232,7 +233,9 @@ impl Agent {
             let ctx = context::with_timeout(self.wait_slice.as_nanos() as i64);
             match self.client.wait_process(ctx, &r) {
                 Ok(r) => return Ok(r),
+                // Our deadline, or the agent's server applying it first.
                 Err(ttrpc::Error::Others(m)) if is_deadline(&m) => continue,
+                Err(ttrpc::Error::RpcStatus(s)) if s.code() == Code::DEADLINE_EXCEEDED => continue,
                 Err(e) => return Err(map_err("WaitProcess", e)),
             }
         }
@@ -368,8 +371,12 @@ mod hostile_agent_tests {
     use super::*;
 
     const TIMEOUT: Duration = Duration::from_millis(300);
+    const PATIENT: Duration = Duration::from_secs(10);
 
     /// The shim's client on one end; the other end is the fake agent.
+    /// Calls that should time out get [`TIMEOUT`]; tests then give calls
+    /// that should succeed [`PATIENT`], so a loaded machine cannot fail
+    /// them.
     fn pair() -> (Agent, UnixStream) {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let conn = Arc::new(ours.try_clone().unwrap());
@@ -442,7 +449,8 @@ mod hostile_agent_tests {
 
     #[test]
     fn honest_agent_answers() {
-        let (agent, peer) = pair();
+        let (mut agent, peer) = pair();
+        agent.timeout = PATIENT;
         let t = agent_script(peer, |p| {
             let (id, req) = read_request(p);
             assert_eq!(req.method, "Health");
@@ -469,7 +477,8 @@ mod hostile_agent_tests {
 
     #[test]
     fn reply_with_a_bogus_stream_id_is_ignored() {
-        let (agent, peer) = pair();
+        let (mut agent, peer) = pair();
+        agent.timeout = PATIENT;
         let t = agent_script(peer, |p| {
             let (id, _) = read_request(p);
             // Unknown ids (never asked, and even: client ids are odd) and
@@ -498,7 +507,7 @@ mod hostile_agent_tests {
 
     #[test]
     fn repeated_and_late_replies_do_not_answer_the_next_call() {
-        let (agent, peer) = pair();
+        let (mut agent, peer) = pair();
         let t = agent_script(peer, |p| {
             // First call: answered after its deadline, twice.
             let (first, _) = read_request(p);
@@ -512,13 +521,15 @@ mod hostile_agent_tests {
             send_frame(p, second, &health_reply("second"));
         });
         assert!(within_deadline(|| agent.health()).is_err());
+        agent.timeout = PATIENT;
         assert_eq!(agent.health().unwrap().agent_version, "second");
         t.join().unwrap();
     }
 
     #[test]
     fn out_of_order_replies_reach_their_callers() {
-        let (agent, peer) = pair();
+        let (mut agent, peer) = pair();
+        agent.timeout = PATIENT;
         let t = agent_script(peer, |p| {
             let a = read_request(p);
             let b = read_request(p);
@@ -531,7 +542,8 @@ mod hostile_agent_tests {
         let (a2, b2) = (agent.clone(), agent.clone());
         let h1 = std::thread::spawn(move || a2.health().map(|h| h.agent_version));
         let h2 = std::thread::spawn(move || b2.health().map(|h| h.agent_version));
-        let (v1, v2) = (h1.join().unwrap().unwrap(), h2.join().unwrap().unwrap());
+        let (v1, v2) = (h1.join().unwrap(), h2.join().unwrap());
+        let (v1, v2) = (v1.unwrap(), v2.unwrap());
         assert_ne!(v1, v2, "two calls got the same reply");
         t.join().unwrap();
     }
@@ -558,7 +570,8 @@ mod hostile_agent_tests {
 
     #[test]
     fn oversized_reply_is_an_agent_error_and_the_connection_survives() {
-        let (agent, peer) = pair();
+        let (mut agent, peer) = pair();
+        agent.timeout = PATIENT;
         let t = agent_script(peer, |p| {
             let (id, _) = read_request(p);
             let body = vec![0u8; MESSAGE_LENGTH_MAX + 1];
@@ -566,8 +579,8 @@ mod hostile_agent_tests {
             let (id, _) = read_request(p);
             send_frame(p, id, &health_reply("after"));
         });
-        match within_deadline(|| agent.health()) {
-            Err(Error::Agent(m)) => assert!(m.contains("exceed"), "{m}"),
+        match agent.health() {
+            Err(Error::Agent(m)) => assert!(m.contains("too large"), "{m}"),
             other => panic!("expected an agent error, got {other:?}"),
         }
         assert_eq!(agent.health().unwrap().agent_version, "after");
@@ -632,5 +645,51 @@ mod hostile_agent_tests {
         let failed = rx.recv_timeout(Duration::from_secs(3));
         drop(peer);
         assert_eq!(failed, Ok(true), "WaitProcess hung on a dead connection");
+    }
+
+    #[test]
+    fn wait_process_is_renewed_after_each_slice() {
+        let (agent, mut peer) = pair();
+        // Answers by request count until the client hangs up: nothing,
+        // then the server's own deadline answer, then the exit (to every
+        // later request too: a loaded machine may renew more often).
+        let t = std::thread::spawn(move || {
+            let mut n = 0;
+            loop {
+                let mut h = [0u8; MESSAGE_HEADER_LENGTH];
+                if peer.read_exact(&mut h).is_err() {
+                    return n;
+                }
+                let mh = MessageHeader::from(&h);
+                let mut body = vec![0u8; mh.length as usize];
+                peer.read_exact(&mut body).unwrap();
+                assert_eq!(Request::decode(&body).unwrap().method, "WaitProcess");
+                n += 1;
+                let mut res = Response::new();
+                match n {
+                    1 => continue,
+                    2 => {
+                        let mut status = thaw_agent_protocol::ttrpc::proto::Status::new();
+                        status.set_code(Code::DEADLINE_EXCEEDED);
+                        res.set_status(status);
+                    }
+                    _ => {
+                        let mut w = agent::WaitProcessResponse::new();
+                        w.exit_status = 7;
+                        res.payload = w.write_to_bytes().unwrap();
+                    }
+                }
+                let _ = peer.write_all(&{
+                    let body = res.encode().unwrap();
+                    let mut f: Vec<u8> =
+                        MessageHeader::new_response(mh.stream_id, body.len() as u32).into();
+                    f.extend_from_slice(&body);
+                    f
+                });
+            }
+        });
+        assert_eq!(agent.wait_process("c", "").unwrap().exit_status, 7);
+        drop(agent);
+        assert!(t.join().unwrap() >= 3);
     }
 }
