@@ -63,6 +63,16 @@ enum Op {
         flags: u16,
         next: u16,
     },
+    /// A well-formed request in one step: header, `sectors % 9` data
+    /// sectors and the status byte in buffer slot `slot`, chained from
+    /// descriptor `first` on, and published.
+    Request {
+        first: u16,
+        slot: u8,
+        kind: u32,
+        sector: u64,
+        sectors: u8,
+    },
     /// A block request header at `at`.
     Header {
         at: u16,
@@ -203,6 +213,48 @@ impl Harness {
                     raw[14..16].copy_from_slice(&next.to_le_bytes());
                     let _ = h.mem.write_slice(&raw, GuestAddress(at));
                 });
+            }
+            Op::Request {
+                first,
+                slot,
+                kind,
+                sector,
+                sectors,
+            } => {
+                // Slots of 0x1800 bytes from 0x4000, above the rings
+                // `Standard` sets up: header, data at +0x200, status at
+                // +0x1400.
+                let base = 0x4000 + u64::from(slot % 8) * 0x1800;
+                let kind = kind % 12;
+                let sectors = u32::from(sectors % 9);
+                let size = self.size.max(1);
+                let i0 = first % size;
+                let i1 = (i0 + 1) % size;
+                let i2 = (i0 + 2) % size;
+                // Reads (IN) and GET_ID write into the data buffer.
+                let data_flags = if kind == 0 || kind == 8 { 2 } else { 0 };
+                let mut descs = vec![(i0, base, 16u32, 1u16, i1)];
+                if sectors > 0 {
+                    descs.push((i1, base + 0x200, sectors * 512, 1 | data_flags, i2));
+                    descs.push((i2, base + 0x1400, 1, 2, 0));
+                } else {
+                    descs.push((i1, base + 0x1400, 1, 2, 0));
+                }
+                self.apply(Op::Header {
+                    at: base as u16,
+                    kind,
+                    sector,
+                });
+                for (index, addr, len, flags, next) in descs {
+                    self.apply(Op::Desc {
+                        index,
+                        addr: addr as u32,
+                        len,
+                        flags,
+                        next,
+                    });
+                }
+                self.apply(Op::Publish { head: i0 });
             }
             Op::Header { at, kind, sector } => {
                 let mut raw = [0u8; 16];
