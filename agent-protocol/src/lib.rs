@@ -58,6 +58,7 @@ pub mod agent_ttrpc_async {
     include!(concat!(env!("OUT_DIR"), "/async/agent_ttrpc.rs"));
 }
 
+pub mod events;
 pub mod transport;
 
 pub use transport::{CONTROL_PORT, FIRST_STDIO_PORT, HOST_CID, PROTOCOL_VERSION};

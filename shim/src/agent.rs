@@ -2,8 +2,13 @@
 //! the socket the agent dialed, with a deadline on every request so a
 //! silent or hostile guest cannot block a containerd call forever.
 
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::time::Duration;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{recv, MsgFlags};
 
 use thaw_agent_protocol::agent_ttrpc::AgentClient;
 use thaw_agent_protocol::ttrpc::{self, context, Code};
@@ -15,12 +20,32 @@ use crate::error::{Error, Result};
 pub struct Agent {
     client: AgentClient,
     timeout: Duration,
+    /// A duplicate of the connection, only polled: the ttrpc client does
+    /// not say when its connection died, and a call without a deadline
+    /// would then wait forever.
+    conn: Arc<UnixStream>,
+    /// How long each renewal of a deadline-less call waits
+    /// ([`Agent::wait_process`]).
+    wait_slice: Duration,
 }
 
+/// See [`Agent::wait_process`]. The agent's ttrpc server ends (and logs)
+/// each slice's handler when it runs out.
+const WAIT_SLICE: Duration = Duration::from_secs(60);
+
 /// Turns an agent failure into the shim's error, keeping the agent's
-/// status code where containerd gives it meaning.
+/// status code where containerd gives it meaning. Failures of the
+/// connection itself (no answer before the deadline, a reply over ttrpc's
+/// size limit) are the agent's fault, not the caller's, whatever status
+/// the ttrpc client dressed them in.
 fn map_err(what: &str, e: ttrpc::Error) -> Error {
     match e {
+        ttrpc::Error::RpcStatus(s) if s.message().contains("exceed maximum message size") => {
+            Error::Agent(format!(
+                "{what}: the agent's reply is too large: {}",
+                s.message()
+            ))
+        }
         ttrpc::Error::RpcStatus(s) => {
             let msg = format!("{what}: {}", s.message());
             match s.code() {
@@ -32,16 +57,32 @@ fn map_err(what: &str, e: ttrpc::Error) -> Error {
                 _ => Error::Agent(msg),
             }
         }
+        ttrpc::Error::Others(m) if is_deadline(&m) => Error::Agent(format!(
+            "{what}: the agent did not answer before the deadline"
+        )),
         other => Error::Agent(format!("{what}: {other}")),
     }
+}
+
+/// Is this how ttrpc's sync client words a call whose deadline passed?
+fn is_deadline(message: &str) -> bool {
+    message.starts_with("Receive packet from Receiver timeout") && message.contains("timed out")
 }
 
 impl Agent {
     /// Builds the client on an accepted control connection and checks the
     /// agent speaks our protocol revision.
     pub fn new(stream: UnixStream, timeout: Duration) -> Result<Agent> {
+        let conn = stream
+            .try_clone()
+            .map_err(|e| Error::io("duplicating the agent connection", e))?;
         let client = transport::sync_client(stream).map_err(|e| map_err("ttrpc client", e))?;
-        let a = Agent { client, timeout };
+        let a = Agent {
+            client,
+            timeout,
+            conn: Arc::new(conn),
+            wait_slice: WAIT_SLICE,
+        };
         let h = a.health()?;
         if h.protocol_version != PROTOCOL_VERSION {
             return Err(Error::Agent(format!(
@@ -188,14 +229,47 @@ impl Agent {
     }
 
     /// Blocks until the process exited; no deadline (used as a fallback
-    /// when exit events were missed).
+    /// when exit events were missed). The call is renewed every
+    /// `wait_slice` (60 s) while the connection lives, so a dead or half-closed
+    /// connection (whose reply can never come) ends it with an error.
     pub fn wait_process(&self, id: &str, exec_id: &str) -> Result<agent::WaitProcessResponse> {
         let mut r = agent::WaitProcessRequest::new();
         r.container_id = id.into();
         r.exec_id = exec_id.into();
-        self.client
-            .wait_process(context::with_timeout(0), &r)
-            .map_err(|e| map_err("WaitProcess", e))
+        loop {
+            if self.connection_lost() {
+                return Err(Error::Agent(
+                    "WaitProcess: the agent connection is closed".into(),
+                ));
+            }
+            let ctx = context::with_timeout(self.wait_slice.as_nanos() as i64);
+            match self.client.wait_process(ctx, &r) {
+                Ok(r) => return Ok(r),
+                // Our deadline, or the agent's server applying it first.
+                Err(ttrpc::Error::Others(m)) if is_deadline(&m) => continue,
+                Err(ttrpc::Error::RpcStatus(s)) if s.code() == Code::DEADLINE_EXCEEDED => continue,
+                Err(e) => return Err(map_err("WaitProcess", e)),
+            }
+        }
+    }
+
+    /// Has the agent closed (or half-closed) the connection, or has it
+    /// failed? Nothing is consumed: the ttrpc client owns the data.
+    fn connection_lost(&self) -> bool {
+        let mut fds = [PollFd::new(self.conn.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(n) if n > 0 => {}
+            _ => return false,
+        }
+        // Flags nix does not know (POLLRDHUP) make `revents` None.
+        let hup = PollFlags::POLLHUP | PollFlags::POLLERR;
+        if fds[0].revents().is_none_or(|r| r.intersects(hup)) {
+            return true;
+        }
+        // Readable: at the end of the stream if a peek finds nothing.
+        let mut b = [0u8; 1];
+        let peek = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+        matches!(recv(self.conn.as_raw_fd(), &mut b, peek), Ok(0))
     }
 
     pub fn delete_process(&self, id: &str, exec_id: &str) -> Result<()> {
@@ -291,4 +365,343 @@ pub fn host_random(len: usize) -> Result<Vec<u8>> {
     std::io::Read::read_exact(&mut f, &mut buf)
         .map_err(|e| Error::io("reading /dev/urandom", e))?;
     Ok(buf)
+}
+
+/// A hostile or broken agent, scripted: the peer speaks the real wire
+/// format (ttrpc frames over a socket pair) and answers, or does not, the
+/// way each test says.
+#[cfg(test)]
+mod hostile_agent_tests {
+    use std::io::{Read, Write};
+    use std::time::Instant;
+
+    use thaw_agent_protocol::protobuf::Message;
+    use thaw_agent_protocol::ttrpc::proto::{
+        Codec, MessageHeader, Request, Response, MESSAGE_HEADER_LENGTH, MESSAGE_LENGTH_MAX,
+    };
+
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_millis(300);
+    const PATIENT: Duration = Duration::from_secs(10);
+
+    /// The shim's client on one end; the other end is the fake agent.
+    /// Calls that should time out get [`TIMEOUT`]; tests then give calls
+    /// that should succeed [`PATIENT`], so a loaded machine cannot fail
+    /// them.
+    fn pair() -> (Agent, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let conn = Arc::new(ours.try_clone().unwrap());
+        let client = transport::sync_client(ours).unwrap();
+        (
+            Agent {
+                client,
+                timeout: TIMEOUT,
+                conn,
+                wait_slice: TIMEOUT,
+            },
+            theirs,
+        )
+    }
+
+    /// Reads one request frame; returns its stream id and request.
+    fn read_request(peer: &mut UnixStream) -> (u32, Request) {
+        let mut h = [0u8; MESSAGE_HEADER_LENGTH];
+        peer.read_exact(&mut h).unwrap();
+        let mh = MessageHeader::from(&h);
+        let mut body = vec![0u8; mh.length as usize];
+        peer.read_exact(&mut body).unwrap();
+        (mh.stream_id, Request::decode(&body).unwrap())
+    }
+
+    fn health_reply(version: &str) -> Vec<u8> {
+        let mut h = agent::HealthResponse::new();
+        h.protocol_version = PROTOCOL_VERSION;
+        h.agent_version = version.into();
+        let mut res = Response::new();
+        res.payload = h.write_to_bytes().unwrap();
+        res.encode().unwrap()
+    }
+
+    fn send_frame(peer: &mut UnixStream, stream_id: u32, body: &[u8]) {
+        let mh = MessageHeader::new_response(stream_id, body.len() as u32);
+        let h: Vec<u8> = mh.into();
+        peer.write_all(&h).unwrap();
+        peer.write_all(body).unwrap();
+    }
+
+    /// Runs `script` as the agent on its own thread.
+    fn agent_script(
+        mut peer: UnixStream,
+        script: impl FnOnce(&mut UnixStream) + Send + 'static,
+    ) -> std::thread::JoinHandle<UnixStream> {
+        std::thread::spawn(move || {
+            script(&mut peer);
+            peer
+        })
+    }
+
+    /// Fails unless `f` returns within the call deadline plus slack.
+    fn within_deadline<T>(f: impl FnOnce() -> T) -> T {
+        let start = Instant::now();
+        let out = f();
+        assert!(
+            start.elapsed() < TIMEOUT + Duration::from_secs(2),
+            "call took {:?}",
+            start.elapsed()
+        );
+        out
+    }
+
+    fn vm_size_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmSize:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn honest_agent_answers() {
+        let (mut agent, peer) = pair();
+        agent.timeout = PATIENT;
+        let t = agent_script(peer, |p| {
+            let (id, req) = read_request(p);
+            assert_eq!(req.method, "Health");
+            send_frame(p, id, &health_reply("ok"));
+        });
+        assert_eq!(agent.health().unwrap().agent_version, "ok");
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn no_reply_times_out_with_a_clear_error() {
+        let (agent, peer) = pair();
+        let t = agent_script(peer, |p| {
+            read_request(p);
+            std::thread::sleep(TIMEOUT * 3);
+        });
+        let err = within_deadline(|| agent.health()).unwrap_err().to_string();
+        assert!(
+            err.contains("Health") && err.contains("did not answer"),
+            "{err}"
+        );
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn reply_with_a_bogus_stream_id_is_ignored() {
+        let (mut agent, peer) = pair();
+        agent.timeout = PATIENT;
+        let t = agent_script(peer, |p| {
+            let (id, _) = read_request(p);
+            // Unknown ids (never asked, and even: client ids are odd) and
+            // then the real answer.
+            for bogus in [id + 2, id + 1, 0, u32::MAX] {
+                send_frame(p, bogus, &health_reply("bogus"));
+            }
+            send_frame(p, id, &health_reply("real"));
+        });
+        assert_eq!(agent.health().unwrap().agent_version, "real");
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn only_a_bogus_stream_id_times_out() {
+        let (agent, peer) = pair();
+        let t = agent_script(peer, |p| {
+            let (id, _) = read_request(p);
+            send_frame(p, id.wrapping_add(100), &health_reply("bogus"));
+            std::thread::sleep(TIMEOUT * 3);
+        });
+        let err = within_deadline(|| agent.health()).unwrap_err().to_string();
+        assert!(err.contains("did not answer"), "{err}");
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn repeated_and_late_replies_do_not_answer_the_next_call() {
+        let (mut agent, peer) = pair();
+        let t = agent_script(peer, |p| {
+            // First call: answered after its deadline, twice.
+            let (first, _) = read_request(p);
+            std::thread::sleep(TIMEOUT + Duration::from_millis(200));
+            send_frame(p, first, &health_reply("late"));
+            send_frame(p, first, &health_reply("late again"));
+            // Second call: its own answer.
+            let (second, _) = read_request(p);
+            assert_ne!(first, second);
+            send_frame(p, first, &health_reply("late a third time"));
+            send_frame(p, second, &health_reply("second"));
+        });
+        assert!(within_deadline(|| agent.health()).is_err());
+        agent.timeout = PATIENT;
+        assert_eq!(agent.health().unwrap().agent_version, "second");
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn out_of_order_replies_reach_their_callers() {
+        let (mut agent, peer) = pair();
+        agent.timeout = PATIENT;
+        let t = agent_script(peer, |p| {
+            let a = read_request(p);
+            let b = read_request(p);
+            // Each reply carries the id of the request it answers, in the
+            // agent version; answered in reverse order.
+            for (id, _) in [b, a] {
+                send_frame(p, id, &health_reply(&id.to_string()));
+            }
+        });
+        let (a2, b2) = (agent.clone(), agent.clone());
+        let h1 = std::thread::spawn(move || a2.health().map(|h| h.agent_version));
+        let h2 = std::thread::spawn(move || b2.health().map(|h| h.agent_version));
+        let (v1, v2) = (h1.join().unwrap(), h2.join().unwrap());
+        let (v1, v2) = (v1.unwrap(), v2.unwrap());
+        assert_ne!(v1, v2, "two calls got the same reply");
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn huge_length_prefix_is_refused_without_allocating() {
+        let (agent, peer) = pair();
+        let before = vm_size_kib();
+        let t = agent_script(peer, move |p| {
+            let (id, _) = read_request(p);
+            // Claims 4 GiB and sends a little of it.
+            let mh = MessageHeader::new_response(id, u32::MAX - 16);
+            let h: Vec<u8> = mh.into();
+            p.write_all(&h).unwrap();
+            p.write_all(&[0u8; 4096]).unwrap();
+            std::thread::sleep(TIMEOUT);
+            let grown = vm_size_kib().saturating_sub(before);
+            assert!(grown < 512 * 1024, "address space grew by {grown} KiB");
+            std::thread::sleep(TIMEOUT * 2);
+        });
+        assert!(within_deadline(|| agent.health()).is_err());
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn oversized_reply_is_an_agent_error_and_the_connection_survives() {
+        let (mut agent, peer) = pair();
+        agent.timeout = PATIENT;
+        let t = agent_script(peer, |p| {
+            let (id, _) = read_request(p);
+            let body = vec![0u8; MESSAGE_LENGTH_MAX + 1];
+            send_frame(p, id, &body);
+            let (id, _) = read_request(p);
+            send_frame(p, id, &health_reply("after"));
+        });
+        match agent.health() {
+            Err(Error::Agent(m)) => assert!(m.contains("too large"), "{m}"),
+            other => panic!("expected an agent error, got {other:?}"),
+        }
+        assert_eq!(agent.health().unwrap().agent_version, "after");
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn garbage_replies_are_errors() {
+        let (agent, peer) = pair();
+        let t = agent_script(peer, |p| {
+            // Not a ttrpc Response at all.
+            let (id, _) = read_request(p);
+            send_frame(p, id, &[0xff; 64]);
+            // A Response whose payload is not a HealthResponse.
+            let (id, _) = read_request(p);
+            let mut res = Response::new();
+            res.payload = vec![0xff; 64];
+            send_frame(p, id, &res.encode().unwrap());
+            // A frame that is not a response, on the call's stream.
+            let (id, _) = read_request(p);
+            let mh = MessageHeader::new_request(id, 4);
+            let h: Vec<u8> = mh.into();
+            p.write_all(&h).unwrap();
+            p.write_all(&[1, 2, 3, 4]).unwrap();
+            // Random bytes where a header should be; then hang up.
+            read_request(p);
+            p.write_all(&[0x5a; 37]).unwrap();
+        });
+        for _ in 0..4 {
+            assert!(within_deadline(|| agent.health()).is_err());
+        }
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn hangup_fails_pending_and_later_calls_promptly() {
+        let (agent, mut peer) = pair();
+        // The agent reads the request and is gone.
+        let t = std::thread::spawn(move || {
+            read_request(&mut peer);
+        });
+        // The pending call fails...
+        let err = within_deadline(|| agent.health()).unwrap_err().to_string();
+        assert!(!err.contains("did not answer"), "{err}");
+        t.join().unwrap();
+        // ...and so do later ones, even without a deadline.
+        let start = Instant::now();
+        assert!(agent.wait_process("c", "").is_err());
+        assert!(start.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn half_closed_agent_does_not_hang_a_call_without_deadline() {
+        let (agent, peer) = pair();
+        // The agent stops sending (EOF for the client) but keeps reading.
+        peer.shutdown(std::net::Shutdown::Write).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(agent.wait_process("c", "").is_err());
+        });
+        let failed = rx.recv_timeout(Duration::from_secs(3));
+        drop(peer);
+        assert_eq!(failed, Ok(true), "WaitProcess hung on a dead connection");
+    }
+
+    #[test]
+    fn wait_process_is_renewed_after_each_slice() {
+        let (agent, mut peer) = pair();
+        // Answers by request count until the client hangs up: nothing,
+        // then the server's own deadline answer, then the exit (to every
+        // later request too: a loaded machine may renew more often).
+        let t = std::thread::spawn(move || {
+            let mut n = 0;
+            loop {
+                let mut h = [0u8; MESSAGE_HEADER_LENGTH];
+                if peer.read_exact(&mut h).is_err() {
+                    return n;
+                }
+                let mh = MessageHeader::from(&h);
+                let mut body = vec![0u8; mh.length as usize];
+                peer.read_exact(&mut body).unwrap();
+                assert_eq!(Request::decode(&body).unwrap().method, "WaitProcess");
+                n += 1;
+                let mut res = Response::new();
+                match n {
+                    1 => continue,
+                    2 => {
+                        let mut status = thaw_agent_protocol::ttrpc::proto::Status::new();
+                        status.set_code(Code::DEADLINE_EXCEEDED);
+                        res.set_status(status);
+                    }
+                    _ => {
+                        let mut w = agent::WaitProcessResponse::new();
+                        w.exit_status = 7;
+                        res.payload = w.write_to_bytes().unwrap();
+                    }
+                }
+                let _ = peer.write_all(&{
+                    let body = res.encode().unwrap();
+                    let mut f: Vec<u8> =
+                        MessageHeader::new_response(mh.stream_id, body.len() as u32).into();
+                    f.extend_from_slice(&body);
+                    f
+                });
+            }
+        });
+        assert_eq!(agent.wait_process("c", "").unwrap().exit_status, 7);
+        drop(agent);
+        assert!(t.join().unwrap() >= 3);
+    }
 }

@@ -38,13 +38,13 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
-/// Writes `state` atomically: to a temporary file, synced, then renamed, so
-/// a reader never sees half a snapshot.
-pub fn write_state<T: Serialize>(
+/// The bytes of a state file holding `state`; `path` only names the file
+/// in errors.
+pub fn encode_state<T: Serialize>(
     path: &Path,
     cpu: &CpuFingerprint,
     state: &T,
-) -> Result<(), Error> {
+) -> Result<Vec<u8>, Error> {
     let encode = |e: bincode::Error| Error::Encode {
         path: path.display().to_string(),
         reason: e.to_string(),
@@ -58,13 +58,26 @@ pub fn write_state<T: Serialize>(
         payload_crc32: crc32fast::hash(&payload),
     };
     let header = bincode::serialize(&header).map_err(encode)?;
+    let mut bytes = Vec::with_capacity(12 + header.len() + payload.len());
+    bytes.extend_from_slice(&MAGIC);
+    bytes.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&header);
+    bytes.extend_from_slice(&payload);
+    Ok(bytes)
+}
+
+/// Writes `state` atomically: to a temporary file, synced, then renamed, so
+/// a reader never sees half a snapshot.
+pub fn write_state<T: Serialize>(
+    path: &Path,
+    cpu: &CpuFingerprint,
+    state: &T,
+) -> Result<(), Error> {
+    let bytes = encode_state(path, cpu, state)?;
     let tmp = path.with_extension("tmp");
     let mut f = crate::private::create_file(&tmp).map_err(io_err(&tmp))?;
     let write = |f: &mut std::fs::File| -> std::io::Result<()> {
-        f.write_all(&MAGIC)?;
-        f.write_all(&(header.len() as u32).to_le_bytes())?;
-        f.write_all(&header)?;
-        f.write_all(&payload)?;
+        f.write_all(&bytes)?;
         f.sync_all()
     };
     if let Err(e) = write(&mut f) {
@@ -77,12 +90,22 @@ pub fn write_state<T: Serialize>(
 /// Reads and checks a state file; refuses other versions, other CPUs and
 /// corrupt files with the reason.
 pub fn read_state<T: DeserializeOwned>(path: &Path, host: &CpuFingerprint) -> Result<T, Error> {
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    decode_state(path, &bytes, host)
+}
+
+/// Checks and decodes the bytes of a state file (see [`read_state`]);
+/// `path` only names the file in errors.
+pub fn decode_state<T: DeserializeOwned>(
+    path: &Path,
+    bytes: &[u8],
+    host: &CpuFingerprint,
+) -> Result<T, Error> {
     let name = path.display().to_string();
     let corrupt = |reason: String| Error::Corrupt {
         path: name.clone(),
         reason,
     };
-    let bytes = std::fs::read(path).map_err(io_err(path))?;
     if bytes.len() < 12 || bytes[..8] != MAGIC {
         return Err(Error::BadMagic(name));
     }

@@ -16,7 +16,7 @@ pub mod template;
 
 pub use cpu::CpuFingerprint;
 pub use error::Error;
-pub use format::{read_state, write_state, FORMAT_VERSION};
+pub use format::{decode_state, encode_state, read_state, write_state, FORMAT_VERSION};
 
 /// File names inside a snapshot directory.
 pub const STATE_FILE: &str = "state";

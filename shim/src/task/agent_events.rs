@@ -9,6 +9,7 @@ use containerd_shim::protos::events::task as ev;
 use containerd_shim::protos::topics;
 use containerd_shim::protos::types::task::Status;
 use thaw_agent_protocol::agent as proto;
+use thaw_agent_protocol::events::EventCursor;
 
 use super::process::ts_from_ns;
 use super::{lock, Tasks};
@@ -25,7 +26,7 @@ pub(super) fn start_event_loop(tasks: Weak<Tasks>, sb: Arc<Sandbox>) {
     let spawned = std::thread::Builder::new()
         .name("agent-events".into())
         .spawn(move || {
-            let mut seq = 0u64;
+            let mut cursor = EventCursor::new();
             let mut failures = 0u32;
             loop {
                 if sb.is_dead() {
@@ -36,22 +37,16 @@ pub(super) fn start_event_loop(tasks: Weak<Tasks>, sb: Arc<Sandbox>) {
                     return;
                 }
                 drop(me);
-                match sb.agent().get_events(seq, EVENT_POLL) {
+                match sb.agent().get_events(cursor.after(), EVENT_POLL) {
                     Ok(r) => {
                         failures = 0;
                         let Some(me) = tasks.upgrade() else { return };
-                        if r.first_seq > seq + 1 && seq > 0 {
-                            log::warn!(
-                                "missed agent events {}..{}; asking for exits",
-                                seq + 1,
-                                r.first_seq
-                            );
+                        let new = cursor.take(&r);
+                        if let Some((from, to)) = new.missed {
+                            log::warn!("missed agent events {from}..{to}; asking for exits");
                             me.resync_exits(&sb);
                         }
-                        for e in &r.events {
-                            if e.seq > seq {
-                                seq = e.seq;
-                            }
+                        for e in new.events {
                             me.handle_agent_event(e);
                         }
                     }
