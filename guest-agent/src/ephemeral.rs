@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use nix::mount::{mount, MsFlags};
 
 use crate::error::{Error, Result};
+use crate::share::is_mount_point;
 
 pub use thaw_agent_protocol::EPHEMERAL_DIR;
 
@@ -53,14 +54,6 @@ impl Ephemeral {
     pub fn options(&self) -> String {
         format!("size={},mode={:o}", self.size_bytes, self.mode)
     }
-}
-
-fn is_mount_point(dir: &Path) -> bool {
-    let dir = dir.to_string_lossy();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(&*dir))
 }
 
 /// Mounts the tmpfs unless it already is (a second container of the pod).

@@ -13,11 +13,11 @@ use crate::error::{Error, Result};
 pub use thaw_agent_protocol::{SHARE_DIR, SHARE_TAG};
 
 /// Whether something is mounted at `dir` (its mountinfo line).
-fn is_mount_point(dir: &str) -> bool {
+pub(crate) fn is_mount_point(dir: &Path) -> bool {
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
-        .any(|l| l.split(' ').nth(4) == Some(dir))
+        .any(|l| l.split(' ').nth(4).map(Path::new) == Some(dir))
 }
 
 /// Mounts the share (idempotent). `nosuid,nodev` here as on the host: a
@@ -28,7 +28,7 @@ pub fn mount_share(pid1: bool) -> Result<()> {
             "refusing to mount the share: the agent is not the guest's init".into(),
         ));
     }
-    if is_mount_point(SHARE_DIR) {
+    if is_mount_point(Path::new(SHARE_DIR)) {
         return Ok(());
     }
     std::fs::create_dir_all(SHARE_DIR).map_err(|e| Error::path("creating", SHARE_DIR, e))?;
