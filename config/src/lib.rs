@@ -111,6 +111,11 @@ pub struct VmConfig {
     /// only for volumes, or numbers. A node without volumes can forbid
     /// the virtio-fs server's calls; a VMM that makes one is killed.
     pub deny_syscalls: Vec<String>,
+    /// Jail each sandbox's VMM (`thaw-vmm --jail`): a mount namespace with
+    /// only its own files, `jail_uid`:`jail_gid`, a few capabilities.
+    pub jail: bool,
+    pub jail_uid: u32,
+    pub jail_gid: u32,
 }
 
 /// The sum of a pod's container memory limits (bytes), which containerd's
@@ -193,6 +198,9 @@ impl Default for VmConfig {
             memory_shapes_mib: vec![256, 512, 1024, 2048, 4096, 8192, 16384],
             guest_overhead_mib: 64,
             deny_syscalls: Vec::new(),
+            jail: true,
+            jail_uid: 65534,
+            jail_gid: 65534,
         }
     }
 }

@@ -163,6 +163,15 @@ fn private_dir(p: &Path) -> Result<()> {
     private::create_dir_all(p).ctx(|| format!("creating {}", p.display()))
 }
 
+/// The image directory of `namespace` under `state_dir`, made if missing
+/// (0700): what a sandbox's VMM may read images from.
+pub fn namespace_dir(state_dir: &Path, namespace: &str) -> Result<PathBuf> {
+    let cache = ImageCache::new(state_dir, 0, Path::new(""));
+    let dir = cache.ns_dir(namespace)?;
+    cache.ensure_dirs(&dir)?;
+    Ok(dir)
+}
+
 impl ImageCache {
     pub fn new(state_dir: &Path, keep_unused_mib: u64, mkfs: &Path) -> Self {
         ImageCache {

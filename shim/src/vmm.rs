@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use thaw_vmm_api::{BootArgs, Disk, RestoreArgs, Serial, VmmCommand};
+use thaw_vmm_api::{BootArgs, Disk, Jail, JailBind, RestoreArgs, Serial, VmmCommand};
 
 use thaw_config::VmConfig;
 
@@ -16,6 +16,26 @@ pub struct VmPaths {
     pub api_sock: PathBuf,
     /// The guest console.
     pub serial: Serial,
+    /// What the VMM opens later beside these (its namespace's image
+    /// cache, for `attach_disk`), visible read-only in its jail.
+    pub images: Option<PathBuf>,
+}
+
+/// The jail of `vm.jail`, if on: the sandbox directory (sockets, console,
+/// share) is bound because the VMM's sockets are in it.
+fn jail(vm: &VmConfig, paths: &VmPaths) -> Option<Jail> {
+    vm.jail.then(|| Jail {
+        uid: vm.jail_uid,
+        gid: vm.jail_gid,
+        binds: paths
+            .images
+            .iter()
+            .map(|p| JailBind {
+                path: p.clone(),
+                read_only: true,
+            })
+            .collect(),
+    })
 }
 
 /// The guest console from the config's `serial`: "none", "stdout" or a
@@ -40,6 +60,7 @@ pub fn boot_command(vm: &VmConfig, paths: &VmPaths) -> Command {
         serial: paths.serial.clone(),
         api_sock: Some(paths.api_sock.clone()),
         deny_syscalls: vm.deny_syscalls.clone(),
+        jail: jail(vm, paths),
         ..BootArgs::new(&vm.kernel)
     })
     .command(&vm.vmm)
@@ -60,6 +81,7 @@ pub fn restore_command(vm: &VmConfig, template: &Path, paths: &VmPaths) -> Comma
         serial: Some(paths.serial.clone()),
         api_sock: Some(paths.api_sock.clone()),
         deny_syscalls: vm.deny_syscalls.clone(),
+        jail: jail(vm, paths),
         ..RestoreArgs::new(template)
     })
     .command(&vm.vmm)
@@ -97,6 +119,7 @@ mod tests {
             vsock_uds: "/run/s/v.sock".into(),
             api_sock: "/run/s/api.sock".into(),
             serial: Serial::None,
+            images: Some("/var/lib/thaw/images/ns/k8s.io".into()),
         }
     }
 
@@ -109,7 +132,8 @@ mod tests {
             args(c),
             "--kernel /usr/local/share/thaw/vmlinux --disk /usr/local/share/thaw/root.img,ro \
              --spare-disks 8 --vsock-uds /run/s/v.sock --vcpus 1 --memory-mib 256 \
-             --serial none --api-sock /run/s/api.sock --pvm auto"
+             --serial none --api-sock /run/s/api.sock --pvm auto \
+             --jail 65534:65534 --jail-bind /var/lib/thaw/images/ns/k8s.io,ro"
         );
         let vm = VmConfig {
             kernel_append: "quiet".into(),
@@ -136,8 +160,14 @@ mod tests {
         assert_eq!(
             args(restore_command(&vm, Path::new("/t/abc"), &paths())),
             "--restore /t/abc --disk /usr/local/share/thaw/root.img,ro \
-             --vsock-uds /run/s/v.sock --serial none --api-sock /run/s/api.sock"
+             --vsock-uds /run/s/v.sock --serial none --api-sock /run/s/api.sock \
+             --jail 65534:65534 --jail-bind /var/lib/thaw/images/ns/k8s.io,ro"
         );
+        let unjailed = VmConfig {
+            jail: false,
+            ..VmConfig::default()
+        };
+        assert!(!args(restore_command(&unjailed, Path::new("/t/abc"), &paths())).contains("jail"));
     }
 
     #[test]

@@ -64,6 +64,36 @@ impl Share {
     }
 }
 
+/// Run the VMM jailed (`--jail`, `--jail-bind`): as `uid`:`gid`, in a
+/// mount namespace holding only its own files and these paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Jail {
+    pub uid: u32,
+    pub gid: u32,
+    /// Host paths the VMM opens later (by `attach_disk`, say) that it is
+    /// not told of on its command line.
+    pub binds: Vec<JailBind>,
+}
+
+/// A host path visible in the jail, at the same path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailBind {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+impl Jail {
+    fn push_args(&self, a: &mut Argv) {
+        a.opt("--jail", format!("{}:{}", self.uid, self.gid));
+        for b in &self.binds {
+            a.opt(
+                "--jail-bind",
+                with_suffix(&b.path, if b.read_only { ",ro" } else { ",rw" }),
+            );
+        }
+    }
+}
+
 /// Where the guest console goes.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Serial {
@@ -164,6 +194,8 @@ pub struct BootArgs {
     pub share: Option<Share>,
     /// System calls to forbid on top of the VMM's filter (names or numbers).
     pub deny_syscalls: Vec<String>,
+    /// None: the VMM runs unjailed (as its caller).
+    pub jail: Option<Jail>,
 }
 
 impl BootArgs {
@@ -186,6 +218,7 @@ impl BootArgs {
             tap: None,
             share: None,
             deny_syscalls: Vec::new(),
+            jail: None,
         }
     }
 }
@@ -208,6 +241,8 @@ pub struct RestoreArgs {
     pub share: Option<Share>,
     /// System calls to forbid on top of the VMM's filter (names or numbers).
     pub deny_syscalls: Vec<String>,
+    /// None: the VMM runs unjailed (as its caller).
+    pub jail: Option<Jail>,
 }
 
 impl RestoreArgs {
@@ -221,6 +256,7 @@ impl RestoreArgs {
             tap: None,
             share: None,
             deny_syscalls: Vec::new(),
+            jail: None,
         }
     }
 }
@@ -322,6 +358,9 @@ impl VmmCommand {
                 for c in &b.deny_syscalls {
                     a.opt("--deny-syscall", c);
                 }
+                if let Some(j) = &b.jail {
+                    j.push_args(&mut a);
+                }
             }
             VmmCommand::Restore(r) => {
                 a.opt("--restore", &r.snapshot);
@@ -335,6 +374,9 @@ impl VmmCommand {
                 a.opt_if("--share", r.share.as_ref().map(Share::arg));
                 for c in &r.deny_syscalls {
                     a.opt("--deny-syscall", c);
+                }
+                if let Some(j) = &r.jail {
+                    j.push_args(&mut a);
                 }
             }
             VmmCommand::TemplateBuild(t) => {
@@ -486,12 +528,21 @@ mod tests {
                 dir: "/r/shared".into(),
                 read_only: true,
             }),
+            jail: Some(Jail {
+                uid: 65534,
+                gid: 65533,
+                binds: vec![JailBind {
+                    path: "/img/ns/a".into(),
+                    read_only: true,
+                }],
+            }),
             ..RestoreArgs::new("/t/abc")
         };
         assert_eq!(
             argv(r),
             "--restore /t/abc --disk /root.img,ro --vsock-uds /r/v.sock --serial none \
-             --api-sock /r/api.sock --tap tap0 --share /r/shared,ro"
+             --api-sock /r/api.sock --tap tap0 --share /r/shared,ro \
+             --jail 65534:65533 --jail-bind /img/ns/a,ro"
         );
     }
 

@@ -19,7 +19,8 @@ pub mod wire;
 
 pub use client::VmmClient;
 pub use command::{
-    BootArgs, Disk, Pvm, ReadyProbe, RestoreArgs, Serial, Share, TemplateBuildArgs, VmmCommand,
+    BootArgs, Disk, Jail, JailBind, Pvm, ReadyProbe, RestoreArgs, Serial, Share, TemplateBuildArgs,
+    VmmCommand,
 };
 pub use error::Error;
 pub use wire::{BootMark, Reply, Request, RunState, SnapshotSaved, Status};

@@ -11,6 +11,7 @@ use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{DiskConfig, PvmQuirks, SerialOutput, ShareConfig, VmConfig, VsockConfig};
+use crate::jail::{JailBind, JailConfig};
 use crate::snapshot::RestoreOptions;
 use crate::template::TemplateCommand;
 
@@ -24,10 +25,12 @@ pub enum Launch {
 /// Everything `thaw-vmm` can be asked to do.
 #[derive(Debug)]
 pub enum Invocation {
-    /// Run a VM; `deny_syscalls` are forbidden on top of the VMM's filter.
+    /// Run a VM; `deny_syscalls` are forbidden on top of the VMM's filter;
+    /// jailed if `jail` says so.
     Launch {
         launch: Launch,
         deny_syscalls: Vec<libc::c_long>,
+        jail: Option<JailConfig>,
     },
     Template(TemplateCommand),
 }
@@ -157,6 +160,23 @@ struct LaunchArgs {
     /// kills the VMM (SIGSYS).
     #[arg(long = "deny-syscall", value_name = "NAME|NR", value_parser = crate::seccomp::deniable)]
     deny_syscalls: Vec<libc::c_long>,
+    /// Run jailed as UID:GID: a private mount namespace holding only this
+    /// VM's files, a few capabilities kept for virtio-fs and the tap, an
+    /// own IPC namespace.
+    #[arg(long, value_name = "UID:GID", value_parser = parse_ids)]
+    jail: Option<(u32, u32)>,
+    /// Make this host path visible in the jail too, at the same path
+    /// (repeatable; `,ro` read-only).
+    #[arg(long = "jail-bind", value_name = "PATH[,ro]", value_parser = parse_disk,
+          requires = "jail")]
+    jail_binds: Vec<DiskConfig>,
+}
+
+/// `UID:GID`, numbers.
+fn parse_ids(value: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("expected UID:GID (numbers), got {value:?}");
+    let (u, g) = value.split_once(':').ok_or_else(bad)?;
+    Ok((u.parse().map_err(|_| bad())?, g.parse().map_err(|_| bad())?))
 }
 
 /// `PATH`, `PATH,ro` or `PATH,rw`.
@@ -264,9 +284,23 @@ where
         Some(Command::Template(t)) => Ok(Invocation::Template(t)),
         None => {
             let deny_syscalls = cli.launch.deny_syscalls.clone();
+            let jail = cli.launch.jail.map(|(uid, gid)| JailConfig {
+                uid,
+                gid,
+                binds: cli
+                    .launch
+                    .jail_binds
+                    .iter()
+                    .map(|b| JailBind {
+                        path: b.path.clone(),
+                        read_only: b.read_only,
+                    })
+                    .collect(),
+            });
             Ok(Invocation::Launch {
                 launch: cli.launch.into_launch()?,
                 deny_syscalls,
+                jail,
             })
         }
     }
@@ -315,6 +349,29 @@ mod tests {
 
     fn err(s: &str) -> clap::Error {
         parse(args(s)).unwrap_err()
+    }
+
+    #[test]
+    fn jail_takes_ids_and_binds() {
+        match parse(args(
+            "--kernel /k --jail 65534:65533 --jail-bind /i,ro --jail-bind /s",
+        ))
+        .unwrap()
+        {
+            Invocation::Launch { jail, .. } => assert_eq!(
+                jail,
+                Some(JailConfig {
+                    uid: 65534,
+                    gid: 65533,
+                    binds: vec![JailBind::ro("/i"), JailBind::rw("/s")],
+                })
+            ),
+            _ => panic!("not a launch"),
+        }
+        for bad in ["--jail 1", "--jail a:1", "--jail 1:-1", "--jail-bind /i"] {
+            let e = err(&format!("--kernel /k {bad}")).to_string();
+            assert!(e.contains("--jail"), "{bad}: {e}");
+        }
     }
 
     #[test]

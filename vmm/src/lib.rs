@@ -4,7 +4,7 @@
 //! state), `devices/` (serial, i8042, virtio over MMIO, the `Persist`
 //! trait), `vm` (building a VM, fresh or from saved states), `slots` (the
 //! virtio slot table), `vcpu` (vCPU threads, pause/resume), `memory`
-//! (guest RAM in a snapshot), `snapshot` (save/restore orchestration),
+//! (guest RAM in a snapshot), `jail` and `proc_self` (the VMM's confinement), `snapshot` (save/restore orchestration),
 //! `control` (the control socket), `cli` and `config` (what a VM is made
 //! of), `boot_marker` (boot timing).
 
@@ -14,8 +14,10 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod jail;
 pub mod logger;
 pub mod memory;
+pub mod proc_self;
 pub mod profile;
 pub mod seccomp;
 pub mod slots;
@@ -70,6 +72,8 @@ pub enum Error {
     #[error(transparent)]
     Seccomp(#[from] seccomp::SeccompError),
     #[error(transparent)]
+    Jail(#[from] jail::JailError),
+    #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
     #[error("snapshot {dir}: {source}")]
     Snapshot {
@@ -91,7 +95,7 @@ pub enum Error {
 /// Resident memory of this process in KiB: (the VMM's own, guest RAM),
 /// split by whether a mapping lies inside one of `guest_ram` host ranges.
 pub fn memory_usage(guest_ram: &[(u64, u64)]) -> std::io::Result<(u64, u64)> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    let smaps = proc_self::smaps()?;
     let (mut own, mut guest) = (0, 0);
     let mut in_guest = false;
     for line in smaps.lines() {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use thaw_vmm::boot_marker;
 use thaw_vmm::cli::{self, Invocation, Launch};
 use thaw_vmm::control::{self, VmmControl};
+use thaw_vmm::jail::JailConfig;
 use thaw_vmm::snapshot::{self, VmHandle};
 use thaw_vmm::vcpu::VmExit;
 use thaw_vmm::{vm, Error};
@@ -74,7 +75,11 @@ fn keep_guest_memory_private() -> Result<(), Error> {
     Ok(())
 }
 
-fn run(launch: Launch, deny_syscalls: &[libc::c_long]) -> Result<VmExit, Error> {
+fn run(
+    launch: Launch,
+    deny_syscalls: &[libc::c_long],
+    jail: Option<&JailConfig>,
+) -> Result<VmExit, Error> {
     keep_guest_memory_private()?;
     raise_fd_limit();
     // A template in a store is held for as long as this VM runs, so the
@@ -83,6 +88,15 @@ fn run(launch: Launch, deny_syscalls: &[libc::c_long]) -> Result<VmExit, Error> 
         Launch::Restore(opts) => thaw_snapshots::template::Store::pin(&opts.snapshot)?,
         Launch::Boot(_) => None,
     };
+    if let Some(jail) = jail {
+        // What the jail hides, looked up or opened first.
+        thaw_vmm::vm::host_is_pvm();
+        thaw_vmm::proc_self::open().map_err(|source| Error::Io {
+            what: "opening /proc/self before the jail".into(),
+            source,
+        })?;
+        thaw_vmm::jail::enter(jail, &thaw_vmm::jail::binds_for(&launch, &jail.binds))?;
+    }
     let mut vm = match launch {
         Launch::Boot(config) => vm::build(config)?,
         Launch::Restore(opts) => {
@@ -134,16 +148,17 @@ fn run(launch: Launch, deny_syscalls: &[libc::c_long]) -> Result<VmExit, Error> 
 
 fn main() {
     boot_marker::set_process_start();
-    let (launch, deny_syscalls) = match cli::parse(std::env::args_os()) {
+    let (launch, deny_syscalls, jail) = match cli::parse(std::env::args_os()) {
         Ok(Invocation::Launch {
             launch,
             deny_syscalls,
-        }) => (launch, deny_syscalls),
+            jail,
+        }) => (launch, deny_syscalls, jail),
         Ok(Invocation::Template(t)) => std::process::exit(t.run()),
         Err(e) => std::process::exit(cli::report(&e)),
     };
     thaw_vmm::logger::init();
-    match run(launch, &deny_syscalls) {
+    match run(launch, &deny_syscalls, jail.as_ref()) {
         Ok(exit) => {
             match &exit {
                 VmExit::GuestReset => {

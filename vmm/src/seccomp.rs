@@ -24,7 +24,10 @@
 
 use std::collections::BTreeMap;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 /// What the running VMM may never call (x86_64 numbers from libc).
 pub const DENIED: &[(&str, libc::c_long)] = &[
@@ -122,14 +125,47 @@ pub enum SeccompError {
     Install(String),
 }
 
-/// The filter as a BPF program: [`DENIED`] and `extra`.
-pub fn program(extra: &[libc::c_long]) -> Result<BpfProgram, SeccompError> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED
+/// Calls that signal a process (or open one to signal it), with the
+/// argument naming it: allowed only on the VMM's own pid (vCPU kicks are
+/// `tgkill(own pid, tid, ...)`), so a VMM cannot signal any other
+/// process, another VMM of the jail's uid included.
+pub const SIGNALLING: &[(&str, libc::c_long)] = &[
+    ("kill", libc::SYS_kill),
+    ("tgkill", libc::SYS_tgkill),
+    ("rt_sigqueueinfo", libc::SYS_rt_sigqueueinfo),
+    ("rt_tgsigqueueinfo", libc::SYS_rt_tgsigqueueinfo),
+    ("pidfd_open", libc::SYS_pidfd_open),
+];
+
+/// Signalling calls with no pid to check: denied outright.
+pub const SIGNALLING_DENIED: &[(&str, libc::c_long)] = &[
+    ("tkill", libc::SYS_tkill),
+    ("pidfd_send_signal", libc::SYS_pidfd_send_signal),
+];
+
+/// The filter as a BPF program: [`DENIED`], [`SIGNALLING`] on other pids
+/// than `own_pid`, and `extra`.
+pub fn program(extra: &[libc::c_long], own_pid: u32) -> Result<BpfProgram, SeccompError> {
+    let build = |e: seccompiler::BackendError| SeccompError::Build(e.to_string());
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED
         .iter()
+        .chain(SIGNALLING_DENIED)
         .map(|(_, nr)| *nr)
         .chain(extra.iter().copied())
         .map(|nr| (nr, Vec::new()))
         .collect();
+    for (_, nr) in SIGNALLING {
+        let other_pid = SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Ne,
+            u64::from(own_pid),
+        )
+        .map_err(build)?;
+        let rule = SeccompRule::new(vec![other_pid]).map_err(build)?;
+        // An `extra` entry already denies it whatever the pid.
+        rules.entry(*nr).or_insert_with(|| vec![rule]);
+    }
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
@@ -146,7 +182,7 @@ pub fn program(extra: &[libc::c_long]) -> Result<BpfProgram, SeccompError> {
 /// inherit it). Sets no_new_privs, which a filter needs without
 /// CAP_SYS_ADMIN.
 pub fn install(extra: &[libc::c_long]) -> Result<(), SeccompError> {
-    let prog = program(extra)?;
+    let prog = program(extra, std::process::id())?;
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(SeccompError::Install(format!(
@@ -161,41 +197,62 @@ pub fn install(extra: &[libc::c_long]) -> Result<(), SeccompError> {
 mod tests {
     use super::*;
 
+    const CHILD: &str = "THAW_VMM_SECCOMP_TEST_CHILD";
+
+    /// In the child: installs the filter and does what `act` names; exits
+    /// 0 if the filter let it through.
+    fn child_act(act: &str) -> ! {
+        let no_core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: setrlimit with a valid struct.
+        unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
+        install(&[]).unwrap();
+        // SAFETY: execve with NUL-terminated strings and NULL-terminated
+        // arrays; signal 0 only probes, it is never delivered.
+        unsafe {
+            match act {
+                "execve" => {
+                    let path = c"/bin/true";
+                    let argv = [path.as_ptr(), std::ptr::null()];
+                    let envp = [std::ptr::null()];
+                    libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+                }
+                "signal-parent" => {
+                    libc::kill(libc::getppid(), 0);
+                }
+                "signal-self" => {
+                    libc::kill(libc::getpid(), 0);
+                    libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::gettid(), 0);
+                }
+                _ => std::process::exit(4),
+            }
+        }
+        std::process::exit(0);
+    }
+
+    /// Runs `test` again as a child that does `act` under the filter.
+    fn in_child(test: &str, act: &str) -> std::process::ExitStatus {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", test])
+            .env(CHILD, act)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+    }
+
     /// The filter really kills: this test runs itself again as a child,
     /// which installs the filter and calls execve; the child must die of
     /// SIGSYS before the call returns.
     #[test]
     fn a_denied_call_kills_the_process() {
-        const CHILD: &str = "THAW_VMM_SECCOMP_TEST_CHILD";
-        if std::env::var_os(CHILD).is_some() {
-            let no_core = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            // SAFETY: setrlimit with a valid struct; execve with
-            // NUL-terminated strings and NULL-terminated arrays.
-            unsafe {
-                libc::setrlimit(libc::RLIMIT_CORE, &no_core);
-            }
-            install(&[]).unwrap();
-            let path = c"/bin/true";
-            let argv = [path.as_ptr(), std::ptr::null()];
-            let envp = [std::ptr::null()];
-            // SAFETY: see above.
-            unsafe {
-                libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
-            }
-            // Reached only if execve was allowed and failed.
-            std::process::exit(3);
+        if let Some(act) = std::env::var_os(CHILD) {
+            child_act(&act.to_string_lossy());
         }
         use std::os::unix::process::ExitStatusExt;
-        let status = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "seccomp::tests::a_denied_call_kills_the_process"])
-            .env(CHILD, "1")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .unwrap();
+        let status = in_child("seccomp::tests::a_denied_call_kills_the_process", "execve");
         assert_eq!(
             status.signal(),
             Some(libc::SIGSYS),
@@ -203,11 +260,30 @@ mod tests {
         );
     }
 
+    /// Signalling another process kills the VMM; its own threads and
+    /// itself may be signalled.
+    #[test]
+    fn only_the_vmm_itself_may_be_signalled() {
+        if let Some(act) = std::env::var_os(CHILD) {
+            child_act(&act.to_string_lossy());
+        }
+        use std::os::unix::process::ExitStatusExt;
+        let test = "seccomp::tests::only_the_vmm_itself_may_be_signalled";
+        let other = in_child(test, "signal-parent");
+        assert_eq!(
+            other.signal(),
+            Some(libc::SIGSYS),
+            "child ended with {other}"
+        );
+        let own = in_child(test, "signal-self");
+        assert_eq!(own.code(), Some(0), "child ended with {own}");
+    }
+
     #[test]
     fn the_filter_builds_and_names_each_call_once() {
-        let prog = program(&[]).unwrap();
+        let prog = program(&[], 42).unwrap();
         assert!(!prog.is_empty());
-        let tighter = program(&[libc::SYS_openat2, libc::SYS_execve]).unwrap();
+        let tighter = program(&[libc::SYS_openat2, libc::SYS_execve], 42).unwrap();
         assert!(tighter.len() > prog.len());
         let mut nrs: Vec<_> = DENIED.iter().map(|(_, nr)| *nr).collect();
         nrs.sort_unstable();

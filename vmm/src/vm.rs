@@ -60,8 +60,10 @@ pub fn default_guest_cmdline(pvm_quirks: bool) -> String {
 }
 
 /// Is this host's KVM the PVM flavour (guest kernel emulated)?
+/// Looked up once: a jailed VMM no longer sees `/sys`.
 pub fn host_is_pvm() -> bool {
-    Path::new("/sys/module/kvm_pvm").exists()
+    static PVM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PVM.get_or_init(|| Path::new("/sys/module/kvm_pvm").exists())
 }
 
 /// Fills a spare disk slot: `(slot, image, read_only)`.

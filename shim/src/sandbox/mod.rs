@@ -248,11 +248,14 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     v[v.len().saturating_sub(lines)..].join(" | ")
 }
 
-fn make_backend(cfg: &Config, vm: &VmConfig) -> Arc<dyn Backend> {
-    match cfg.backend {
-        BackendKind::Vm => Arc::new(VmBackend::new(vm.clone())),
+fn make_backend(cfg: &Config, vm: &VmConfig, namespace: &str) -> Result<Arc<dyn Backend>> {
+    Ok(match cfg.backend {
+        BackendKind::Vm => {
+            let images = crate::image_cache::namespace_dir(&cfg.state_dir, namespace)?;
+            Arc::new(VmBackend::new(vm.clone(), Some(images)))
+        }
         BackendKind::HostUnisolated => Arc::new(HostBackend::new(cfg.host.clone())),
-    }
+    })
 }
 
 impl Sandbox {
@@ -267,7 +270,7 @@ impl Sandbox {
         pod_cgroup: Option<PodCgroup>,
         netns: PodNetns,
     ) -> Result<Sandbox> {
-        let backend = make_backend(cfg, vm);
+        let backend = make_backend(cfg, vm, namespace)?;
         backend.check()?;
         let dir = sandbox_dir(&cfg.run_dir, namespace, id);
         if dir.exists() {

@@ -30,14 +30,53 @@ fn mount_err(what: String) -> impl FnOnce(nix::errno::Errno) -> Error {
     move |e| Error::io(what, std::io::Error::from(e))
 }
 
+/// Makes `<sandbox dir>/share` (0700) a mount point of its own with
+/// shared propagation, before a jailed VMM starts: the VMM's mount
+/// namespace is a copy taken then, and only through that propagation do
+/// the binds [`Share::expose`] makes later reach it.
+pub fn prepare_mount_point(sandbox_dir: &Path) -> Result<()> {
+    let root = sandbox_dir.join("share");
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&root)
+        .map_err(|e| Error::io(format!("creating {}", root.display()), e))?;
+    let shown = root.display().to_string();
+    let result = mount(
+        Some(&root),
+        &root,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(mount_err(format!("bind-mounting {shown} on itself")))
+    .and_then(|()| {
+        mount(
+            None::<&str>,
+            &root,
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+        .map_err(mount_err(format!("making {shown} a shared mount")))
+    });
+    if result.is_err() {
+        let _ = umount2(&root, MntFlags::MNT_DETACH);
+        let _ = fs::remove_dir(&root);
+    }
+    result
+}
+
 impl Share {
-    /// Makes `<sandbox dir>/share` (0700).
+    /// Makes `<sandbox dir>/share` (0700), or takes the one
+    /// [`prepare_mount_point`] made.
     pub fn create(sandbox_dir: &Path) -> Result<Share> {
         let root = sandbox_dir.join("share");
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&root)
-            .map_err(|e| Error::io(format!("creating {}", root.display()), e))?;
+        if !root.is_dir() {
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&root)
+                .map_err(|e| Error::io(format!("creating {}", root.display()), e))?;
+        }
         Ok(Share { root })
     }
 
@@ -134,11 +173,17 @@ impl Share {
         let _ = fs::remove_dir(&dir);
     }
 
-    /// Withdraws every container's mounts and removes the share.
+    /// Withdraws every container's mounts and removes the share (and its
+    /// own mount, if it is one).
     pub fn remove(&self) {
         if let Ok(entries) = fs::read_dir(&self.root) {
             for e in entries.flatten() {
                 self.withdraw(&e.file_name().to_string_lossy());
+            }
+        }
+        if let Err(err) = umount2(&self.root, MntFlags::MNT_DETACH) {
+            if err != nix::errno::Errno::EINVAL {
+                log::warn!("unmounting {}: {err}", self.root.display());
             }
         }
         let _ = fs::remove_dir(&self.root);
@@ -211,6 +256,29 @@ mod tests {
         share.remove();
         assert!(!root.exists());
         let _ = fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755));
+    }
+
+    #[test]
+    fn a_prepared_share_is_a_shared_mount_and_goes_away() {
+        let d = tempfile::tempdir().unwrap();
+        prepare_mount_point(d.path()).unwrap();
+        let root = d.path().join("share");
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let line = info
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(root.to_str().unwrap()))
+            .unwrap_or_else(|| panic!("{} is not a mount point", root.display()))
+            .to_string();
+        assert!(line.contains(" shared:"), "{line}");
+        // Twice is an error, naming the directory; the first stays.
+        let e = prepare_mount_point(d.path()).unwrap_err().to_string();
+        assert!(e.contains(root.to_str().unwrap()), "{e}");
+        let share = Share::create(d.path()).unwrap();
+        let src = d.path().join("src");
+        fs::create_dir(&src).unwrap();
+        share.expose("c1", 0, &src, false).unwrap();
+        share.remove();
+        assert!(!mounted(&root) && !root.exists());
     }
 
     #[test]

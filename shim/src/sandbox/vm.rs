@@ -15,15 +15,18 @@ use thaw_config::VmConfig;
 
 pub struct VmBackend {
     vm: VmConfig,
+    /// The sandbox's namespace's image cache, which `attach` reads.
+    images: Option<std::path::PathBuf>,
     api_sock: std::sync::Mutex<Option<std::path::PathBuf>>,
     /// The template snapshot to restore, when there is one.
     template: std::sync::Mutex<Option<std::path::PathBuf>>,
 }
 
 impl VmBackend {
-    pub fn new(vm: VmConfig) -> Self {
+    pub fn new(vm: VmConfig, images: Option<std::path::PathBuf>) -> Self {
         VmBackend {
             vm,
+            images,
             api_sock: std::sync::Mutex::new(None),
             template: std::sync::Mutex::new(None),
         }
@@ -133,7 +136,10 @@ impl Backend for VmBackend {
         Ok(())
     }
 
-    fn prepare(&self, _dir: &Path) -> Result<Option<std::path::PathBuf>> {
+    fn prepare(&self, dir: &Path) -> Result<Option<std::path::PathBuf>> {
+        if self.vm.jail {
+            super::share::prepare_mount_point(dir)?;
+        }
         let t = self.template();
         if let Ok(mut g) = self.template.lock() {
             *g = t;
@@ -151,6 +157,7 @@ impl Backend for VmBackend {
             api_sock,
             // A relative name goes next to the sandbox's other files.
             serial: vmm::serial(&self.vm.serial, dir),
+            images: self.images.clone(),
         };
         match self.template.lock().ok().and_then(|g| g.clone()) {
             Some(t) => vmm::restore_command(&self.vm, &t, &paths),

@@ -252,16 +252,10 @@ impl Share {
                 source: io::Error::from_raw_os_error(e),
             });
         }
-        let proc_fds = openat2(
-            libc::AT_FDCWD,
-            c"/proc/self/fd",
-            libc::O_PATH | libc::O_DIRECTORY,
-            0,
-            0,
-        )
-        .map_err(|e| ShareError::Open {
+        // Opened before the jail, which has no procfs.
+        let proc_fds = crate::proc_self::fd_dir().map_err(|source| ShareError::Open {
             path: "/proc/self/fd".into(),
-            source: io::Error::from_raw_os_error(e),
+            source,
         })?;
         let st =
             stat_fd(root.as_raw_fd()).map_err(|e| open_err(io::Error::from_raw_os_error(e)))?;
