@@ -578,14 +578,73 @@ fn vm_a_crashed_shim_leaves_no_share_behind() {
     assert!(dir.join("up").exists(), "the host directory itself is kept");
 }
 
-/// The VMM holds guest memory: it never dumps core (a crash must not
-/// write a tenant's memory to disk) and sits in an IPC namespace of its
-/// own, away from the host's System V objects and message queues.
+/// The sandbox's VMM is jailed (`vm.jail`, on by default): uid and gid
+/// 65534 with only the five kept capabilities, a root holding only its
+/// own files (no /etc, no shell, no procfs), no core dumps, its own IPC
+/// namespace; and through the jail it still restores, attaches the
+/// container's disk and serves a volume the shim binds in after the VMM
+/// started, files created there owned as the guest asked.
 #[test]
-fn vm_the_vmm_has_no_core_dumps_and_its_own_ipc_namespace() {
+fn vm_the_vmm_is_jailed_and_still_serves_disks_and_volumes() {
     let c = setup();
-    let id = c.run_detached("confined", &["sleep", "600"], RUN_TIMEOUT);
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("vol");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("in"), "through the jail").unwrap();
+    let rw = format!("type=bind,src={},dst=/data,options=rbind:rw", dir.display());
+    let id = c.new_id("jailed");
+    let mut args = c.run_args(&["-d", "--mount", &rw]);
+    args.extend([BUSYBOX_REF, id.as_str()]);
+    args.extend(["sh", "-c", "cat /data/in > /data/copy; sleep 600"]);
+    let out = c.ctr_timeout(&args, RUN_TIMEOUT);
+    assert!(out.success(), "{}", out.describe());
+    let copy = dir.join("copy");
+    assert!(
+        wait_for(RUN_TIMEOUT, || std::fs::read_to_string(&copy)
+            .ok()
+            .filter(|t| t == "through the jail"))
+        .is_some(),
+        "the container's copy through the volume never appeared"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&copy).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (0, 0), "guest root's file");
+
     let pid = vmm_pid(&c).expect("a running thaw-vmm");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(field("Uid:"), ["65534"; 4], "{status}");
+    assert_eq!(field("Gid:"), ["65534"; 4], "{status}");
+    // CHOWN, DAC_OVERRIDE, FOWNER, FSETID, NET_ADMIN.
+    for caps in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        assert_eq!(field(caps), ["000000000000101b"], "{caps} {status}");
+    }
+    assert_eq!(field("CapAmb:"), ["0000000000000000"], "{status}");
+    let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+    for absent in ["etc/passwd", "bin/sh", "proc/self", "sys/kernel", "root"] {
+        assert!(
+            !root.join(absent).exists(),
+            "/{absent} is visible to the jailed VMM"
+        );
+    }
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let top = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/"))
+        .expect("a root mount");
+    assert!(top.contains(" ro,") && top.contains(" - tmpfs "), "{top}");
+    assert!(
+        !mounts.lines().any(|l| l.contains(" - proc ")),
+        "a procfs in the jail:\n{mounts}"
+    );
+
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let core = limits
         .lines()
@@ -601,6 +660,10 @@ fn vm_the_vmm_has_no_core_dumps_and_its_own_ipc_namespace() {
     assert_ne!(own, vmm, "the VMM shares the host's IPC namespace");
     c.kill_and_remove(&id, RUN_TIMEOUT);
     c.assert_no_leaks();
+    assert_eq!(
+        std::fs::read_to_string(dir.join("in")).unwrap(),
+        "through the jail"
+    );
 }
 
 /// A node that forbids the VMM a system call (`vm.deny_syscalls`, here
