@@ -581,7 +581,8 @@ fn vm_a_crashed_shim_leaves_no_share_behind() {
 /// The sandbox's VMM is jailed (`vm.jail`, on by default): uid and gid
 /// 65534 with only the five kept capabilities, a root holding only its
 /// own files (no /etc, no shell, no procfs), no core dumps, its own IPC
-/// namespace; and through the jail it still restores, attaches the
+/// namespace, a descriptor limit, a system call allow-list on each vCPU
+/// and device thread; and through the jail it still restores, attaches the
 /// container's disk and serves a volume the shim binds in after the VMM
 /// started, files created there owned as the guest asked.
 #[test]
@@ -655,9 +656,44 @@ fn vm_the_vmm_is_jailed_and_still_serves_disks_and_volumes() {
         ["0", "0"],
         "{core}"
     );
+    // Descriptors: at most virtio-fs's bounds and some, soft and hard.
+    let files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("an open files line");
+    let nofile: Vec<u64> = files
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert!(nofile[0] == nofile[1] && nofile[0] <= 132096, "{files}");
     let own = std::fs::read_link("/proc/self/ns/ipc").unwrap();
     let vmm = std::fs::read_link(format!("/proc/{pid}/ns/ipc")).unwrap();
     assert_ne!(own, vmm, "the VMM shares the host's IPC namespace");
+    // Every guest-facing thread runs under its role's allow-list on top of
+    // the process filter: two filters; the others one.
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let Ok(comm) = std::fs::read_to_string(task.join("comm")) else {
+            continue;
+        };
+        let comm = comm.trim();
+        let Ok(status) = std::fs::read_to_string(task.join("status")) else {
+            continue;
+        };
+        let filters = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+            .map(str::trim)
+            .unwrap_or("?");
+        let guest_facing = comm.starts_with("vcpu") || comm.starts_with("thaw-virtio-");
+        if guest_facing {
+            assert_eq!(filters, "2", "thread {comm}: {status}");
+        } else if !comm.starts_with("kvm-") {
+            assert_eq!(filters, "1", "thread {comm}: {status}");
+        }
+    }
     c.kill_and_remove(&id, RUN_TIMEOUT);
     c.assert_no_leaks();
     assert_eq!(

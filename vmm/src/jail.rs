@@ -291,6 +291,7 @@ pub fn enter(config: &JailConfig, binds: &[JailBind]) -> Result<(), JailError> {
     )
     .map_err(sys("making the jail's root read-only"))?;
 
+    limit_descriptors()?;
     drop_privileges(config.uid, config.gid)?;
     // A change of uid clears the parent-death signal and the dumpable
     // flag: set both again, then make sure the shim did not die meanwhile.
@@ -356,6 +357,20 @@ fn bind(base: &Path, b: &JailBind, fd: &OwnedFd, is_dir: bool) -> Result<(), Jai
     }
     mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)
         .map_err(sys(format!("restricting {} in the jail", b.path.display())))
+}
+
+/// The most descriptors a jailed VMM may hold: the virtio-fs server's
+/// inode and handle bounds, and room for its devices and sockets. Its hard
+/// limit too, so it can never raise it.
+pub const MAX_FILES: u64 = (crate::devices::virtio::fs::passthrough::MAX_INODES
+    + crate::devices::virtio::fs::passthrough::MAX_HANDLES
+    + 1024) as u64;
+
+fn limit_descriptors() -> Result<(), JailError> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(sys("reading RLIMIT_NOFILE"))?;
+    let limit = hard.min(MAX_FILES);
+    setrlimit(Resource::RLIMIT_NOFILE, limit, limit).map_err(sys("setting RLIMIT_NOFILE"))
 }
 
 /// Becomes `uid`:`gid` with only [`KEPT_CAPS`].

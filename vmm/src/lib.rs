@@ -12,6 +12,7 @@ pub mod arch;
 pub mod boot_marker;
 pub mod cli;
 pub mod config;
+pub mod confined;
 pub mod control;
 pub mod devices;
 pub mod jail;

@@ -97,6 +97,10 @@ fn run(
         })?;
         thaw_vmm::jail::enter(jail, &thaw_vmm::jail::binds_for(&launch, &jail.binds))?;
     }
+    // Before any other thread exists: all inherit the process filter, and
+    // the device threads a restore starts get their own lists.
+    thaw_vmm::seccomp::install(&[])?;
+    thaw_vmm::confined::enable(deny_syscalls)?;
     let mut vm = match launch {
         Launch::Boot(config) => vm::build(config)?,
         Launch::Restore(opts) => {
@@ -109,9 +113,15 @@ fn run(
     // Bind before the vCPUs run, so a caller that sees the socket can use it.
     let listener = api_socket.as_deref().map(bind_api_socket).transpose()?;
     let handle = Arc::new(VmHandle::new(&vm)?);
-    // Before the guest runs: the vCPU and control threads made from here
-    // on inherit it.
-    thaw_vmm::seccomp::install(deny_syscalls)?;
+    // Set up with them allowed, from here on the VM runs without the calls
+    // an operator forbade (the control thread inherits this; the launcher,
+    // started next, starts the vCPUs and device threads, whose lists lack
+    // them).
+    thaw_vmm::seccomp::deny_on_this_thread(deny_syscalls)?;
+    thaw_vmm::confined::start_launcher().map_err(|source| Error::Io {
+        what: "starting the thread launcher".into(),
+        source,
+    })?;
     let exits = vm.start()?;
 
     if let Some(listener) = listener {

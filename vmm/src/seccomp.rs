@@ -19,10 +19,13 @@
 //! `getdents64`, `pread64`/`pwrite64`, `ftruncate`, `fsync` and `fstatfs`).
 //! The handle-based file API stays denied: the virtio-fs server never uses
 //! it, so a guest can never reach around its share with it.
-//! A per-thread allow-list, as Firecracker has, is the next step, with the
-//! jail (namespaces, chroot, an unprivileged uid).
+//! On top of it, each vCPU and device thread installs an allow-list for
+//! its role ([`thread_program`], [`crate::confined`]); the main, control
+//! and launcher threads, which serve only the host, keep this filter.
 
 use std::collections::BTreeMap;
+
+use crate::confined::ThreadRole;
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -97,6 +100,188 @@ pub const DENIABLE: &[(&str, libc::c_long)] = &[
     ("utimensat", libc::SYS_utimensat),
     ("fallocate", libc::SYS_fallocate),
 ];
+
+/// What every confined thread may call: memory, futexes, signals to
+/// itself, time, its epoll loop and eventfds, stderr, and ending.
+const THREAD_BASE: &[(&str, libc::c_long)] = &[
+    ("read", libc::SYS_read),
+    ("write", libc::SYS_write),
+    ("readv", libc::SYS_readv),
+    ("writev", libc::SYS_writev),
+    ("close", libc::SYS_close),
+    ("fcntl", libc::SYS_fcntl),
+    ("futex", libc::SYS_futex),
+    ("mmap", libc::SYS_mmap),
+    ("munmap", libc::SYS_munmap),
+    ("mprotect", libc::SYS_mprotect),
+    ("mremap", libc::SYS_mremap),
+    ("madvise", libc::SYS_madvise),
+    ("brk", libc::SYS_brk),
+    ("rt_sigreturn", libc::SYS_rt_sigreturn),
+    ("rt_sigprocmask", libc::SYS_rt_sigprocmask),
+    ("sigaltstack", libc::SYS_sigaltstack),
+    ("sched_yield", libc::SYS_sched_yield),
+    ("sched_getaffinity", libc::SYS_sched_getaffinity),
+    ("clock_gettime", libc::SYS_clock_gettime),
+    ("clock_nanosleep", libc::SYS_clock_nanosleep),
+    ("nanosleep", libc::SYS_nanosleep),
+    ("gettid", libc::SYS_gettid),
+    ("getpid", libc::SYS_getpid),
+    ("getrandom", libc::SYS_getrandom),
+    ("epoll_create1", libc::SYS_epoll_create1),
+    ("epoll_ctl", libc::SYS_epoll_ctl),
+    ("epoll_wait", libc::SYS_epoll_wait),
+    ("epoll_pwait", libc::SYS_epoll_pwait),
+    ("eventfd2", libc::SYS_eventfd2),
+    ("rseq", libc::SYS_rseq),
+    ("set_robust_list", libc::SYS_set_robust_list),
+    ("prctl", libc::SYS_prctl),
+    ("exit", libc::SYS_exit),
+    ("exit_group", libc::SYS_exit_group),
+];
+
+/// A vCPU: KVM's ioctls (run, registers at pause and snapshot) and the
+/// guest console's file.
+const VCPU: &[(&str, libc::c_long)] = &[("ioctl", libc::SYS_ioctl), ("fsync", libc::SYS_fsync)];
+
+/// virtio-blk: reads and writes at offsets of its disk files, flushes.
+const BLOCK: &[(&str, libc::c_long)] = &[
+    ("pread64", libc::SYS_pread64),
+    ("pwrite64", libc::SYS_pwrite64),
+    ("preadv", libc::SYS_preadv),
+    ("pwritev", libc::SYS_pwritev),
+    ("fsync", libc::SYS_fsync),
+    ("fdatasync", libc::SYS_fdatasync),
+];
+
+/// virtio-net: frames through the tap (read, write: in the base list).
+const NET: &[(&str, libc::c_long)] = &[];
+
+/// virtio-vsock: the host's Unix sockets, dialled and accepted.
+const VSOCK: &[(&str, libc::c_long)] = &[
+    ("socket", libc::SYS_socket),
+    ("connect", libc::SYS_connect),
+    ("accept4", libc::SYS_accept4),
+    ("recvfrom", libc::SYS_recvfrom),
+    ("sendto", libc::SYS_sendto),
+    ("recvmsg", libc::SYS_recvmsg),
+    ("sendmsg", libc::SYS_sendmsg),
+    ("shutdown", libc::SYS_shutdown),
+    ("getsockopt", libc::SYS_getsockopt),
+    ("setsockopt", libc::SYS_setsockopt),
+];
+
+/// virtio-fs: the FUSE server's file API (the `*at` calls relative to
+/// the share's fds), besides the calls in [`DENIABLE`].
+const FS: &[(&str, libc::c_long)] = &[
+    ("openat", libc::SYS_openat),
+    ("newfstatat", libc::SYS_newfstatat),
+    ("fstat", libc::SYS_fstat),
+    ("statx", libc::SYS_statx),
+    ("fstatfs", libc::SYS_fstatfs),
+    ("readlinkat", libc::SYS_readlinkat),
+    ("lseek", libc::SYS_lseek),
+    ("pread64", libc::SYS_pread64),
+    ("pwrite64", libc::SYS_pwrite64),
+    ("preadv", libc::SYS_preadv),
+    ("pwritev", libc::SYS_pwritev),
+    ("ftruncate", libc::SYS_ftruncate),
+    ("fsync", libc::SYS_fsync),
+    ("fdatasync", libc::SYS_fdatasync),
+    ("fchmod", libc::SYS_fchmod),
+    ("fchown", libc::SYS_fchown),
+    ("dup", libc::SYS_dup),
+];
+
+/// The calls a thread of `role` may make besides [`THREAD_BASE`] and
+/// signalling itself.
+pub fn allowed(role: ThreadRole) -> Vec<(&'static str, libc::c_long)> {
+    let own: &[(&str, libc::c_long)] = match role {
+        ThreadRole::Vcpu => VCPU,
+        ThreadRole::Block => BLOCK,
+        ThreadRole::Rng => &[],
+        ThreadRole::Net => NET,
+        ThreadRole::Vsock => VSOCK,
+        ThreadRole::Fs => FS,
+    };
+    let mut calls: Vec<_> = own.to_vec();
+    if role == ThreadRole::Fs {
+        calls.extend_from_slice(DENIABLE);
+    }
+    calls
+}
+
+/// The ioctl types (the request's second byte) a thread of `role` may
+/// use: KVM's (0xAE) on the vCPU; the tty/tun family ('T': `FIONBIO` on
+/// sockets, `TUNSET*` on the tap) where sockets or the tap are used.
+fn ioctl_types(role: ThreadRole) -> &'static [u8] {
+    match role {
+        ThreadRole::Vcpu => &[0xAE],
+        ThreadRole::Net | ThreadRole::Vsock => b"T",
+        ThreadRole::Block | ThreadRole::Rng | ThreadRole::Fs => &[],
+    }
+}
+
+/// What a confined thread meets on a call its role does not make.
+const OFF_LIST: SeccompAction = SeccompAction::KillProcess;
+
+/// `role`'s allow-list as a BPF program: [`THREAD_BASE`], [`allowed`],
+/// and the signalling calls on `own_pid` only; never `denied`.
+pub fn thread_program(
+    role: ThreadRole,
+    own_pid: u32,
+    denied: &[libc::c_long],
+) -> Result<BpfProgram, SeccompError> {
+    let build = |e: seccompiler::BackendError| SeccompError::Build(e.to_string());
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = THREAD_BASE
+        .iter()
+        .copied()
+        .chain(allowed(role))
+        .map(|(_, nr)| nr)
+        .filter(|nr| !denied.contains(nr))
+        .map(|nr| (nr, Vec::new()))
+        .collect();
+    for (_, nr) in SIGNALLING {
+        let own = SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            u64::from(own_pid),
+        )
+        .map_err(build)?;
+        if !denied.contains(nr) {
+            rules.insert(*nr, vec![SeccompRule::new(vec![own]).map_err(build)?]);
+        }
+    }
+    let ioctls = ioctl_types(role)
+        .iter()
+        .map(|t| {
+            let of_type = SeccompCondition::new(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::MaskedEq(0xff00),
+                u64::from(*t) << 8,
+            )
+            .map_err(build)?;
+            SeccompRule::new(vec![of_type]).map_err(build)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if !ioctls.is_empty() && !denied.contains(&libc::SYS_ioctl) {
+        rules.insert(libc::SYS_ioctl, ioctls);
+    }
+    let filter = SeccompFilter::new(rules, OFF_LIST, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(|e| SeccompError::Build(e.to_string()))?;
+    filter.try_into().map_err(build)
+}
+
+/// Installs `role`'s allow-list on the calling thread only (threads it
+/// starts inherit it).
+pub fn confine_thread(role: ThreadRole, denied: &[libc::c_long]) -> Result<(), SeccompError> {
+    let prog = thread_program(role, std::process::id(), denied)?;
+    no_new_privs()?;
+    seccompiler::apply_filter(&prog)
+        .map_err(|e| SeccompError::Install(format!("{role:?} thread: {e}")))
+}
 
 /// The number of a system call named by `--deny-syscall`: a name from
 /// [`DENIABLE`] or a number below 1024.
@@ -178,11 +363,7 @@ pub fn program(extra: &[libc::c_long], own_pid: u32) -> Result<BpfProgram, Secco
         .map_err(|e: seccompiler::BackendError| SeccompError::Build(e.to_string()))
 }
 
-/// Installs the filter on every thread of this process (threads made later
-/// inherit it). Sets no_new_privs, which a filter needs without
-/// CAP_SYS_ADMIN.
-pub fn install(extra: &[libc::c_long]) -> Result<(), SeccompError> {
-    let prog = program(extra, std::process::id())?;
+fn no_new_privs() -> Result<(), SeccompError> {
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(SeccompError::Install(format!(
@@ -190,7 +371,38 @@ pub fn install(extra: &[libc::c_long]) -> Result<(), SeccompError> {
             std::io::Error::last_os_error()
         )));
     }
+    Ok(())
+}
+
+/// Installs the filter on every thread of this process (threads made later
+/// inherit it). Sets no_new_privs, which a filter needs without
+/// CAP_SYS_ADMIN. Call before any thread has a filter of its own.
+pub fn install(extra: &[libc::c_long]) -> Result<(), SeccompError> {
+    let prog = program(extra, std::process::id())?;
+    no_new_privs()?;
     seccompiler::apply_filter_all_threads(&prog).map_err(|e| SeccompError::Install(e.to_string()))
+}
+
+/// Forbids `denied` to the calling thread and the threads it starts later
+/// (the VMM's main thread, once the VM is set up with them allowed).
+pub fn deny_on_this_thread(denied: &[libc::c_long]) -> Result<(), SeccompError> {
+    if denied.is_empty() {
+        return Ok(());
+    }
+    let rules: BTreeMap<i64, Vec<SeccompRule>> =
+        denied.iter().map(|nr| (*nr, Vec::new())).collect();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::KillProcess,
+        TargetArch::x86_64,
+    )
+    .map_err(|e| SeccompError::Build(e.to_string()))?;
+    let prog: BpfProgram = filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| SeccompError::Build(e.to_string()))?;
+    no_new_privs()?;
+    seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install(e.to_string()))
 }
 
 #[cfg(test)]

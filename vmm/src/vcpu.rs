@@ -271,17 +271,16 @@ impl Vcpu {
     pub fn spawn(self, control: Arc<RunControl>, exits: Sender<VmExit>) -> Result<(), VcpuError> {
         let ctl = control.clone();
         let first_vcpu = self.id == 0;
-        let handle = std::thread::Builder::new()
-            .name(format!("vcpu{}", self.id))
-            .spawn(move || {
-                let exit = self.run_loop(&ctl);
-                if let Some(exit) = exit {
-                    ctl.stop_requested();
-                    ctl.kick_all();
-                    let _ = exits.send(exit);
-                }
-            })
-            .map_err(VcpuError::Spawn)?;
+        let name = format!("vcpu{}", self.id);
+        let handle = crate::confined::spawn(&name, crate::confined::ThreadRole::Vcpu, move || {
+            let exit = self.run_loop(&ctl);
+            if let Some(exit) = exit {
+                ctl.stop_requested();
+                ctl.kick_all();
+                let _ = exits.send(exit);
+            }
+        })
+        .map_err(VcpuError::Spawn)?;
         control
             .threads
             .lock()

@@ -334,6 +334,7 @@ impl VirtioDevice for Block {
         }
         let worker = spawn_queue_worker(
             "thaw-virtio-blk",
+            crate::confined::ThreadRole::Block,
             ctx.mem,
             queue,
             evt,

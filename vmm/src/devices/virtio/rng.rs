@@ -141,6 +141,7 @@ impl VirtioDevice for Rng {
         self.worker = Some(
             spawn_queue_worker(
                 "thaw-virtio-rng",
+                crate::confined::ThreadRole::Rng,
                 ctx.mem,
                 queue,
                 evt,

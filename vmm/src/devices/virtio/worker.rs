@@ -7,7 +7,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::descriptors::{parse_chain, Chain, ChainError};
 use super::{Interrupt, PauseError};
+use crate::confined::{self, ThreadRole};
 
 /// Chains served before the worker looks at its stop event again, so a
 /// guest that keeps its queue full cannot keep a pause from happening.
@@ -30,15 +31,15 @@ pub struct Worker<T> {
 impl<T: Send + 'static> Worker<T> {
     /// Start `body` on a new thread. `body` gets the stop eventfd, which it
     /// must watch and return promptly once it becomes readable.
-    pub fn spawn<F>(name: &str, body: F) -> io::Result<Self>
+    /// The thread runs under `role`'s system call allow-list
+    /// ([`crate::confined`]).
+    pub fn spawn<F>(name: &str, role: ThreadRole, body: F) -> io::Result<Self>
     where
         F: FnOnce(EventFd) -> T + Send + 'static,
     {
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let thread_stop = stop.try_clone()?;
-        let handle = thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || body(thread_stop))?;
+        let handle = confined::spawn(name, role, move || body(thread_stop))?;
         Ok(Self {
             stop,
             handle: Some(handle),
@@ -197,6 +198,7 @@ pub fn notify_guest(mem: &GuestMemoryMmap, queue: &mut Queue, interrupt: &dyn In
 /// until stopped, then hands the queue back.
 pub fn spawn_queue_worker<H>(
     name: &str,
+    role: ThreadRole,
     mem: GuestMemoryMmap,
     mut queue: Queue,
     queue_evt: EventFd,
@@ -208,7 +210,7 @@ where
 {
     const QUEUE: u64 = 0;
     const STOP: u64 = 1;
-    Worker::spawn(name, move |stop: EventFd| {
+    Worker::spawn(name, role, move |stop: EventFd| {
         let mut events = match EventLoop::new().and_then(|ev| {
             ev.add(queue_evt.as_raw_fd(), QUEUE, EventSet::IN)?;
             ev.add(stop.as_raw_fd(), STOP, EventSet::IN)?;
@@ -256,7 +258,7 @@ mod tests {
 
     #[test]
     fn worker_stops_on_request_and_returns_its_value() {
-        let worker = Worker::spawn("test-worker", |stop: EventFd| {
+        let worker = Worker::spawn("test-worker", ThreadRole::Rng, |stop: EventFd| {
             let mut ev = EventLoop::new().unwrap();
             ev.add(stop.as_raw_fd(), 7, EventSet::IN).unwrap();
             loop {
@@ -272,7 +274,7 @@ mod tests {
 
     #[test]
     fn panicking_worker_is_reported() {
-        let worker = Worker::spawn("test-panic", |_stop: EventFd| -> u32 {
+        let worker = Worker::spawn("test-panic", ThreadRole::Rng, |_stop: EventFd| -> u32 {
             panic!("worker failed on purpose")
         })
         .unwrap();

@@ -240,8 +240,12 @@ impl VirtioDevice for Fs {
             scratch: Vec::new(),
         };
         self.worker = Some(
-            Worker::spawn("thaw-virtio-fs", move |stop| worker.run(stop))
-                .map_err(ActivateError::Worker)?,
+            Worker::spawn(
+                "thaw-virtio-fs",
+                crate::confined::ThreadRole::Fs,
+                move |stop| worker.run(stop),
+            )
+            .map_err(ActivateError::Worker)?,
         );
         Ok(())
     }

@@ -342,8 +342,12 @@ impl VirtioDevice for Net {
             overflow: [0],
         };
         self.worker = Some(
-            Worker::spawn("thaw-virtio-net", move |stop| worker.run(stop))
-                .map_err(ActivateError::Worker)?,
+            Worker::spawn(
+                "thaw-virtio-net",
+                crate::confined::ThreadRole::Net,
+                move |stop| worker.run(stop),
+            )
+            .map_err(ActivateError::Worker)?,
         );
         Ok(())
     }

@@ -212,8 +212,12 @@ impl VirtioDevice for Vsock {
             tx_data: Vec::new(),
         };
         self.worker = Some(
-            Worker::spawn("thaw-virtio-vsock", move |stop| worker.run(stop))
-                .map_err(ActivateError::Worker)?,
+            Worker::spawn(
+                "thaw-virtio-vsock",
+                crate::confined::ThreadRole::Vsock,
+                move |stop| worker.run(stop),
+            )
+            .map_err(ActivateError::Worker)?,
         );
         Ok(())
     }
