@@ -116,6 +116,10 @@ pub struct VmConfig {
     pub jail: bool,
     pub jail_uid: u32,
     pub jail_gid: u32,
+    /// The largest file a jailed VMM may write (RLIMIT_FSIZE), in MiB;
+    /// 0: no limit. It bounds what a guest writes to one file of a
+    /// volume (beyond it the guest's write fails with EFBIG).
+    pub jail_max_file_mib: u64,
 }
 
 /// The sum of a pod's container memory limits (bytes), which containerd's
@@ -201,6 +205,7 @@ impl Default for VmConfig {
             jail: true,
             jail_uid: 65534,
             jail_gid: 65534,
+            jail_max_file_mib: 0,
         }
     }
 }

@@ -35,6 +35,8 @@ fn jail(vm: &VmConfig, paths: &VmPaths) -> Option<Jail> {
                 read_only: true,
             })
             .collect(),
+        max_file_size: (vm.jail_max_file_mib > 0)
+            .then_some(vm.jail_max_file_mib.saturating_mul(1 << 20)),
     })
 }
 
@@ -168,6 +170,14 @@ mod tests {
             ..VmConfig::default()
         };
         assert!(!args(restore_command(&unjailed, Path::new("/t/abc"), &paths())).contains("jail"));
+        let capped = VmConfig {
+            jail_max_file_mib: 3,
+            ..VmConfig::default()
+        };
+        assert!(
+            args(restore_command(&capped, Path::new("/t/abc"), &paths()))
+                .contains("--jail 65534:65534 --jail-max-file-size 3145728 --jail-bind")
+        );
     }
 
     #[test]

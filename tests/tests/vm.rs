@@ -671,6 +671,22 @@ fn vm_the_vmm_is_jailed_and_still_serves_disks_and_volumes() {
     let own = std::fs::read_link("/proc/self/ns/ipc").unwrap();
     let vmm = std::fs::read_link(format!("/proc/{pid}/ns/ipc")).unwrap();
     assert_ne!(own, vmm, "the VMM shares the host's IPC namespace");
+    // Its own pid namespace, as its pid 1, below a waiter that stands in
+    // for it towards the shim.
+    assert_eq!(field("NSpid:").len(), 2, "{status}");
+    assert_eq!(field("NSpid:")[1], "1", "{status}");
+    assert_ne!(
+        std::fs::read_link("/proc/self/ns/pid").unwrap(),
+        std::fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap(),
+        "the VMM shares the host's pid namespace"
+    );
+    let waiter = field("PPid:")[0].to_string();
+    let waiter_cmd = std::fs::read(format!("/proc/{waiter}/cmdline")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&waiter_cmd)
+            .contains(&format!("--pid-namespace-parent-of\0{pid}\0")),
+        "the VMM's parent {waiter} is not its waiter: {waiter_cmd:?}"
+    );
     // Every guest-facing thread runs under its role's allow-list on top of
     // the process filter: two filters; the others one.
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
@@ -700,6 +716,41 @@ fn vm_the_vmm_is_jailed_and_still_serves_disks_and_volumes() {
         std::fs::read_to_string(dir.join("in")).unwrap(),
         "through the jail"
     );
+}
+
+/// A node that caps the size of the files a jailed VMM writes
+/// (`vm.jail_max_file_mib`): a container's write past it into a volume's
+/// file fails with EFBIG ("File too large"), the file on the host stops at
+/// the cap, and the VMM goes on serving the volume.
+#[test]
+fn vm_a_jailed_vmm_writes_no_file_past_its_size_limit() {
+    let c = PrivateContainerd::start_with(Backend::Vm, |cfg| {
+        cfg.replace("[vm]\n", "[vm]\njail_max_file_mib = 1\n")
+    });
+    c.import_busybox();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("shared");
+    std::fs::create_dir(&dir).unwrap();
+    let rw = format!("type=bind,src={},dst=/data,options=rbind:rw", dir.display());
+    let out = c.run_rm(
+        "fsize",
+        &["--mount", &rw],
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/data/big bs=64k count=32; echo dd=$?; \
+             echo still served > /data/after && cat /data/after",
+        ],
+        RUN_TIMEOUT,
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let all = format!("{}{}", out.stdout, out.stderr);
+    assert!(all.contains("File too large"), "{}", out.describe());
+    assert!(!all.contains("dd=0"), "{}", out.describe());
+    assert!(out.stdout.contains("still served"), "{}", out.describe());
+    let size = std::fs::metadata(dir.join("big")).unwrap().len();
+    assert_eq!(size, 1 << 20, "the file on the host");
+    c.assert_no_leaks();
 }
 
 /// A node that forbids the VMM a system call (`vm.deny_syscalls`, here

@@ -73,6 +73,8 @@ pub struct Jail {
     /// Host paths the VMM opens later (by `attach_disk`, say) that it is
     /// not told of on its command line.
     pub binds: Vec<JailBind>,
+    /// The largest file the VMM may write (RLIMIT_FSIZE), in bytes.
+    pub max_file_size: Option<u64>,
 }
 
 /// A host path visible in the jail, at the same path.
@@ -85,6 +87,9 @@ pub struct JailBind {
 impl Jail {
     fn push_args(&self, a: &mut Argv) {
         a.opt("--jail", format!("{}:{}", self.uid, self.gid));
+        if let Some(n) = self.max_file_size {
+            a.opt("--jail-max-file-size", n.to_string());
+        }
         for b in &self.binds {
             a.opt(
                 "--jail-bind",
@@ -535,6 +540,7 @@ mod tests {
                     path: "/img/ns/a".into(),
                     read_only: true,
                 }],
+                max_file_size: Some(1 << 20),
             }),
             ..RestoreArgs::new("/t/abc")
         };
@@ -542,7 +548,7 @@ mod tests {
             argv(r),
             "--restore /t/abc --disk /root.img,ro --vsock-uds /r/v.sock --serial none \
              --api-sock /r/api.sock --tap tap0 --share /r/shared,ro \
-             --jail 65534:65533 --jail-bind /img/ns/a,ro"
+             --jail 65534:65533 --jail-max-file-size 1048576 --jail-bind /img/ns/a,ro"
         );
     }
 

@@ -170,6 +170,10 @@ struct LaunchArgs {
     #[arg(long = "jail-bind", value_name = "PATH[,ro]", value_parser = parse_disk,
           requires = "jail")]
     jail_binds: Vec<DiskConfig>,
+    /// The largest file the jailed VMM may write, in bytes (RLIMIT_FSIZE):
+    /// a guest's write past it into a volume's file fails with EFBIG.
+    #[arg(long = "jail-max-file-size", value_name = "BYTES", requires = "jail")]
+    jail_max_file_size: Option<u64>,
 }
 
 /// `UID:GID`, numbers.
@@ -296,6 +300,7 @@ where
                         read_only: b.read_only,
                     })
                     .collect(),
+                max_file_size: cli.launch.jail_max_file_size,
             });
             Ok(Invocation::Launch {
                 launch: cli.launch.into_launch()?,
@@ -364,11 +369,24 @@ mod tests {
                     uid: 65534,
                     gid: 65533,
                     binds: vec![JailBind::ro("/i"), JailBind::rw("/s")],
+                    max_file_size: None,
                 })
             ),
             _ => panic!("not a launch"),
         }
-        for bad in ["--jail 1", "--jail a:1", "--jail 1:-1", "--jail-bind /i"] {
+        match parse(args("--kernel /k --jail 1:2 --jail-max-file-size 4096")).unwrap() {
+            Invocation::Launch { jail, .. } => {
+                assert_eq!(jail.and_then(|j| j.max_file_size), Some(4096))
+            }
+            _ => panic!("not a launch"),
+        }
+        for bad in [
+            "--jail 1",
+            "--jail a:1",
+            "--jail 1:-1",
+            "--jail-bind /i",
+            "--jail-max-file-size 5",
+        ] {
             let e = err(&format!("--kernel /k {bad}")).to_string();
             assert!(e.contains("--jail"), "{bad}: {e}");
         }

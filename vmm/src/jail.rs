@@ -17,12 +17,13 @@
 //!   root's capabilities only [`KEPT_CAPS`] (the bounding set is cut to
 //!   them too). The virtio-fs server is why any are kept: like Kata's
 //!   virtiofsd it serves files of any owner to the guest's root.
+//! - **Processes**: its own pid namespace, as its pid 1
+//!   ([`crate::pid_namespace`], entered first): it sees no other process.
 //! - **IPC**: its own IPC namespace.
 //! - The seccomp filter, installed later, before the guest runs.
 //!
-//! Not done: a pid namespace (it needs a forking jailer, the VMM being pid
-//! 1 of it; the filter instead forbids signalling any other process), and
-//! per-VM uids (VMMs share the jail uid; their mounts keep them apart).
+//! Not done: per-VM uids (VMMs share the jail uid; their mount and pid
+//! namespaces keep them apart).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -38,6 +39,7 @@ use nix::unistd::{Gid, Uid};
 
 use crate::cli::Launch;
 use crate::config::SerialOutput;
+use crate::pid_namespace::Parent;
 
 /// Root's capabilities a jailed VMM keeps: the virtio-fs server creates,
 /// chowns, chmods and opens files of any owner in the share (CHOWN,
@@ -65,6 +67,8 @@ pub struct JailConfig {
     pub gid: u32,
     /// Paths the caller adds (`--jail-bind`).
     pub binds: Vec<JailBind>,
+    /// RLIMIT_FSIZE, in bytes (`--jail-max-file-size`).
+    pub max_file_size: Option<u64>,
 }
 
 /// One host path visible in the jail, at the same path.
@@ -209,9 +213,8 @@ pub fn plan(binds: &[JailBind]) -> Result<Vec<JailBind>, JailError> {
 
 /// Enters the jail; see the module's documentation. The process must be
 /// single-threaded (a mount namespace is per process).
-pub fn enter(config: &JailConfig, binds: &[JailBind]) -> Result<(), JailError> {
+pub fn enter(config: &JailConfig, binds: &[JailBind], parent: &Parent) -> Result<(), JailError> {
     let binds = plan(binds)?;
-    let parent = nix::unistd::getppid();
 
     unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC)
         .map_err(sys("unsharing the mount and IPC namespaces"))?;
@@ -291,7 +294,7 @@ pub fn enter(config: &JailConfig, binds: &[JailBind]) -> Result<(), JailError> {
     )
     .map_err(sys("making the jail's root read-only"))?;
 
-    limit_descriptors()?;
+    set_limits(config.max_file_size)?;
     drop_privileges(config.uid, config.gid)?;
     // A change of uid clears the parent-death signal and the dumpable
     // flag: set both again, then make sure the shim did not die meanwhile.
@@ -306,7 +309,7 @@ pub fn enter(config: &JailConfig, binds: &[JailBind]) -> Result<(), JailError> {
             source: io::Error::last_os_error(),
         });
     }
-    if nix::unistd::getppid() != parent {
+    if parent.exited() {
         return Err(JailError::Invalid(
             "the VMM's parent exited while it entered the jail".into(),
         ));
@@ -366,11 +369,25 @@ pub const MAX_FILES: u64 = (crate::devices::virtio::fs::passthrough::MAX_INODES
     + crate::devices::virtio::fs::passthrough::MAX_HANDLES
     + 1024) as u64;
 
-fn limit_descriptors() -> Result<(), JailError> {
+fn set_limits(max_file_size: Option<u64>) -> Result<(), JailError> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(sys("reading RLIMIT_NOFILE"))?;
     let limit = hard.min(MAX_FILES);
-    setrlimit(Resource::RLIMIT_NOFILE, limit, limit).map_err(sys("setting RLIMIT_NOFILE"))
+    setrlimit(Resource::RLIMIT_NOFILE, limit, limit).map_err(sys("setting RLIMIT_NOFILE"))?;
+    if let Some(bytes) = max_file_size {
+        // A write past the limit must fail (EFBIG, passed to the guest),
+        // not kill the VMM.
+        // SAFETY: ignoring a signal; no handler runs.
+        unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGXFSZ,
+                nix::sys::signal::SigHandler::SigIgn,
+            )
+        }
+        .map_err(sys("ignoring SIGXFSZ"))?;
+        setrlimit(Resource::RLIMIT_FSIZE, bytes, bytes).map_err(sys("setting RLIMIT_FSIZE"))?;
+    }
+    Ok(())
 }
 
 /// Becomes `uid`:`gid` with only [`KEPT_CAPS`].

@@ -4,7 +4,7 @@
 //! state), `devices/` (serial, i8042, virtio over MMIO, the `Persist`
 //! trait), `vm` (building a VM, fresh or from saved states), `slots` (the
 //! virtio slot table), `vcpu` (vCPU threads, pause/resume), `memory`
-//! (guest RAM in a snapshot), `jail` and `proc_self` (the VMM's confinement), `snapshot` (save/restore orchestration),
+//! (guest RAM in a snapshot), `jail`, `pid_namespace` and `proc_self` (the VMM's confinement), `snapshot` (save/restore orchestration),
 //! `control` (the control socket), `cli` and `config` (what a VM is made
 //! of), `boot_marker` (boot timing).
 
@@ -18,6 +18,7 @@ pub mod devices;
 pub mod jail;
 pub mod logger;
 pub mod memory;
+pub mod pid_namespace;
 pub mod proc_self;
 pub mod profile;
 pub mod seccomp;

@@ -11,6 +11,7 @@ use thaw_vmm::boot_marker;
 use thaw_vmm::cli::{self, Invocation, Launch};
 use thaw_vmm::control::{self, VmmControl};
 use thaw_vmm::jail::JailConfig;
+use thaw_vmm::pid_namespace;
 use thaw_vmm::snapshot::{self, VmHandle};
 use thaw_vmm::vcpu::VmExit;
 use thaw_vmm::{vm, Error};
@@ -89,13 +90,20 @@ fn run(
         Launch::Boot(_) => None,
     };
     if let Some(jail) = jail {
+        // From here on this is the pid namespace's init; the process the
+        // caller started waits for it.
+        let parent = thaw_vmm::pid_namespace::enter()?;
         // What the jail hides, looked up or opened first.
         thaw_vmm::vm::host_is_pvm();
         thaw_vmm::proc_self::open().map_err(|source| Error::Io {
             what: "opening /proc/self before the jail".into(),
             source,
         })?;
-        thaw_vmm::jail::enter(jail, &thaw_vmm::jail::binds_for(&launch, &jail.binds))?;
+        thaw_vmm::jail::enter(
+            jail,
+            &thaw_vmm::jail::binds_for(&launch, &jail.binds),
+            &parent,
+        )?;
     }
     // Before any other thread exists: all inherit the process filter, and
     // the device threads a restore starts get their own lists.
@@ -157,6 +165,16 @@ fn run(
 }
 
 fn main() {
+    let mut args = std::env::args_os();
+    if args.nth(1).as_deref() == Some(std::ffi::OsStr::new(pid_namespace::PARENT_ARG)) {
+        match pid_namespace::parse_parent_arg(args.next().as_deref()) {
+            Some(child) => pid_namespace::wait_for(child),
+            None => {
+                eprintln!("thaw-vmm: {} needs a pid", pid_namespace::PARENT_ARG);
+                std::process::exit(64);
+            }
+        }
+    }
     boot_marker::set_process_start();
     let (launch, deny_syscalls, jail) = match cli::parse(std::env::args_os()) {
         Ok(Invocation::Launch {

@@ -1,0 +1,193 @@
+//! The jailed VMM's own pid namespace, whose pid 1 it is: it sees no other
+//! process, so it can signal none, and no process of the host can be
+//! named by a pid it knows.
+//!
+//! A process cannot move itself into a new pid namespace, only its
+//! children. So the process the shim started forks: the child goes on as
+//! the VMM, and the parent re-executes itself as a small waiter
+//! (`thaw-vmm --pid-namespace-parent-of PID`) that stands in for it
+//! towards the shim:
+//! - its exit mirrors the VMM's (same code, or death by the same signal),
+//!   so the shim's supervision reads exactly what it read before;
+//! - a terminating signal sent to it stops the VMM and then ends it by
+//!   that signal (the VMM, as a namespace's init, ignores signals it has
+//!   no handler for when they come from outside);
+//! - when it dies, the VMM dies (parent-death signal), and it dies with
+//!   the shim's supervisor thread as before.
+//!
+//! Re-executing (rather than waiting in the forked copy) gives the waiter
+//! a command line of its own and only the memory a fresh small process
+//! needs.
+
+use std::io;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::signal::{kill, raise, signal, SigHandler, SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+
+use crate::jail::JailError;
+
+/// The argument under which `thaw-vmm` runs as the waiting parent.
+pub const PARENT_ARG: &str = "--pid-namespace-parent-of";
+
+/// Signals the waiter passes on as the VMM's end.
+const TERMINATING: [Signal; 4] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+];
+
+fn sys(what: &'static str) -> impl FnOnce(nix::errno::Errno) -> JailError {
+    move |e| JailError::Sys {
+        what: what.into(),
+        source: io::Error::from(e),
+    }
+}
+
+/// The parent that waits for the VMM, as a pidfd the VMM keeps: readable
+/// once that parent has exited.
+pub struct Parent(OwnedFd);
+
+impl Parent {
+    /// Whether the waiting parent has exited (the VMM's parent-death
+    /// signal then already fired, or never will).
+    pub fn exited(&self) -> bool {
+        let mut fds = [PollFd::new(self.0.as_fd(), PollFlags::POLLIN)];
+        !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(0))
+    }
+}
+
+/// Moves the VMM into a new pid namespace as its pid 1. Returns in the
+/// child, which goes on as the VMM; the parent becomes the waiter and
+/// never returns. Must be called while the process is single-threaded.
+pub fn enter() -> Result<Parent, JailError> {
+    // SAFETY: pidfd_open with our own pid; the fd is checked and owned.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+    if fd < 0 {
+        return Err(JailError::Sys {
+            what: "opening a pidfd of the VMM's parent-to-be".into(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    let parent = Parent(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    unshare(CloneFlags::CLONE_NEWPID).map_err(sys("unsharing the pid namespace"))?;
+    // SAFETY: single-threaded (the caller's contract), so the child may
+    // run any code.
+    match unsafe { fork() }.map_err(sys("forking into the pid namespace"))? {
+        ForkResult::Child => {
+            // The parent-death signal is not inherited across fork.
+            // SAFETY: prctl with integer arguments only.
+            if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+                return Err(JailError::Sys {
+                    what: "setting the parent-death signal".into(),
+                    source: io::Error::last_os_error(),
+                });
+            }
+            if parent.exited() {
+                return Err(JailError::Invalid(
+                    "the VMM's parent exited while it entered its pid namespace".into(),
+                ));
+            }
+            Ok(parent)
+        }
+        ForkResult::Parent { child } => {
+            drop(parent);
+            let err = std::process::Command::new("/proc/self/exe")
+                .arg0("thaw-vmm")
+                .arg(PARENT_ARG)
+                .arg(child.as_raw().to_string())
+                .exec();
+            // Could not re-execute: wait in this copy instead.
+            eprintln!("thaw-vmm: re-executing as the pid namespace's parent: {err}");
+            wait_for(child)
+        }
+    }
+}
+
+/// The waiter: `thaw-vmm --pid-namespace-parent-of PID`. Never returns.
+pub fn wait_for(child: Pid) -> ! {
+    let code = match wait_loop(child) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("thaw-vmm: waiting for the VMM (pid {child}): {e}");
+            // Whatever went wrong, the VMM must not outlive its waiter.
+            let _ = kill(child, Signal::SIGKILL);
+            1
+        }
+    };
+    std::process::exit(code)
+}
+
+fn wait_loop(child: Pid) -> nix::Result<i32> {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    for s in TERMINATING {
+        mask.add(s);
+    }
+    mask.thread_block()?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC)?;
+    let mut ending: Option<Signal> = None;
+    loop {
+        // Checked before each read: a SIGCHLD that came before the mask
+        // was set is gone.
+        match waitpid(child, Some(WaitPidFlag::WNOHANG))? {
+            WaitStatus::Exited(_, code) => return Ok(ending.map_or(code, end_by)),
+            WaitStatus::Signaled(_, sig, _) => return Ok(end_by(ending.unwrap_or(sig))),
+            _ => {}
+        }
+        let Some(info) = signals.read_signal()? else {
+            continue;
+        };
+        let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
+            continue;
+        };
+        if sig != Signal::SIGCHLD && ending.is_none() {
+            ending = Some(sig);
+            kill(child, Signal::SIGKILL)?;
+        }
+    }
+}
+
+/// Ends this process by `sig`, as the VMM ended (or as it was asked to):
+/// the shim reads the same status as from an unjailed VMM. Returns the
+/// exit code to use should the signal not end it.
+fn end_by(sig: Signal) -> i32 {
+    // SAFETY: restoring the default action for a signal; no handler runs.
+    let _ = unsafe { signal(sig, SigHandler::SigDfl) };
+    let mut one = SigSet::empty();
+    one.add(sig);
+    let _ = one.thread_unblock();
+    let _ = raise(sig);
+    128 + sig as i32
+}
+
+/// Parses the waiter's argument list (after [`PARENT_ARG`]).
+pub fn parse_parent_arg(arg: Option<&std::ffi::OsStr>) -> Option<Pid> {
+    let pid: i32 = arg?.to_str()?.parse().ok()?;
+    (pid > 0).then(|| Pid::from_raw(pid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_parent_argument_is_a_positive_pid() {
+        use std::ffi::OsStr;
+        assert_eq!(
+            parse_parent_arg(Some(OsStr::new("42"))),
+            Some(Pid::from_raw(42))
+        );
+        for bad in ["0", "-3", "x", ""] {
+            assert_eq!(parse_parent_arg(Some(OsStr::new(bad))), None, "{bad}");
+        }
+        assert_eq!(parse_parent_arg(None), None);
+    }
+}
