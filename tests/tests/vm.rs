@@ -33,6 +33,16 @@ fn vmm_pid(c: &PrivateContainerd) -> Option<i32> {
         .map(|(pid, _)| pid)
 }
 
+/// The parent of a jailed VMM: the waiter that stands in for it.
+fn vmm_waiter(vmm: i32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .map(|p| p.trim().to_string())
+        .unwrap_or_default()
+}
+
 #[test]
 fn vm_run_rm_output_and_exit_codes() {
     let c = setup();
@@ -63,8 +73,10 @@ fn vm_exec_ps_metrics_pause_resume_kill() {
     ]);
     assert_eq!(out.code(), Some(4), "{}", out.describe());
     assert!(out.stdout.contains("in-vm"));
-    // containerd sees host pids only: the VMM's, never a guest pid.
-    let vmm = vmm_pid(&c).expect("no thaw-vmm process").to_string();
+    // containerd sees host pids only, never a guest pid: the pid of the
+    // VMM's waiter, the process the shim started (the jailed VMM is pid 1
+    // of its own pid namespace, below it).
+    let vmm = vmm_waiter(vmm_pid(&c).expect("no thaw-vmm process"));
     let ls = c.ctr(&["tasks", "ls"]);
     let task_pid = ls
         .stdout
@@ -687,8 +699,9 @@ fn vm_the_vmm_is_jailed_and_still_serves_disks_and_volumes() {
             .contains(&format!("--pid-namespace-parent-of\0{pid}\0")),
         "the VMM's parent {waiter} is not its waiter: {waiter_cmd:?}"
     );
-    // Every guest-facing thread runs under its role's allow-list on top of
-    // the process filter: two filters; the others one.
+    // Every guest-facing thread, and the control thread, runs under its
+    // role's allow-list on top of the process filter: two filters; the
+    // others (main, launcher) one.
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let task = task.unwrap().path();
         let Ok(comm) = std::fs::read_to_string(task.join("comm")) else {
@@ -703,8 +716,9 @@ fn vm_the_vmm_is_jailed_and_still_serves_disks_and_volumes() {
             .find_map(|l| l.strip_prefix("Seccomp_filters:"))
             .map(str::trim)
             .unwrap_or("?");
-        let guest_facing = comm.starts_with("vcpu") || comm.starts_with("thaw-virtio-");
-        if guest_facing {
+        let confined =
+            comm.starts_with("vcpu") || comm.starts_with("thaw-virtio-") || comm == "control";
+        if confined {
             assert_eq!(filters, "2", "thread {comm}: {status}");
         } else if !comm.starts_with("kvm-") {
             assert_eq!(filters, "1", "thread {comm}: {status}");

@@ -17,6 +17,8 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 
+use seccompiler::BpfProgram;
+
 use crate::seccomp;
 
 /// What a thread does, and so which system calls it may make.
@@ -28,34 +30,45 @@ pub enum ThreadRole {
     Net,
     Vsock,
     Fs,
+    /// The control socket's server: the host's requests (status,
+    /// pause, hot-plug, snapshots), never guest data.
+    Control,
 }
 
 impl ThreadRole {
-    pub const ALL: [ThreadRole; 6] = [
+    pub const ALL: [ThreadRole; 7] = [
         ThreadRole::Vcpu,
         ThreadRole::Block,
         ThreadRole::Rng,
         ThreadRole::Net,
         ThreadRole::Vsock,
         ThreadRole::Fs,
+        ThreadRole::Control,
     ];
 }
 
 type Launch = Box<dyn FnOnce() + Send>;
 
-/// The calls forbidden on top (`--deny-syscall`), once confinement is on.
-static ENABLED: OnceLock<Vec<libc::c_long>> = OnceLock::new();
+/// Each role's allow-list, built once confinement is on.
+static PROGRAMS: OnceLock<Vec<(ThreadRole, BpfProgram)>> = OnceLock::new();
 static LAUNCHER: OnceLock<Mutex<Sender<Launch>>> = OnceLock::new();
 
 /// Turns confinement on: threads [`spawn`]ed from now on install their
 /// role's allow-list, less `denied`. Call before any device or vCPU
 /// thread exists.
 pub fn enable(denied: &[libc::c_long]) -> Result<(), seccomp::SeccompError> {
-    // Building every list now surfaces a bad one before the guest runs.
-    for role in ThreadRole::ALL {
-        seccomp::thread_program(role, std::process::id(), denied)?;
-    }
-    let _ = ENABLED.set(denied.to_vec());
+    // Built here, once: a bad list surfaces before the guest runs, and
+    // starting a thread costs no filter compilation.
+    let programs = ThreadRole::ALL
+        .into_iter()
+        .map(|role| {
+            Ok((
+                role,
+                seccomp::thread_program(role, std::process::id(), denied)?,
+            ))
+        })
+        .collect::<Result<Vec<_>, seccomp::SeccompError>>()?;
+    let _ = PROGRAMS.set(programs);
     Ok(())
 }
 
@@ -83,12 +96,16 @@ where
     T: Send + 'static,
 {
     let name = name.to_string();
-    let Some(denied) = ENABLED.get() else {
+    let Some(prog) = PROGRAMS
+        .get()
+        .and_then(|all| all.iter().find(|(r, _)| *r == role))
+        .map(|(_, prog)| prog)
+    else {
         return thread::Builder::new().name(name).spawn(body);
     };
     let start = move || {
         thread::Builder::new().name(name.clone()).spawn(move || {
-            if let Err(e) = seccomp::confine_thread(role, denied) {
+            if let Err(e) = seccomp::confine_thread(role, prog) {
                 eprintln!("thaw-vmm: thread {name}: {e}; stopping");
                 // SAFETY: _exit ends the process at once; nothing here
                 // needs unwinding.
@@ -119,18 +136,13 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_child::{child_role, rerun};
 
     const CHILD: &str = "THAW_VMM_CONFINED_TEST_CHILD";
 
     /// In the child: confinement on, then a thread of `role` opens a Unix
     /// socket; exits 0 if that was allowed.
     fn child(role: &str) -> ! {
-        let no_core = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: setrlimit with a valid struct.
-        unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
         let role = match role {
             "net" => ThreadRole::Net,
             _ => ThreadRole::Vsock,
@@ -151,21 +163,16 @@ mod tests {
 
     #[test]
     fn a_thread_dies_on_a_call_outside_its_role() {
-        if let Some(role) = std::env::var_os(CHILD) {
-            child(&role.to_string_lossy());
+        if let Some(role) = child_role(CHILD) {
+            child(&role);
         }
         use std::os::unix::process::ExitStatusExt;
         let run = |role: &str| {
-            std::process::Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    "confined::tests::a_thread_dies_on_a_call_outside_its_role",
-                ])
-                .env(CHILD, role)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .unwrap()
+            rerun(
+                "confined::tests::a_thread_dies_on_a_call_outside_its_role",
+                CHILD,
+                role,
+            )
         };
         // virtio-net never opens sockets; virtio-vsock does.
         let net = run("net");

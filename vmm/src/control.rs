@@ -105,20 +105,18 @@ fn serve_connection(ctl: &dyn VmControl, stream: UnixStream) -> std::io::Result<
 
 /// Serves the socket on its own thread, one client at a time.
 pub fn spawn_server(listener: UnixListener, ctl: Arc<dyn VmControl>) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                match stream {
-                    Ok(s) => {
-                        if let Err(e) = serve_connection(ctl.as_ref(), s) {
-                            log::warn!("control connection: {e}");
-                        }
+    crate::confined::spawn("control", crate::confined::ThreadRole::Control, move || {
+        for stream in listener.incoming() {
+            match stream {
+                Ok(s) => {
+                    if let Err(e) = serve_connection(ctl.as_ref(), s) {
+                        log::warn!("control connection: {e}");
                     }
-                    Err(e) => log::warn!("control accept: {e}"),
                 }
+                Err(e) => log::warn!("control accept: {e}"),
             }
-        })?;
+        }
+    })?;
     Ok(())
 }
 

@@ -25,6 +25,8 @@ pub mod seccomp;
 pub mod slots;
 pub mod snapshot;
 pub mod template;
+#[cfg(test)]
+mod test_child;
 pub mod vcpu;
 pub mod vm;
 

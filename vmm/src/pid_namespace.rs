@@ -113,6 +113,9 @@ pub fn enter() -> Result<Parent, JailError> {
 
 /// The waiter: `thaw-vmm --pid-namespace-parent-of PID`. Never returns.
 pub fn wait_for(child: Pid) -> ! {
+    // Re-executed through /proc/self/exe, its name would read "exe".
+    // SAFETY: prctl with a NUL-terminated name of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"thaw-vmm-waiter".as_ptr()) };
     let code = match wait_loop(child) {
         Ok(code) => code,
         Err(e) => {
@@ -125,24 +128,33 @@ pub fn wait_for(child: Pid) -> ! {
     std::process::exit(code)
 }
 
-fn wait_loop(child: Pid) -> nix::Result<i32> {
+fn wait_loop(child: Pid) -> Result<i32, JailError> {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
     for s in TERMINATING {
         mask.add(s);
     }
-    mask.thread_block()?;
-    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC)?;
+    mask.thread_block()
+        .map_err(sys("blocking the signals the waiter reads"))?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC)
+        .map_err(sys("opening the waiter's signalfd"))?;
+    crate::seccomp::confine_waiter().map_err(|e| JailError::Sys {
+        what: "confining the waiter".into(),
+        source: io::Error::other(e.to_string()),
+    })?;
     let mut ending: Option<Signal> = None;
     loop {
         // Checked before each read: a SIGCHLD that came before the mask
         // was set is gone.
-        match waitpid(child, Some(WaitPidFlag::WNOHANG))? {
+        match waitpid(child, Some(WaitPidFlag::WNOHANG)).map_err(sys("waiting for the VMM"))? {
             WaitStatus::Exited(_, code) => return Ok(ending.map_or(code, end_by)),
             WaitStatus::Signaled(_, sig, _) => return Ok(end_by(ending.unwrap_or(sig))),
             _ => {}
         }
-        let Some(info) = signals.read_signal()? else {
+        let Some(info) = signals
+            .read_signal()
+            .map_err(sys("reading the waiter's signals"))?
+        else {
             continue;
         };
         let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
@@ -150,7 +162,7 @@ fn wait_loop(child: Pid) -> nix::Result<i32> {
         };
         if sig != Signal::SIGCHLD && ending.is_none() {
             ending = Some(sig);
-            kill(child, Signal::SIGKILL)?;
+            kill(child, Signal::SIGKILL).map_err(sys("stopping the VMM"))?;
         }
     }
 }
@@ -177,6 +189,127 @@ pub fn parse_parent_arg(arg: Option<&std::ffi::OsStr>) -> Option<Pid> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_child::{child_role, command};
+    use std::io::{BufRead, BufReader};
+    use std::time::{Duration, Instant};
+
+    const CHILD: &str = "THAW_VMM_WAITER_TEST_CHILD";
+    const TEST: &str = "pid_namespace::tests::the_waiter_mirrors_the_vmm_and_stops_it_when_told";
+
+    /// In the child (a libtest process, so several threads): forks a
+    /// single-threaded waiter, which forks a stand-in VMM that ends as
+    /// `how` says and waits for it; prints the two pids, then the waiter's
+    /// end as `status exit N` or `status signal N`.
+    fn child(how: &str) -> ! {
+        let say = |line: String| {
+            let line = line + "\n";
+            // SAFETY: writing our own buffer to stdout.
+            unsafe { libc::write(1, line.as_ptr().cast(), line.len()) };
+        };
+        // SAFETY: the children call only what a test child may; the other
+        // thread of this process (libtest's) is waiting, holding no lock.
+        match unsafe { fork() }.unwrap() {
+            // SAFETY: this child is single-threaded.
+            ForkResult::Child => match unsafe { fork() }.unwrap() {
+                // SAFETY: _exit, raise and pause take plain integers.
+                ForkResult::Child => unsafe {
+                    match how {
+                        "exit" => libc::_exit(7),
+                        "sigsys" => {
+                            libc::raise(libc::SIGSYS);
+                            libc::_exit(99)
+                        }
+                        _ => loop {
+                            libc::pause();
+                        },
+                    }
+                },
+                ForkResult::Parent { child } => {
+                    say(format!("pids {} {child}", std::process::id()));
+                    wait_for(child)
+                }
+            },
+            ForkResult::Parent { child } => {
+                match waitpid(child, None) {
+                    Ok(WaitStatus::Exited(_, code)) => say(format!("status exit {code}")),
+                    Ok(WaitStatus::Signaled(_, sig, _)) => {
+                        say(format!("status signal {}", sig as i32))
+                    }
+                    other => say(format!("status {other:?}")),
+                }
+                std::process::exit(0)
+            }
+        }
+    }
+
+    /// Runs the child; returns its output lines as they come.
+    fn start(how: &str) -> (std::process::Child, impl Iterator<Item = String>) {
+        let mut c = command(TEST, CHILD, how)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = BufReader::new(c.stdout.take().unwrap());
+        (c, out.lines().map_while(Result::ok))
+    }
+
+    fn line_after(lines: &mut impl Iterator<Item = String>, prefix: &str) -> String {
+        lines
+            .find_map(|l| l.strip_prefix(prefix).map(str::to_string))
+            .unwrap_or_else(|| panic!("no line {prefix:?} from the child"))
+    }
+
+    fn gone(pid: &str) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Gone, or a zombie for its new parent to reap.
+        stat.is_empty()
+            || stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+    }
+
+    #[test]
+    fn the_waiter_mirrors_the_vmm_and_stops_it_when_told() {
+        if let Some(how) = child_role(CHILD) {
+            child(&how);
+        }
+        // The VMM's exit code and its death signal come through as they were.
+        for (how, end) in [("exit", "exit 7"), ("sigsys", "signal 31")] {
+            let (mut c, mut lines) = start(how);
+            assert_eq!(line_after(&mut lines, "status "), end, "{how}");
+            c.wait().unwrap();
+        }
+        // SIGTERM to the waiter: the VMM is killed, the waiter ends by SIGTERM.
+        let (mut c, mut lines) = start("hang");
+        let pids = line_after(&mut lines, "pids ");
+        let (waiter, vmm) = pids.split_once(' ').unwrap();
+        // Once the waiter reads its signals (SigBlk set), SIGTERM is its to handle.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(format!("/proc/{waiter}/status"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with("SigBlk:") && !l.ends_with("0000000000000000"))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the waiter never blocked its signals"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        kill(Pid::from_raw(waiter.parse().unwrap()), Signal::SIGTERM).unwrap();
+        assert_eq!(line_after(&mut lines, "status "), "signal 15");
+        c.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !gone(vmm) {
+            assert!(
+                Instant::now() < deadline,
+                "the VMM {vmm} outlived its waiter"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 
     #[test]
     fn the_parent_argument_is_a_positive_pid() {

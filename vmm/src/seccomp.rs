@@ -193,6 +193,34 @@ const FS: &[(&str, libc::c_long)] = &[
     ("dup", libc::SYS_dup),
 ];
 
+/// The control socket's server: serves the host's requests on its Unix
+/// socket; hot-plugs disks, taps and shares (opening them); writes
+/// snapshots.
+const CONTROL: &[(&str, libc::c_long)] = &[
+    ("accept4", libc::SYS_accept4),
+    ("recvfrom", libc::SYS_recvfrom),
+    ("sendto", libc::SYS_sendto),
+    ("recvmsg", libc::SYS_recvmsg),
+    ("sendmsg", libc::SYS_sendmsg),
+    ("shutdown", libc::SYS_shutdown),
+    ("openat", libc::SYS_openat),
+    ("openat2", libc::SYS_openat2),
+    ("newfstatat", libc::SYS_newfstatat),
+    ("fstat", libc::SYS_fstat),
+    ("statx", libc::SYS_statx),
+    ("lseek", libc::SYS_lseek),
+    ("pread64", libc::SYS_pread64),
+    ("pwrite64", libc::SYS_pwrite64),
+    ("ftruncate", libc::SYS_ftruncate),
+    ("fsync", libc::SYS_fsync),
+    ("fdatasync", libc::SYS_fdatasync),
+    ("fchmod", libc::SYS_fchmod),
+    ("chmod", libc::SYS_chmod),
+    ("mkdir", libc::SYS_mkdir),
+    ("rename", libc::SYS_rename),
+    ("unlink", libc::SYS_unlink),
+];
+
 /// The calls a thread of `role` may make besides [`THREAD_BASE`] and
 /// signalling itself.
 pub fn allowed(role: ThreadRole) -> Vec<(&'static str, libc::c_long)> {
@@ -203,6 +231,7 @@ pub fn allowed(role: ThreadRole) -> Vec<(&'static str, libc::c_long)> {
         ThreadRole::Net => NET,
         ThreadRole::Vsock => VSOCK,
         ThreadRole::Fs => FS,
+        ThreadRole::Control => CONTROL,
     };
     let mut calls: Vec<_> = own.to_vec();
     if role == ThreadRole::Fs {
@@ -218,6 +247,8 @@ fn ioctl_types(role: ThreadRole) -> &'static [u8] {
     match role {
         ThreadRole::Vcpu => &[0xAE],
         ThreadRole::Net | ThreadRole::Vsock => b"T",
+        // KVM's for pause and snapshots, tun's for the pod's tap.
+        ThreadRole::Control => &[0xAE, b'T'],
         ThreadRole::Block | ThreadRole::Rng | ThreadRole::Fs => &[],
     }
 }
@@ -232,7 +263,6 @@ pub fn thread_program(
     own_pid: u32,
     denied: &[libc::c_long],
 ) -> Result<BpfProgram, SeccompError> {
-    let build = |e: seccompiler::BackendError| SeccompError::Build(e.to_string());
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = THREAD_BASE
         .iter()
         .copied()
@@ -274,12 +304,11 @@ pub fn thread_program(
     filter.try_into().map_err(build)
 }
 
-/// Installs `role`'s allow-list on the calling thread only (threads it
-/// starts inherit it).
-pub fn confine_thread(role: ThreadRole, denied: &[libc::c_long]) -> Result<(), SeccompError> {
-    let prog = thread_program(role, std::process::id(), denied)?;
+/// Installs a thread's allow-list (built by [`thread_program`]) on the
+/// calling thread only (threads it starts inherit it).
+pub fn confine_thread(role: ThreadRole, prog: &BpfProgram) -> Result<(), SeccompError> {
     no_new_privs()?;
-    seccompiler::apply_filter(&prog)
+    seccompiler::apply_filter(prog)
         .map_err(|e| SeccompError::Install(format!("{role:?} thread: {e}")))
 }
 
@@ -331,7 +360,6 @@ pub const SIGNALLING_DENIED: &[(&str, libc::c_long)] = &[
 /// The filter as a BPF program: [`DENIED`], [`SIGNALLING`] on other pids
 /// than `own_pid`, and `extra`.
 pub fn program(extra: &[libc::c_long], own_pid: u32) -> Result<BpfProgram, SeccompError> {
-    let build = |e: seccompiler::BackendError| SeccompError::Build(e.to_string());
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED
         .iter()
         .chain(SIGNALLING_DENIED)
@@ -351,6 +379,16 @@ pub fn program(extra: &[libc::c_long], own_pid: u32) -> Result<BpfProgram, Secco
         // An `extra` entry already denies it whatever the pid.
         rules.entry(*nr).or_insert_with(|| vec![rule]);
     }
+    deny_program(rules)
+}
+
+fn build(e: seccompiler::BackendError) -> SeccompError {
+    SeccompError::Build(e.to_string())
+}
+
+/// A program that kills the process on the calls `rules` match and allows
+/// everything else.
+fn deny_program(rules: BTreeMap<i64, Vec<SeccompRule>>) -> Result<BpfProgram, SeccompError> {
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
@@ -358,9 +396,7 @@ pub fn program(extra: &[libc::c_long], own_pid: u32) -> Result<BpfProgram, Secco
         TargetArch::x86_64,
     )
     .map_err(|e| SeccompError::Build(e.to_string()))?;
-    filter
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| SeccompError::Build(e.to_string()))
+    filter.try_into().map_err(build)
 }
 
 fn no_new_privs() -> Result<(), SeccompError> {
@@ -383,24 +419,50 @@ pub fn install(extra: &[libc::c_long]) -> Result<(), SeccompError> {
     seccompiler::apply_filter_all_threads(&prog).map_err(|e| SeccompError::Install(e.to_string()))
 }
 
+/// All the pid namespace's waiter ([`crate::pid_namespace`]) does once it
+/// waits: read its signalfd, reap or signal the VMM, end itself by a
+/// signal or exit (the C library closes descriptors on the way), and
+/// print an error.
+const WAITER: &[(&str, libc::c_long)] = &[
+    ("read", libc::SYS_read),
+    ("write", libc::SYS_write),
+    ("close", libc::SYS_close),
+    ("fcntl", libc::SYS_fcntl),
+    ("wait4", libc::SYS_wait4),
+    ("kill", libc::SYS_kill),
+    ("rt_sigaction", libc::SYS_rt_sigaction),
+    ("rt_sigprocmask", libc::SYS_rt_sigprocmask),
+    ("rt_sigreturn", libc::SYS_rt_sigreturn),
+    ("getpid", libc::SYS_getpid),
+    ("gettid", libc::SYS_gettid),
+    ("tgkill", libc::SYS_tgkill),
+    ("brk", libc::SYS_brk),
+    ("mmap", libc::SYS_mmap),
+    ("munmap", libc::SYS_munmap),
+    ("futex", libc::SYS_futex),
+    ("sigaltstack", libc::SYS_sigaltstack),
+    ("exit", libc::SYS_exit),
+    ("exit_group", libc::SYS_exit_group),
+];
+
+/// Confines the pid namespace's waiter to [`WAITER`]: it runs as root in
+/// the host's namespaces, so it may do nothing else.
+pub fn confine_waiter() -> Result<(), SeccompError> {
+    let rules = WAITER.iter().map(|(_, nr)| (*nr, Vec::new())).collect();
+    let filter = SeccompFilter::new(rules, OFF_LIST, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(|e| SeccompError::Build(e.to_string()))?;
+    let prog: BpfProgram = filter.try_into().map_err(build)?;
+    no_new_privs()?;
+    seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install(format!("waiter: {e}")))
+}
+
 /// Forbids `denied` to the calling thread and the threads it starts later
 /// (the VMM's main thread, once the VM is set up with them allowed).
 pub fn deny_on_this_thread(denied: &[libc::c_long]) -> Result<(), SeccompError> {
     if denied.is_empty() {
         return Ok(());
     }
-    let rules: BTreeMap<i64, Vec<SeccompRule>> =
-        denied.iter().map(|nr| (*nr, Vec::new())).collect();
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::KillProcess,
-        TargetArch::x86_64,
-    )
-    .map_err(|e| SeccompError::Build(e.to_string()))?;
-    let prog: BpfProgram = filter
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| SeccompError::Build(e.to_string()))?;
+    let prog = deny_program(denied.iter().map(|nr| (*nr, Vec::new())).collect())?;
     no_new_privs()?;
     seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install(e.to_string()))
 }
@@ -409,17 +471,13 @@ pub fn deny_on_this_thread(denied: &[libc::c_long]) -> Result<(), SeccompError> 
 mod tests {
     use super::*;
 
+    use crate::test_child::{child_role, rerun};
+
     const CHILD: &str = "THAW_VMM_SECCOMP_TEST_CHILD";
 
     /// In the child: installs the filter and does what `act` names; exits
     /// 0 if the filter let it through.
     fn child_act(act: &str) -> ! {
-        let no_core = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: setrlimit with a valid struct.
-        unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
         install(&[]).unwrap();
         // SAFETY: execve with NUL-terminated strings and NULL-terminated
         // arrays; signal 0 only probes, it is never delivered.
@@ -444,27 +502,20 @@ mod tests {
         std::process::exit(0);
     }
 
-    /// Runs `test` again as a child that does `act` under the filter.
-    fn in_child(test: &str, act: &str) -> std::process::ExitStatus {
-        std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", test])
-            .env(CHILD, act)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .unwrap()
-    }
-
     /// The filter really kills: this test runs itself again as a child,
     /// which installs the filter and calls execve; the child must die of
     /// SIGSYS before the call returns.
     #[test]
     fn a_denied_call_kills_the_process() {
-        if let Some(act) = std::env::var_os(CHILD) {
-            child_act(&act.to_string_lossy());
+        if let Some(act) = child_role(CHILD) {
+            child_act(&act);
         }
         use std::os::unix::process::ExitStatusExt;
-        let status = in_child("seccomp::tests::a_denied_call_kills_the_process", "execve");
+        let status = rerun(
+            "seccomp::tests::a_denied_call_kills_the_process",
+            CHILD,
+            "execve",
+        );
         assert_eq!(
             status.signal(),
             Some(libc::SIGSYS),
@@ -476,18 +527,18 @@ mod tests {
     /// itself may be signalled.
     #[test]
     fn only_the_vmm_itself_may_be_signalled() {
-        if let Some(act) = std::env::var_os(CHILD) {
-            child_act(&act.to_string_lossy());
+        if let Some(act) = child_role(CHILD) {
+            child_act(&act);
         }
         use std::os::unix::process::ExitStatusExt;
         let test = "seccomp::tests::only_the_vmm_itself_may_be_signalled";
-        let other = in_child(test, "signal-parent");
+        let other = rerun(test, CHILD, "signal-parent");
         assert_eq!(
             other.signal(),
             Some(libc::SIGSYS),
             "child ended with {other}"
         );
-        let own = in_child(test, "signal-self");
+        let own = rerun(test, CHILD, "signal-self");
         assert_eq!(own.code(), Some(0), "child ended with {own}");
     }
 
