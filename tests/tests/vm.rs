@@ -148,6 +148,95 @@ fn vm_kill_9_of_the_vmm_gives_exit_255_within_seconds() {
     c.assert_no_leaks();
 }
 
+/// A VM that goes over the memory limit of its cgroup on the host (here
+/// the test lowers it under a running VM, as a tight pod limit would) is
+/// killed there by the OOM killer: the task exits 255 and the shim's log
+/// names the OOM killer and the cgroup.
+#[test]
+fn vm_over_its_cgroup_memory_limit_is_stopped_with_the_reason() {
+    let c = setup();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("signal");
+    std::fs::create_dir(&dir).unwrap();
+    let rw = format!("type=bind,src={},dst=/data,options=rbind:rw", dir.display());
+    let id = c.new_id("vmcgoom");
+    let mut args = c.run_args(&["--rm", "--mount", &rw]);
+    // Waits for the go, then dirties 128 MiB of fresh guest memory (dd's
+    // buffer): new private pages of the VMM on the host.
+    args.extend([
+        BUSYBOX_REF,
+        id.as_str(),
+        "sh",
+        "-c",
+        "until [ -e /data/go ]; do sleep 0.2; done; \
+         dd if=/dev/zero of=/dev/null bs=128M count=1; echo survived; exit 3",
+    ]);
+    let start = Instant::now();
+    let child = c
+        .ctr_cmd(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(RUN_TIMEOUT, || {
+        (c.task_status(&id) == "RUNNING").then_some(())
+    })
+    .expect("the task never ran");
+    let vmm = vmm_pid(&c).expect("no thaw-vmm process");
+    let own = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).unwrap();
+    // The memory controller's cgroup of the VMM: v1's memory hierarchy, or
+    // the unified one.
+    let (cg, v1) = match own.lines().find_map(|l| l.split_once(":memory:")) {
+        Some((_, rel)) => (format!("/sys/fs/cgroup/memory{}", rel.trim()), true),
+        None => {
+            let rel = own
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .expect("a cgroup line");
+            (format!("/sys/fs/cgroup{}", rel.trim()), false)
+        }
+    };
+    // ctr gives each container its own cgroup (/<namespace>/<id>): only
+    // that one is lowered, never a cgroup the test itself is in.
+    assert!(cg.ends_with(&format!("/{id}")), "the VMM's cgroup is {cg}");
+    let cg = std::path::Path::new(&cg);
+    let (usage, limit) = if v1 {
+        ("memory.usage_in_bytes", "memory.limit_in_bytes")
+    } else {
+        if !cg.join("memory.max").exists() {
+            // As kubelet does for pod cgroups: the memory controller on
+            // for the namespace's children.
+            let parent = cg.parent().unwrap();
+            std::fs::write(parent.join("cgroup.subtree_control"), "+memory").unwrap();
+        }
+        if cg.join("memory.swap.max").exists() {
+            std::fs::write(cg.join("memory.swap.max"), "0").unwrap();
+        }
+        ("memory.current", "memory.max")
+    };
+    let current: u64 = std::fs::read_to_string(cg.join(usage))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    std::fs::write(cg.join(limit), (current + (8 << 20)).to_string()).unwrap();
+    std::fs::write(dir.join("go"), "").unwrap();
+    let out = cmd::wait_with_deadline(child, start, RUN_TIMEOUT);
+    assert_eq!(out.code(), Some(255), "{}", out.describe());
+    assert!(!out.stdout.contains("survived"), "{}", out.describe());
+    let log = c.containerd_log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("exited unexpectedly with status 137")
+                && l.contains("OOM killer")
+                && l.contains(&id)),
+        "no OOM reason in the shim log:\n{}",
+        thaw_tests::containerd::tail(&log, 40)
+    );
+    let _ = c.ctr(&["containers", "delete", &id]);
+    c.assert_no_leaks();
+}
+
 #[test]
 fn vm_oom_is_reported() {
     let c = setup();

@@ -180,6 +180,22 @@ impl PodCgroup {
     }
 }
 
+/// The first of these directories in which an OOM killer ended a
+/// process: a nonzero `oom_kill` count in cgroup v2's `memory.events`, or
+/// in v1's `memory.oom_control`.
+pub fn oom_killed_in(dirs: &[PathBuf]) -> Option<&Path> {
+    dirs.iter().map(PathBuf::as_path).find(|d| {
+        ["memory.events", "memory.oom_control"].iter().any(|f| {
+            fs::read_to_string(d.join(f)).is_ok_and(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("oom_kill "))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .is_some_and(|n| n > 0)
+            })
+        })
+    })
+}
+
 /// rmdir of each directory, retrying for up to a second while busy.
 pub fn remove_dirs(dirs: &[PathBuf]) {
     for dir in dirs {
@@ -252,6 +268,32 @@ pub fn join(procs: &[CString]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oom_kills_are_read_from_memory_events_or_oom_control() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b, none) = (d.path().join("a"), d.path().join("b"), d.path().join("c"));
+        for dir in [&a, &b, &none] {
+            fs::create_dir(dir).unwrap();
+        }
+        fs::write(
+            a.join("memory.events"),
+            "low 0\nhigh 0\nmax 9\noom 2\noom_kill 1\n",
+        )
+        .unwrap();
+        fs::write(b.join("memory.events"), "oom_kill 2\noom_group_kill 0\n").unwrap();
+        // cgroup v1
+        fs::write(
+            none.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n",
+        )
+        .unwrap();
+        assert_eq!(
+            oom_killed_in(&[none.clone(), b.clone(), a]),
+            Some(b.as_path())
+        );
+        assert_eq!(oom_killed_in(&[none]), None);
+    }
 
     #[test]
     fn cgroupfs_paths_are_below_the_root() {

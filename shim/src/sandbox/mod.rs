@@ -824,12 +824,21 @@ fn supervise(
                 }
             };
             backend.after_exit();
+            // Read before the directories go: the cgroup is the VMM's own.
+            let oom_killed = cgroup::oom_killed_in(&cgroups).map(Path::to_path_buf);
             cgroup::remove_dirs(&cgroups);
             life.set(code);
             if !stopping.load(Ordering::SeqCst) {
+                let meaning = match oom_killed {
+                    Some(dir) if code == 128 + libc::SIGKILL => format!(
+                        " (SIGKILL from the host's OOM killer: the VM went over the memory \
+                         limit of its cgroup {})",
+                        dir.display()
+                    ),
+                    _ => exit_meaning(code).to_string(),
+                };
                 let why = format!(
-                    "sandbox process {pid} exited unexpectedly with status {code}{}: {}",
-                    exit_meaning(code),
+                    "sandbox process {pid} exited unexpectedly with status {code}{meaning}: {}",
                     log_tail(&log_path, 8)
                 );
                 log::error!("{why}");
