@@ -33,6 +33,17 @@ fn vmm_pid(c: &PrivateContainerd) -> Option<i32> {
         .map(|(pid, _)| pid)
 }
 
+/// A new host directory `name` in a temporary directory (kept while the
+/// first value lives), and the `ctr run --mount` that shares it
+/// read-write at /data.
+fn shared_dir(name: &str) -> (tempfile::TempDir, std::path::PathBuf, String) {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join(name);
+    std::fs::create_dir(&dir).unwrap();
+    let rw = format!("type=bind,src={},dst=/data,options=rbind:rw", dir.display());
+    (work, dir, rw)
+}
+
 /// The parent of a jailed VMM: the waiter that stands in for it.
 fn vmm_waiter(vmm: i32) -> String {
     let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap_or_default();
@@ -155,10 +166,7 @@ fn vm_kill_9_of_the_vmm_gives_exit_255_within_seconds() {
 #[test]
 fn vm_over_its_cgroup_memory_limit_is_stopped_with_the_reason() {
     let c = setup();
-    let work = tempfile::tempdir().unwrap();
-    let dir = work.path().join("signal");
-    std::fs::create_dir(&dir).unwrap();
-    let rw = format!("type=bind,src={},dst=/data,options=rbind:rw", dir.display());
+    let (_work, dir, rw) = shared_dir("signal");
     let id = c.new_id("vmcgoom");
     let mut args = c.run_args(&["--rm", "--mount", &rw]);
     // Waits for the go, then dirties 128 MiB of fresh guest memory (dd's
@@ -204,10 +212,23 @@ fn vm_over_its_cgroup_memory_limit_is_stopped_with_the_reason() {
         ("memory.usage_in_bytes", "memory.limit_in_bytes")
     } else {
         if !cg.join("memory.max").exists() {
-            // As kubelet does for pod cgroups: the memory controller on
-            // for the namespace's children.
-            let parent = cg.parent().unwrap();
-            std::fs::write(parent.join("cgroup.subtree_control"), "+memory").unwrap();
+            // As kubelet and runc do for pod cgroups: the memory controller
+            // on from the root down to the VM's cgroup.
+            let mut ancestors: Vec<_> = cg
+                .ancestors()
+                .skip(1)
+                .take_while(|a| a.starts_with("/sys/fs/cgroup"))
+                .collect();
+            ancestors.reverse();
+            for a in ancestors {
+                let control = a.join("cgroup.subtree_control");
+                let on = std::fs::read_to_string(&control).unwrap_or_default();
+                if !on.split_whitespace().any(|c| c == "memory") {
+                    std::fs::write(&control, "+memory").unwrap_or_else(|e| {
+                        panic!("enabling the memory controller in {}: {e}", a.display())
+                    });
+                }
+            }
         }
         if cg.join("memory.swap.max").exists() {
             std::fs::write(cg.join("memory.swap.max"), "0").unwrap();
@@ -652,10 +673,7 @@ fn vm_ctr_mount_shares_a_host_directory() {
 #[test]
 fn vm_a_crashed_shim_leaves_no_share_behind() {
     let c = setup();
-    let work = tempfile::tempdir().unwrap();
-    let dir = work.path().join("shared");
-    std::fs::create_dir(&dir).unwrap();
-    let rw = format!("type=bind,src={},dst=/data,options=rbind:rw", dir.display());
+    let (_work, dir, rw) = shared_dir("shared");
     let id = c.new_id("share-crash");
     let mut args = c.run_args(&["-d", "--mount", &rw]);
     args.push(BUSYBOX_REF);
@@ -831,10 +849,7 @@ fn vm_a_jailed_vmm_writes_no_file_past_its_size_limit() {
         cfg.replace("[vm]\n", "[vm]\njail_max_file_mib = 1\n")
     });
     c.import_busybox();
-    let work = tempfile::tempdir().unwrap();
-    let dir = work.path().join("shared");
-    std::fs::create_dir(&dir).unwrap();
-    let rw = format!("type=bind,src={},dst=/data,options=rbind:rw", dir.display());
+    let (_work, dir, rw) = shared_dir("shared");
     let out = c.run_rm(
         "fsize",
         &["--mount", &rw],
