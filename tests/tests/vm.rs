@@ -44,6 +44,28 @@ fn shared_dir(name: &str) -> (tempfile::TempDir, std::path::PathBuf, String) {
     (work, dir, rw)
 }
 
+/// Starts `ctr` with `args` (a `ctr run` of task `id`) in the background,
+/// its output captured, and returns once the task runs: the child and when
+/// it was started.
+fn run_until_running(
+    c: &PrivateContainerd,
+    args: &[&str],
+    id: &str,
+) -> (std::process::Child, Instant) {
+    let start = Instant::now();
+    let child = c
+        .ctr_cmd(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(RUN_TIMEOUT, || {
+        (c.task_status(id) == "RUNNING").then_some(())
+    })
+    .expect("the task never ran");
+    (child, start)
+}
+
 /// The parent of a jailed VMM: the waiter that stands in for it.
 fn vmm_waiter(vmm: i32) -> String {
     let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap_or_default();
@@ -121,17 +143,7 @@ fn vm_kill_9_of_the_vmm_gives_exit_255_within_seconds() {
     let id = c.new_id("vmkill");
     let mut args = c.run_args(&["--rm"]);
     args.extend([BUSYBOX_REF, id.as_str(), "sleep", "600"]);
-    let mut cmd = c.ctr_cmd(&args);
-    let start = Instant::now();
-    let child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for(RUN_TIMEOUT, || {
-        (c.task_status(&id) == "RUNNING").then_some(())
-    })
-    .expect("the task never ran");
+    let (child, start) = run_until_running(&c, &args, &id);
     let vmm = vmm_pid(&c).expect("no thaw-vmm process");
     let killed = Instant::now();
     nix::sys::signal::kill(
@@ -179,17 +191,7 @@ fn vm_over_its_cgroup_memory_limit_is_stopped_with_the_reason() {
         "until [ -e /data/go ]; do sleep 0.2; done; \
          dd if=/dev/zero of=/dev/null bs=128M count=1; echo survived; exit 3",
     ]);
-    let start = Instant::now();
-    let child = c
-        .ctr_cmd(&args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for(RUN_TIMEOUT, || {
-        (c.task_status(&id) == "RUNNING").then_some(())
-    })
-    .expect("the task never ran");
+    let (child, start) = run_until_running(&c, &args, &id);
     let vmm = vmm_pid(&c).expect("no thaw-vmm process");
     let own = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).unwrap();
     // The memory controller's cgroup of the VMM: v1's memory hierarchy, or

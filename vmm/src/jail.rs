@@ -106,7 +106,8 @@ pub enum JailError {
     Invalid(String),
 }
 
-fn sys(what: impl Into<String>) -> impl FnOnce(nix::errno::Errno) -> JailError {
+/// Maps a failed call to [`JailError::Sys`] saying what was being done.
+pub(crate) fn sys(what: impl Into<String>) -> impl FnOnce(nix::errno::Errno) -> JailError {
     let what = what.into();
     move |e| JailError::Sys {
         what,

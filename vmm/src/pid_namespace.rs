@@ -30,7 +30,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 
-use crate::jail::JailError;
+use crate::jail::{sys, JailError};
 
 /// The argument under which `thaw-vmm` runs as the waiting parent.
 pub const PARENT_ARG: &str = "--pid-namespace-parent-of";
@@ -42,13 +42,6 @@ const TERMINATING: [Signal; 4] = [
     Signal::SIGHUP,
     Signal::SIGQUIT,
 ];
-
-fn sys(what: &'static str) -> impl FnOnce(nix::errno::Errno) -> JailError {
-    move |e| JailError::Sys {
-        what: what.into(),
-        source: io::Error::from(e),
-    }
-}
 
 /// The parent that waits for the VMM, as a pidfd the VMM keeps: readable
 /// once that parent has exited.
