@@ -72,6 +72,8 @@ struct Template {
     dir: PathBuf,
     busybox_img: PathBuf,
     build_took: Duration,
+    /// When the snapshot had been taken (the build had returned).
+    built_at: Instant,
     build_ms: serde_json::Value,
 }
 
@@ -101,6 +103,7 @@ fn template() -> &'static Template {
         .output()
         .unwrap();
         let build_took = started.elapsed();
+        let built_at = Instant::now();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "template build failed:\n{stderr}");
         let tdir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
@@ -110,6 +113,7 @@ fn template() -> &'static Template {
             dir: tdir,
             busybox_img,
             build_took,
+            built_at,
             build_ms: record["build_ms"].clone(),
             _tmp: tmp,
         }
@@ -205,6 +209,40 @@ fn restore() -> RestoredVm {
         restore_ready,
         health,
     }
+}
+
+/// A restored guest's clocks go on from the snapshot: the time the template
+/// sat in the store is not added to the guest's uptime (its BOOTTIME and
+/// MONOTONIC clocks), whichever clock source the guest kernel uses. On a
+/// host where it was added, the guest kernel also caught up on every second
+/// of it at the first tick after a restore, one loop turn per second: an
+/// hours-old template then cost PVM hosts seconds per start.
+#[test]
+fn a_restored_guest_does_not_count_the_templates_age_in_its_uptime() {
+    const AGE: Duration = Duration::from_secs(30);
+    let _one = one_test_at_a_time();
+    let t = template();
+    if let Some(rest) = AGE.checked_sub(t.built_at.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    let started = Instant::now();
+    let vm = restore();
+    let since_restore = started.elapsed();
+    let uptime = Duration::from_nanos(vm.health.uptime_ns);
+    // The guest booted after the build started and ran at most until the
+    // build returned; since the restore it ran at most `since_restore`.
+    let most = t.build_took + since_restore;
+    assert!(
+        uptime <= most + Duration::from_secs(1),
+        "guest uptime after restore is {uptime:.1?}, more than the {:.1?} it can have run \
+         (cold boot to snapshot {:.1?}, restore to Health {since_restore:.1?}): the {:.0?} \
+         the template waited were added to the guest's clock",
+        most,
+        t.build_took,
+        t.built_at.elapsed().saturating_sub(since_restore),
+    );
+    assert!(uptime > Duration::ZERO, "the agent reported no uptime");
+    vm.stop();
 }
 
 #[test]
