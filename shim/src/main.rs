@@ -6,6 +6,7 @@ mod agent;
 mod child;
 mod error;
 mod events;
+mod heap;
 mod hooks;
 mod image_cache;
 mod metrics;
@@ -22,6 +23,7 @@ mod vmm;
 pub const RUNTIME_ID: &str = "io.containerd.thaw.v2";
 
 fn main() {
+    heap::one_arena();
     // containerd-shim catches SIGPIPE only to log it, and its log is a pipe
     // to containerd: with containerd down, each such log line raises the
     // next SIGPIPE and the shim spins. Blocked in every thread (all are

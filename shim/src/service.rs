@@ -156,6 +156,7 @@ impl Task for Service {
                 ..Default::default()
             })
         })();
+        crate::heap::release_freed();
         rpc("start", r)
     }
 

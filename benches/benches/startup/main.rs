@@ -290,9 +290,9 @@ impl Drop for Vmm {
     }
 }
 
-/// Spawns a restore the way the shim does (same flags) and times it until
-/// the agent dials `<uds>_1024`. Sockets and console live in a temporary
-/// directory removed on return.
+/// Spawns a restore the way the shim does (same flags; the console off, the
+/// shim's default) and times it until the agent dials `<uds>_1024`.
+/// Sockets live in a temporary directory removed on return.
 fn restore_to_agent_ready(vmm: &Path, template: &Path, root: &Path) -> Result<Duration, String> {
     let tmp = tempfile::Builder::new()
         .prefix("thaw-bench-restore-")
@@ -305,7 +305,7 @@ fn restore_to_agent_ready(vmm: &Path, template: &Path, root: &Path) -> Result<Du
     let restore = VmmCommand::Restore(RestoreArgs {
         disks: vec![Disk::read_only(root)],
         vsock_uds: Some(uds.clone()),
-        serial: Some(Serial::File(tmp.path().join("console.log"))),
+        serial: Some(Serial::None),
         api_sock: Some(tmp.path().join("vm.api")),
         ..RestoreArgs::new(template)
     });
