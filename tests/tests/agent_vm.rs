@@ -358,9 +358,6 @@ impl RestoredVm {
 /// A container over its memory limit is OOM-killed inside the guest (exit
 /// 137, as runc reports it) and the agent reports an OOM event for it.
 #[test]
-#[ignore = "on PVM hosts the guest intermittently stops making progress during this test \
-            (most of its time in timer-tick code; see README); scripts/test.sh runs it on \
-            the emulated-SVM platform"]
 fn memory_limit_in_the_vm_ends_in_an_oom_kill_and_event() {
     let _one = one_test_at_a_time();
     let mut vm = restore();
