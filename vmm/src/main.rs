@@ -166,9 +166,11 @@ fn run(
 }
 
 /// One malloc arena for the whole process. glibc gives each new thread an
-/// arena of its own (up to 8 per CPU); in a VMM with a thread per device
-/// that kept ~100 KiB of freed, dirty heap per sandbox (release build, idle
-/// sandbox). Its threads allocate little, so sharing one lock costs nothing.
+/// arena of its own (up to 8 per CPU), each with dirty pages of its own; a
+/// VMM has a thread per device. With one arena and the trim below, an idle
+/// sandbox's VMM went from 784 to 720 KiB Private_Dirty without guest
+/// memory (PVM, release). Its threads allocate little, so sharing one lock
+/// costs nothing.
 fn one_malloc_arena() {
     // SAFETY: mallopt only sets an allocator parameter; no thread exists yet.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
