@@ -26,10 +26,42 @@ pub struct ThawShim {
     exit: Arc<ExitSignal>,
 }
 
+/// How long the daemon may take, once its last container is gone and
+/// everything it owned is released, to stop its ttrpc server. The sync
+/// server of ttrpc 0.9 can wait forever for a connection accepted while
+/// it shuts down (its handler misses the quit flag and blocks on its own
+/// control channel); past this the daemon exits without it.
+const SERVER_SHUTDOWN_LIMIT: Duration = Duration::from_secs(3);
+
 /// Whether a shim already serves `address` (a pod's sandbox shim).
+///
+/// Looks for a listening socket at the path instead of connecting: every
+/// connection costs the daemon a handful of ttrpc threads, and one that
+/// arrives while it shuts down can keep it from exiting (see
+/// [`SERVER_SHUTDOWN_LIMIT`]). containerd runs `delete` exactly then.
 fn shim_alive(address: &str) -> bool {
     let path = address.strip_prefix("unix://").unwrap_or(address);
-    std::os::unix::net::UnixStream::connect(path).is_ok()
+    match std::fs::read_to_string("/proc/net/unix") {
+        Ok(table) => unix_socket_listening(&table, path),
+        Err(e) => {
+            log::warn!("reading /proc/net/unix: {e}; probing {path} by connecting");
+            std::os::unix::net::UnixStream::connect(path).is_ok()
+        }
+    }
+}
+
+/// Whether `table` (the text of `/proc/net/unix`) holds a listening
+/// socket bound to `path`.
+fn unix_socket_listening(table: &str, path: &str) -> bool {
+    // "Num RefCount Protocol Flags Type St Inode Path"; Flags has
+    // __SO_ACCEPTCON (0x10000) once listen() was called.
+    const ACCEPTING: u32 = 0x10000;
+    table.lines().skip(1).any(|line| {
+        let mut fields = line.split_whitespace();
+        let flags = fields.nth(3).and_then(|f| u32::from_str_radix(f, 16).ok());
+        let bound = fields.nth(3);
+        matches!(flags, Some(f) if f & ACCEPTING != 0) && bound == Some(path)
+    })
 }
 
 impl Shim for ThawShim {
@@ -112,6 +144,14 @@ impl Shim for ThawShim {
                 }
             }
         }
+        // The crate stops its server once this returns.
+        std::thread::spawn(|| {
+            std::thread::sleep(SERVER_SHUTDOWN_LIMIT);
+            log::warn!(
+                "the ttrpc server did not stop within {SERVER_SHUTDOWN_LIMIT:?}; exiting without it"
+            );
+            std::process::exit(0);
+        });
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Service {
@@ -172,4 +212,44 @@ fn cleanup_after_crash(rec: &ContainerRecord, bundle: &Path) {
         }
     }
     ContainerRecord::remove(bundle);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::{UnixDatagram, UnixListener};
+
+    #[test]
+    fn a_listening_socket_is_alive_and_a_stale_file_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shim.sock");
+        let address = format!("unix://{}", path.display());
+        let listener = UnixListener::bind(&path).unwrap();
+        assert!(shim_alive(&address));
+        assert!(shim_alive(path.to_str().unwrap()));
+        // What a killed daemon leaves: the file, with nothing listening.
+        drop(listener);
+        assert!(path.exists());
+        assert!(!shim_alive(&address));
+    }
+
+    #[test]
+    fn a_bound_socket_that_does_not_listen_is_not_a_shim() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dgram.sock");
+        let _sock = UnixDatagram::bind(&path).unwrap();
+        assert!(!shim_alive(path.to_str().unwrap()));
+    }
+
+    #[test]
+    fn the_socket_table_is_matched_by_whole_path_and_listen_flag() {
+        let table = "Num       RefCount Protocol Flags    Type St Inode Path\n\
+            0000000000000000: 00000002 00000000 00010000 0001 01 100 /run/s/abc\n\
+            0000000000000000: 00000003 00000000 00000000 0001 03 101 /run/s/def\n\
+            0000000000000000: 00000002 00000000 00010000 0001 01 102\n";
+        assert!(unix_socket_listening(table, "/run/s/abc"));
+        assert!(!unix_socket_listening(table, "/run/s/ab"));
+        assert!(!unix_socket_listening(table, "/run/s/def"));
+        assert!(!unix_socket_listening(table, ""));
+    }
 }

@@ -463,6 +463,54 @@ fn a_crashed_shim_is_cleaned_up_by_delete() {
     c.assert_no_leaks();
 }
 
+/// containerd runs `containerd-shim-thaw-v2 delete` as the daemon shuts
+/// down, and any client may connect then. ttrpc's sync server can wait
+/// forever for a connection accepted during its shutdown; the daemon must
+/// exit all the same.
+#[test]
+fn a_shim_exits_even_with_clients_connecting_while_it_shuts_down() {
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let c = setup();
+    let id = detached(&c, "connect", &["sleep", "600"]);
+    let sock = thaw_tests::containerd::shim_socket_path(
+        &c.address,
+        thaw_tests::containerd::NAMESPACE,
+        &id,
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let knockers: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, accepted, sock) = (stop.clone(), accepted.clone(), sock.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    if UnixStream::connect(&sock).is_ok() {
+                        accepted.fetch_add(1, Ordering::SeqCst);
+                    }
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            })
+        })
+        .collect();
+    remove(&c, &id);
+    // Until the daemon is gone or the leak check below gives up on it.
+    let _ = wait_for(Duration::from_secs(15), || {
+        c.shim_daemons().is_empty().then_some(())
+    });
+    stop.store(true, Ordering::SeqCst);
+    for k in knockers {
+        k.join().unwrap();
+    }
+    assert!(
+        accepted.load(Ordering::SeqCst) > 0,
+        "no connection reached the shim"
+    );
+    c.assert_no_leaks();
+}
+
 #[test]
 fn every_task_method_is_answered_on_the_shim_socket() {
     use containerd_shim_protos::api;
