@@ -775,6 +775,9 @@ fn erofs_block_device_rootfs_under_overlay() {
     let mut r = Rootfs::new();
     r.source = loopdev.path.clone();
     r.fstype = "erofs".into();
+    // The agent reads the loop device's size from sysfs before mounting.
+    let len = std::fs::metadata(&image).unwrap().len();
+    r.size_bytes = len - len % 512;
     req.rootfs = protobuf::MessageField::some(r);
     let merged = h
         .client

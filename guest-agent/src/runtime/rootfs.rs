@@ -63,6 +63,43 @@ fn wait_released_within(dev: &Path, timeout: Duration) -> Result<()> {
     }
 }
 
+/// How long an attached image may take to show its size in the guest.
+const SIZE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Waits until block device `dev` has `bytes` of capacity. The host
+/// attaches an image with a config-change interrupt, and the guest's
+/// virtio-blk driver reads the new capacity later from a workqueue; a
+/// mount before that sees the slot's old size (0 for a fresh slot) and
+/// fails with EINVAL.
+fn wait_for_size(sys_block: &Path, dev: &Path, bytes: u64, timeout: Duration) -> Result<()> {
+    let name = dev.file_name().ok_or_else(|| {
+        Error::InvalidRequest(format!("rootfs.source {}: no device name", dev.display()))
+    })?;
+    let size_file = sys_block.join(name).join("size");
+    let deadline = Instant::now() + timeout;
+    loop {
+        // sysfs counts 512-byte sectors whatever the device's block size.
+        let seen = fs::read_to_string(&size_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(|sectors| sectors * 512);
+        if seen == Some(bytes) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let seen = seen.map_or_else(
+                || format!("no readable {}", size_file.display()),
+                |b| format!("{b} bytes"),
+            );
+            return Err(Error::Internal(format!(
+                "rootfs device {} shows {seen} after {timeout:?}, not the attached image's {bytes} bytes",
+                dev.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 fn check_overlay_path(p: &Path, field: &str) -> Result<String> {
     let s = p
         .to_str()
@@ -111,6 +148,14 @@ impl MountedRootfs {
             }
             src
         } else {
+            if r.size_bytes > 0 {
+                wait_for_size(
+                    Path::new("/sys/class/block"),
+                    Path::new(&r.source),
+                    r.size_bytes,
+                    SIZE_TIMEOUT,
+                )?;
+            }
             let lower = dir.join("lower");
             mkdir(&lower)?;
             let opts = r.options.join(",");
@@ -212,5 +257,63 @@ pub fn unmount_below(dir: &Path) {
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     for p in points {
         let _ = umount2(&p, MntFlags::MNT_DETACH);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sys_block_with(name: &str, sectors: &str) -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir(root.path().join(name)).unwrap();
+        fs::write(root.path().join(name).join("size"), sectors).unwrap();
+        root
+    }
+
+    #[test]
+    fn a_device_of_the_right_size_is_ready_at_once() {
+        let sys = sys_block_with("vdb", "8\n");
+        wait_for_size(sys.path(), Path::new("/dev/vdb"), 4096, Duration::ZERO).unwrap();
+    }
+
+    #[test]
+    fn the_wait_ends_when_the_guest_catches_up_with_the_new_capacity() {
+        let sys = sys_block_with("vdc", "0\n");
+        let size = sys.path().join("vdc/size");
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            fs::write(size, "16\n").unwrap();
+        });
+        let start = Instant::now();
+        wait_for_size(
+            sys.path(),
+            Path::new("/dev/vdc"),
+            8192,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(40));
+        late.join().unwrap();
+    }
+
+    #[test]
+    fn a_device_that_keeps_its_old_size_fails_naming_it_and_both_sizes() {
+        let sys = sys_block_with("vdd", "2\n");
+        let e = wait_for_size(
+            sys.path(),
+            Path::new("/dev/vdd"),
+            4096,
+            Duration::from_millis(20),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("/dev/vdd"), "{e}");
+        assert!(e.contains("1024 bytes"), "{e}");
+        assert!(e.contains("4096 bytes"), "{e}");
+        let e = wait_for_size(sys.path(), Path::new("/dev/vde"), 4096, Duration::ZERO)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no readable") && e.contains("vde/size"), "{e}");
     }
 }

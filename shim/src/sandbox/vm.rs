@@ -11,6 +11,9 @@ use thaw_vmm_api::VmmClient;
 use super::{Attached, Backend};
 use crate::error::{Error, Result};
 use crate::vmm::{self, VmPaths};
+
+/// virtio-blk counts capacity in 512-byte sectors.
+const SECTOR_SIZE: u64 = 512;
 use thaw_config::VmConfig;
 
 pub struct VmBackend {
@@ -166,10 +169,15 @@ impl Backend for VmBackend {
     }
 
     fn attach(&self, slot: u32, image: &Path) -> Result<(proto::Rootfs, Attached)> {
+        let size = std::fs::metadata(image)
+            .map_err(|e| Error::io(format!("reading the size of image {}", image.display()), e))?
+            .len();
         self.client()?.attach_disk(slot, image, true)?;
         let mut r = proto::Rootfs::new();
         r.source = vmm::guest_device(slot);
         r.fstype = "erofs".into();
+        // What the VMM offers: whole sectors.
+        r.size_bytes = size - size % SECTOR_SIZE;
         Ok((
             r,
             Attached {
