@@ -11,10 +11,10 @@ use thaw_vmm_api::VmmClient;
 use super::{Attached, Backend};
 use crate::error::{Error, Result};
 use crate::vmm::{self, VmPaths};
+use thaw_config::VmConfig;
 
 /// virtio-blk counts capacity in 512-byte sectors.
 const SECTOR_SIZE: u64 = 512;
-use thaw_config::VmConfig;
 
 pub struct VmBackend {
     vm: VmConfig,
