@@ -511,6 +511,96 @@ fn a_shim_exits_even_with_clients_connecting_while_it_shuts_down() {
     c.assert_no_leaks();
 }
 
+/// containerd gives a task delete 10 s when it handles an exit, retries
+/// one that takes longer while the first still runs, and sends Shutdown
+/// after the retry. On a slow guest that left the pod's shim and VM
+/// running for good (the PVM `cri` run of 2026-12-02). A poststop hook
+/// that sleeps makes the delete slow here: the retry must not repeat it,
+/// and the shim must exit once the first delete ends.
+#[test]
+fn a_slow_delete_retried_and_then_shut_down_still_ends_the_shim() {
+    use containerd_shim_protos::api;
+    use containerd_shim_protos::ttrpc::{context, Client};
+    use containerd_shim_protos::TaskClient;
+
+    let c = setup();
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = work.path().join("rootfs");
+    std::fs::create_dir_all(&rootfs).unwrap();
+    thaw_tests::image::populate_rootfs(&rootfs, false);
+    let hook_runs = work.path().join("poststop-runs");
+    let base = c.ctr(&["oci", "spec"]);
+    assert!(base.success(), "{}", base.describe());
+    let mut spec: serde_json::Value = serde_json::from_str(&base.stdout).unwrap();
+    spec["root"] = serde_json::json!({"path": rootfs, "readonly": false});
+    spec["process"]["args"] = serde_json::json!(["true"]);
+    spec["hooks"] = serde_json::json!({
+        "poststop": [{"path": "/bin/sh", "args": ["sh", "-c",
+            format!("echo ran >> {}; sleep 4", hook_runs.display())]}],
+    });
+    let spec_path = work.path().join("spec.json");
+    std::fs::write(&spec_path, serde_json::to_vec(&spec).unwrap()).unwrap();
+    let id = c.new_id("slowdel");
+    let mut args = c.run_args(&["-d", "--config", spec_path.to_str().unwrap()]);
+    args.push(&id);
+    let out = c.ctr_timeout(&args, Duration::from_secs(120));
+    assert!(out.success(), "{}", out.describe());
+    wait_for(Duration::from_secs(30), || {
+        (c.task_status(&id) == "STOPPED").then_some(())
+    })
+    .unwrap_or_else(|| panic!("task {id} did not stop: {}", c.task_status(&id)));
+
+    let sock = thaw_tests::containerd::shim_socket_path(
+        &c.address,
+        thaw_tests::containerd::NAMESPACE,
+        &id,
+    );
+    let client =
+        || TaskClient::new(Client::connect(&format!("unix://{}", sock.display())).unwrap());
+    let ctx = || context::with_timeout(30_000_000_000);
+    let delete = |task: TaskClient, id: String| {
+        std::thread::spawn(move || {
+            task.delete(
+                ctx(),
+                &api::DeleteRequest {
+                    id,
+                    ..Default::default()
+                },
+            )
+        })
+    };
+    let first = delete(client(), id.clone());
+    std::thread::sleep(Duration::from_secs(1));
+    let retry = delete(client(), id.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    // As containerd after the retry: Shutdown while the first delete runs.
+    let shutdown = client().shutdown(
+        ctx(),
+        &api::ShutdownRequest {
+            id: id.clone(),
+            ..Default::default()
+        },
+    );
+    assert!(shutdown.is_ok(), "{shutdown:?}");
+    // The first delete ends in the hook's 4 s; its answer may be lost to
+    // the shim's exit right after it. The retry finds nothing to delete.
+    let _ = first.join().unwrap();
+    let retried = retry.join().unwrap();
+    assert!(retried.is_err(), "the retry deleted again: {retried:?}");
+    let runs = std::fs::read_to_string(&hook_runs).unwrap_or_default();
+    assert_eq!(runs.lines().count(), 1, "poststop hook runs: {runs:?}");
+    let gone = wait_for(Duration::from_secs(15), || {
+        c.shim_daemons().is_empty().then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "the shim is still running after its last container was deleted and it was asked to exit: {:?}",
+        c.shim_daemons()
+    );
+    let _ = c.ctr(&["containers", "delete", &id]);
+    c.assert_no_leaks();
+}
+
 #[test]
 fn every_task_method_is_answered_on_the_shim_socket() {
     use containerd_shim_protos::api;

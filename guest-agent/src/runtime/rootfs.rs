@@ -65,6 +65,8 @@ fn wait_released_within(dev: &Path, timeout: Duration) -> Result<()> {
 
 /// How long an attached image may take to show its size in the guest.
 const SIZE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest pause between two looks at its size.
+const MAX_SIZE_POLL: Duration = Duration::from_millis(50);
 
 /// Waits until block device `dev` has `bytes` of capacity. The host
 /// attaches an image with a config-change interrupt, and the guest's
@@ -77,6 +79,9 @@ fn wait_for_size(sys_block: &Path, dev: &Path, bytes: u64, timeout: Duration) ->
     })?;
     let size_file = sys_block.join(name).join("size");
     let deadline = Instant::now() + timeout;
+    // Doubling pauses: a size that is late is late under load, where
+    // twenty guests reading sysfs every 2 ms only add to it.
+    let mut pause = Duration::from_millis(1);
     loop {
         // sysfs counts 512-byte sectors whatever the device's block size.
         let seen = fs::read_to_string(&size_file)
@@ -96,7 +101,8 @@ fn wait_for_size(sys_block: &Path, dev: &Path, bytes: u64, timeout: Duration) ->
                 dev.display()
             )));
         }
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
+        pause = (pause * 2).min(MAX_SIZE_POLL);
     }
 }
 
@@ -311,6 +317,16 @@ mod tests {
         assert!(e.contains("/dev/vdd"), "{e}");
         assert!(e.contains("1024 bytes"), "{e}");
         assert!(e.contains("4096 bytes"), "{e}");
+        // The doubling pauses stop at the deadline, not past it.
+        let start = Instant::now();
+        wait_for_size(
+            sys.path(),
+            Path::new("/dev/vdd"),
+            4096,
+            Duration::from_millis(120),
+        )
+        .unwrap_err();
+        assert!(start.elapsed() < Duration::from_secs(1));
         let e = wait_for_size(sys.path(), Path::new("/dev/vde"), 4096, Duration::ZERO)
             .unwrap_err()
             .to_string();

@@ -43,6 +43,10 @@ pub struct Container {
     hooks: Hooks,
     oci_version: String,
     annotations: HashMap<String, String>,
+    /// Held by the delete of the init: containerd retries a delete that
+    /// outlives its 10 s event timeout while the first still runs, and the
+    /// second must not repeat the guest-side removal.
+    deleting: Mutex<()>,
 }
 
 impl Container {
@@ -306,6 +310,7 @@ impl Tasks {
             hooks,
             oci_version,
             annotations: bundle_spec.annotations.clone(),
+            deleting: Mutex::new(()),
         });
         lock(&self.containers).insert(id.clone(), c);
         self.events.publish(
@@ -416,7 +421,13 @@ impl Tasks {
             return Ok(st);
         }
 
-        // The init: the container goes.
+        // The init: the container goes, once.
+        let _one_delete = lock(&c.deleting);
+        if !self.is_current(&c) {
+            return Err(Error::NotFound(format!(
+                "container {id} (deleted meanwhile)"
+            )));
+        }
         let mut removed_in_guest = sb.is_none();
         if let Some(sb) = &sb {
             match sb.agent().remove_container(id) {
@@ -469,6 +480,8 @@ impl Tasks {
                 ..Default::default()
             },
         );
+        // After the event: shutting down closes the event queue.
+        self.shutdown_if_asked();
         Ok(st)
     }
 }

@@ -51,6 +51,11 @@ pub struct Tasks {
     config: Mutex<Option<Config>>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     shutting_down: AtomicBool,
+    /// containerd asked the shim to exit (it does after every task
+    /// delete) while a container was left: the shim goes once the last
+    /// one is deleted. A delete that outlived containerd's timeout ends
+    /// after the Shutdown that follows it.
+    exit_when_empty: AtomicBool,
 }
 
 impl Tasks {
@@ -64,6 +69,7 @@ impl Tasks {
             config: Mutex::new(None),
             containers: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
+            exit_when_empty: AtomicBool::new(false),
         }
     }
 
@@ -77,6 +83,13 @@ impl Tasks {
             .get(id)
             .cloned()
             .ok_or_else(|| Error::NotFound(format!("container {id}")))
+    }
+
+    /// Whether `c` is still the container listed under its id.
+    fn is_current(&self, c: &Arc<Container>) -> bool {
+        lock(&self.containers)
+            .get(&c.id)
+            .is_some_and(|listed| Arc::ptr_eq(listed, c))
     }
 
     /// A container's init (`exec_id` empty) or one of its execs.

@@ -103,9 +103,16 @@ impl Tasks {
     }
 
     /// Stops the sandbox and lets the shim exit, once no container is
-    /// left; does nothing before that.
+    /// left; before that, only remembers that it was asked.
     pub fn shutdown(&self) {
-        if !lock(&self.containers).is_empty() {
+        self.exit_when_empty.store(true, Ordering::SeqCst);
+        self.shutdown_if_asked();
+    }
+
+    /// [`Tasks::shutdown`] if containerd asked for it and no container is
+    /// left.
+    pub(super) fn shutdown_if_asked(&self) {
+        if !self.exit_when_empty.load(Ordering::SeqCst) || !lock(&self.containers).is_empty() {
             return;
         }
         if self.shutting_down.swap(true, Ordering::SeqCst) {
