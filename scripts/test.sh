@@ -25,7 +25,7 @@
 #
 # On PVM hosts the VM suites run the subset `pvm_subset` names below, and
 # the summary counts what was left out: guest kernel code is emulated
-# there, and since 2026-12-01 about 6.6x slower than before (see README,
+# there, and since 2026-12-02 about 6.6x slower than before (see README,
 # "PVM hosts"), so the whole set would take about four hours. Every test
 # runs on svm, and on a host with hardware KVM.
 #
