@@ -23,11 +23,11 @@
 # was left behind. A test ignored with a reason that holds only on PVM
 # hosts runs on the svm platform (--include-ignored).
 #
-# On PVM hosts the VM suites run the subset `pvm_subset` names below, and
-# the summary counts what was left out: guest kernel code is emulated
-# there, and since 2026-12-02 about 6.6x slower than before (see README,
-# "PVM hosts"), so the whole set would take about four hours. Every test
-# runs on svm, and on a host with hardware KVM.
+# On PVM hosts the VM suites run the subset `pvm_tests` and `pvm_env`
+# name below, and the summary counts what was left out: guest kernel code
+# is emulated there, and since 2026-12-02 about 6.6x slower than before
+# (see README, "PVM hosts"), so the whole set would take about four hours.
+# Every test runs on svm, and on a host with hardware KVM.
 #
 #   THAW_TEST_SUITE_LIMIT  seconds one suite may take (default 1800)
 #   THAW_TEST_LOGS         where each suite's full log goes (default
