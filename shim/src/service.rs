@@ -33,6 +33,27 @@ impl Service {
         }
     }
 
+    /// The state of a deleted container's init: stopped, as it ended.
+    fn deleted_state(&self, id: &str) -> Result<api::StateResponse> {
+        let init = self
+            .tasks
+            .deleted_init(id)
+            .ok_or_else(|| Error::NotFound(format!("container {id}")))?;
+        Ok(api::StateResponse {
+            id: id.to_string(),
+            bundle: init.bundle.display().to_string(),
+            pid: init.state.pid,
+            status: init.state.status.into(),
+            exit_status: init.state.exit_status,
+            exited_at: init
+                .state
+                .exited_at
+                .map(MessageField::some)
+                .unwrap_or_default(),
+            ..Default::default()
+        })
+    }
+
     /// `pause` and `resume`: the container's init goes running <-> paused.
     fn set_paused(&self, id: &str, pause: bool) -> Result<api::Empty> {
         let c = self.tasks.container(id)?;
@@ -91,7 +112,12 @@ impl Task for Service {
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
         let r = (|| {
-            let c = self.tasks.container(&req.id)?;
+            let c = match self.tasks.container(&req.id) {
+                Err(Error::NotFound(_)) if req.exec_id.is_empty() => {
+                    return self.deleted_state(&req.id);
+                }
+                r => r?,
+            };
             let p = c.process(&req.exec_id)?;
             let st = p.state();
             Ok(api::StateResponse {
@@ -327,7 +353,15 @@ impl Task for Service {
 
     fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
         let r = (|| {
-            let st = self.tasks.process(&req.id, &req.exec_id)?.wait();
+            let st = match self.tasks.process(&req.id, &req.exec_id) {
+                Ok(p) => p.wait(),
+                Err(Error::NotFound(_)) if req.exec_id.is_empty() => self
+                    .tasks
+                    .deleted_init(&req.id)
+                    .map(|init| init.state)
+                    .ok_or_else(|| Error::NotFound(format!("container {}", req.id)))?,
+                Err(e) => return Err(e),
+            };
             Ok(api::WaitResponse {
                 exit_status: st.exit_status,
                 exited_at: st.exited_at.map(MessageField::some).unwrap_or_default(),

@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use thaw_tests::binaries::require_agent;
@@ -517,18 +518,17 @@ fn a_shim_exits_even_with_clients_connecting_while_it_shuts_down() {
 /// running for good (the PVM `cri` run of 2026-12-02). A poststop hook
 /// that sleeps makes the delete slow here: the retry must not repeat it,
 /// and the shim must exit once the first delete ends.
-#[test]
-fn a_slow_delete_retried_and_then_shut_down_still_ends_the_shim() {
-    use containerd_shim_protos::api;
-    use containerd_shim_protos::ttrpc::{context, Client};
-    use containerd_shim_protos::TaskClient;
-
-    let c = setup();
-    let work = tempfile::tempdir().unwrap();
-    let rootfs = work.path().join("rootfs");
+/// A detached `true` whose poststop hook appends a line to `hook_runs`
+/// and then sleeps `hook_secs`, run until it stopped.
+fn stopped_with_poststop_hook(
+    c: &PrivateContainerd,
+    work: &Path,
+    hook_runs: &Path,
+    hook_secs: u32,
+) -> String {
+    let rootfs = work.join("rootfs");
     std::fs::create_dir_all(&rootfs).unwrap();
     thaw_tests::image::populate_rootfs(&rootfs, false);
-    let hook_runs = work.path().join("poststop-runs");
     let base = c.ctr(&["oci", "spec"]);
     assert!(base.success(), "{}", base.describe());
     let mut spec: serde_json::Value = serde_json::from_str(&base.stdout).unwrap();
@@ -536,9 +536,9 @@ fn a_slow_delete_retried_and_then_shut_down_still_ends_the_shim() {
     spec["process"]["args"] = serde_json::json!(["true"]);
     spec["hooks"] = serde_json::json!({
         "poststop": [{"path": "/bin/sh", "args": ["sh", "-c",
-            format!("echo ran >> {}; sleep 4", hook_runs.display())]}],
+            format!("echo ran >> {}; sleep {hook_secs}", hook_runs.display())]}],
     });
-    let spec_path = work.path().join("spec.json");
+    let spec_path = work.join("spec.json");
     std::fs::write(&spec_path, serde_json::to_vec(&spec).unwrap()).unwrap();
     let id = c.new_id("slowdel");
     let mut args = c.run_args(&["-d", "--config", spec_path.to_str().unwrap()]);
@@ -549,16 +549,30 @@ fn a_slow_delete_retried_and_then_shut_down_still_ends_the_shim() {
         (c.task_status(&id) == "STOPPED").then_some(())
     })
     .unwrap_or_else(|| panic!("task {id} did not stop: {}", c.task_status(&id)));
+    id
+}
 
-    let sock = thaw_tests::containerd::shim_socket_path(
-        &c.address,
-        thaw_tests::containerd::NAMESPACE,
-        &id,
-    );
-    let client =
-        || TaskClient::new(Client::connect(&format!("unix://{}", sock.display())).unwrap());
+/// A ttrpc Task client on the shim's socket, as containerd holds one.
+fn shim_task_client(c: &PrivateContainerd, id: &str) -> containerd_shim_protos::TaskClient {
+    let sock =
+        thaw_tests::containerd::shim_socket_path(&c.address, thaw_tests::containerd::NAMESPACE, id);
+    containerd_shim_protos::TaskClient::new(
+        containerd_shim_protos::ttrpc::Client::connect(&format!("unix://{}", sock.display()))
+            .unwrap(),
+    )
+}
+
+#[test]
+fn a_slow_delete_retried_and_then_shut_down_still_ends_the_shim() {
+    use containerd_shim_protos::api;
+    use containerd_shim_protos::ttrpc::context;
+
+    let c = setup();
+    let work = tempfile::tempdir().unwrap();
+    let hook_runs = work.path().join("poststop-runs");
+    let id = stopped_with_poststop_hook(&c, work.path(), &hook_runs, 4);
     let ctx = || context::with_timeout(30_000_000_000);
-    let delete = |task: TaskClient, id: String| {
+    let delete = |task: containerd_shim_protos::TaskClient, id: String| {
         std::thread::spawn(move || {
             task.delete(
                 ctx(),
@@ -569,12 +583,12 @@ fn a_slow_delete_retried_and_then_shut_down_still_ends_the_shim() {
             )
         })
     };
-    let first = delete(client(), id.clone());
+    let first = delete(shim_task_client(&c, &id), id.clone());
     std::thread::sleep(Duration::from_secs(1));
-    let retry = delete(client(), id.clone());
+    let retry = delete(shim_task_client(&c, &id), id.clone());
     std::thread::sleep(Duration::from_millis(500));
     // As containerd after the retry: Shutdown while the first delete runs.
-    let shutdown = client().shutdown(
+    let shutdown = shim_task_client(&c, &id).shutdown(
         ctx(),
         &api::ShutdownRequest {
             id: id.clone(),
@@ -583,10 +597,14 @@ fn a_slow_delete_retried_and_then_shut_down_still_ends_the_shim() {
     );
     assert!(shutdown.is_ok(), "{shutdown:?}");
     // The first delete ends in the hook's 4 s; its answer may be lost to
-    // the shim's exit right after it. The retry finds nothing to delete.
+    // the shim's exit right after it. The retry waits for it and gets the
+    // same answer, without deleting again.
     let _ = first.join().unwrap();
     let retried = retry.join().unwrap();
-    assert!(retried.is_err(), "the retry deleted again: {retried:?}");
+    assert!(
+        retried.as_ref().is_ok_and(|r| r.exit_status == 0),
+        "the retried delete: {retried:?}"
+    );
     let runs = std::fs::read_to_string(&hook_runs).unwrap_or_default();
     assert_eq!(runs.lines().count(), 1, "poststop hook runs: {runs:?}");
     let gone = wait_for(Duration::from_secs(15), || {
@@ -598,6 +616,89 @@ fn a_slow_delete_retried_and_then_shut_down_still_ends_the_shim() {
         c.shim_daemons()
     );
     let _ = c.ctr(&["containers", "delete", &id]);
+    c.assert_no_leaks();
+}
+
+/// containerd's CRI plugin, when a sandbox's delete outlived its 10 s:
+/// it retries later by asking for the task's state, killing it, waiting
+/// for it and deleting it, then sends Shutdown. Here the first delete has
+/// long ended by then.
+#[test]
+fn a_deleted_task_still_answers_containerds_retry_and_its_shim_exits_unasked() {
+    use containerd_shim_protos::api;
+    use containerd_shim_protos::ttrpc::{context, Code, Error};
+    use containerd_shim_protos::types::task::Status;
+
+    let c = setup();
+    let work = tempfile::tempdir().unwrap();
+    let hook_runs = work.path().join("poststop-runs");
+    let id = stopped_with_poststop_hook(&c, work.path(), &hook_runs, 0);
+    let task = shim_task_client(&c, &id);
+    let ctx = || context::with_timeout(10_000_000_000);
+    let delete = || {
+        task.delete(
+            ctx(),
+            &api::DeleteRequest {
+                id: id.clone(),
+                ..Default::default()
+            },
+        )
+    };
+    let first = delete().unwrap();
+    assert_eq!(first.exit_status, 0);
+
+    let st = task
+        .state(
+            ctx(),
+            &api::StateRequest {
+                id: id.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(st.status.enum_value_or_default(), Status::STOPPED);
+    assert_eq!((st.pid, st.exit_status), (first.pid, 0));
+    let kill = task.kill(
+        ctx(),
+        &api::KillRequest {
+            id: id.clone(),
+            signal: 9,
+            all: true,
+            ..Default::default()
+        },
+    );
+    assert!(
+        matches!(&kill, Err(Error::RpcStatus(s)) if s.code() == Code::NOT_FOUND),
+        "kill of a deleted task: {kill:?}"
+    );
+    let waited = task
+        .wait(
+            ctx(),
+            &api::WaitRequest {
+                id: id.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(waited.exit_status, 0);
+    let again = delete().unwrap();
+    assert_eq!((again.pid, again.exit_status), (first.pid, 0));
+    assert_eq!(again.exited_at, first.exited_at);
+    let runs = std::fs::read_to_string(&hook_runs).unwrap_or_default();
+    assert_eq!(runs.lines().count(), 1, "poststop hook runs: {runs:?}");
+
+    // No Shutdown comes: the shim goes on its own after 30 s.
+    let gone = wait_for(Duration::from_secs(45), || {
+        c.shim_daemons().is_empty().then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "the shim is still running 45 s after its last container was deleted: {:?}",
+        c.shim_daemons()
+    );
+    // containerd noticed: the task is gone, the container can go.
+    let rm = c.ctr(&["containers", "delete", &id]);
+    assert!(rm.success(), "{}", rm.describe());
     c.assert_no_leaks();
 }
 

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use thaw_agent_protocol::agent as proto;
 
 use super::process::{now, ProcState, Process};
 use super::undo::Undo;
-use super::{lock, Tasks};
+use super::{lock, DeletedInit, Tasks};
 use crate::error::{Error, Result};
 use crate::hooks::{HookState, Hooks, Stage};
 use crate::image_cache::{ImageCache, ImageRef};
@@ -115,6 +116,7 @@ impl Tasks {
                 "restoring a task from a checkpoint is not supported by thaw".into(),
             ));
         }
+        self.creates.fetch_add(1, Ordering::SeqCst);
         if lock(&self.containers).contains_key(&id) {
             return Err(Error::AlreadyExists(format!("container {id}")));
         }
@@ -398,8 +400,17 @@ impl Tasks {
     /// Deletes a stopped exec, or a container with its init stopped (its
     /// guest side, disk slot, image reference and record go with it).
     /// Returns the process's final state, `exited_at` always set.
-    pub fn delete(&self, id: &str, exec_id: &str) -> Result<ProcState> {
-        let c = self.container(id)?;
+    pub fn delete(self: &Arc<Self>, id: &str, exec_id: &str) -> Result<ProcState> {
+        let c = match self.container(id) {
+            // containerd's retry of a delete it gave up waiting for.
+            Err(Error::NotFound(_)) if exec_id.is_empty() => {
+                if let Some(init) = self.deleted_init(id) {
+                    return Ok(init.state);
+                }
+                return Err(Error::NotFound(format!("container {id}")));
+            }
+            r => r?,
+        };
         let p = c.process(exec_id)?;
         let mut st = p.state();
         if st.status == Status::RUNNING || st.status == Status::PAUSED {
@@ -424,9 +435,11 @@ impl Tasks {
         // The init: the container goes, once.
         let _one_delete = lock(&c.deleting);
         if !self.is_current(&c) {
-            return Err(Error::NotFound(format!(
-                "container {id} (deleted meanwhile)"
-            )));
+            // A retry that waited for the first delete gets its answer.
+            return self
+                .deleted_init(id)
+                .map(|init| init.state)
+                .ok_or_else(|| Error::NotFound(format!("container {id} (deleted meanwhile)")));
         }
         let mut removed_in_guest = sb.is_none();
         if let Some(sb) = &sb {
@@ -466,9 +479,16 @@ impl Tasks {
                 log::debug!("agent destroy of sandbox {sandbox_id}: {e}");
             }
         }
-        lock(&self.containers).remove(id);
         let exited_at = st.exited_at.clone().unwrap_or_else(now);
         st.exited_at = Some(exited_at.clone());
+        self.remember_deleted(
+            id,
+            DeletedInit {
+                bundle: c.bundle.clone(),
+                state: st.clone(),
+            },
+        );
+        lock(&self.containers).remove(id);
         self.events.publish(
             topics::TASK_DELETE_EVENT_TOPIC,
             ev::TaskDelete {
@@ -482,6 +502,7 @@ impl Tasks {
         );
         // After the event: shutting down closes the event queue.
         self.shutdown_if_asked();
+        self.exit_if_left_empty();
         Ok(st)
     }
 }

@@ -20,8 +20,9 @@ mod process;
 mod sandbox_lifecycle;
 mod undo;
 
-use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use containerd_shim::ExitSignal;
@@ -32,7 +33,22 @@ use crate::sandbox::Sandbox;
 use thaw_config::Config;
 
 use container::Container;
-use process::Process;
+use process::{ProcState, Process};
+
+/// How many deleted inits the shim remembers (a pod's containers; more
+/// only if one shim saw many come and go).
+const DELETED_INITS_KEPT: usize = 64;
+
+/// The end of a deleted container's init. containerd gives a task delete
+/// 10 s; when thaw's took longer, containerd retries, and it first asks
+/// for the task's state: a NotFound there makes it skip the delete and
+/// the Shutdown after it, and the shim would stay forever. So a deleted
+/// init still answers state, wait and delete with how it ended.
+#[derive(Debug, Clone)]
+pub struct DeletedInit {
+    pub bundle: PathBuf,
+    pub state: ProcState,
+}
 
 /// A poisoned lock still guards consistent data here (no update is left
 /// half-done by a panic), so it is used as it is.
@@ -56,6 +72,10 @@ pub struct Tasks {
     /// one is deleted. A delete that outlived containerd's timeout ends
     /// after the Shutdown that follows it.
     exit_when_empty: AtomicBool,
+    deleted: Mutex<VecDeque<(String, DeletedInit)>>,
+    /// Counts creates, so an exit planned while the shim was empty is
+    /// called off by a container that came after.
+    creates: AtomicU64,
 }
 
 impl Tasks {
@@ -70,6 +90,8 @@ impl Tasks {
             containers: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
             exit_when_empty: AtomicBool::new(false),
+            deleted: Mutex::new(VecDeque::new()),
+            creates: AtomicU64::new(0),
         }
     }
 
@@ -83,6 +105,24 @@ impl Tasks {
             .get(id)
             .cloned()
             .ok_or_else(|| Error::NotFound(format!("container {id}")))
+    }
+
+    /// How the init of the deleted container `id` ended, if it was
+    /// deleted here.
+    pub fn deleted_init(&self, id: &str) -> Option<DeletedInit> {
+        lock(&self.deleted)
+            .iter()
+            .find(|(d, _)| d == id)
+            .map(|(_, init)| init.clone())
+    }
+
+    fn remember_deleted(&self, id: &str, init: DeletedInit) {
+        let mut deleted = lock(&self.deleted);
+        deleted.retain(|(d, _)| d != id);
+        if deleted.len() >= DELETED_INITS_KEPT {
+            deleted.pop_front();
+        }
+        deleted.push_back((id.to_string(), init));
     }
 
     /// Whether `c` is still the container listed under its id.

@@ -18,6 +18,13 @@ use thaw_config::{BackendKind, Config};
 /// Exit status of processes whose sandbox died under them.
 pub const SANDBOX_DIED_STATUS: u32 = 255;
 
+/// containerd sends Shutdown right after a task delete. A shim left with
+/// no container and no Shutdown this long after (containerd gave up on a
+/// slow delete and never retried, or went away) has nothing left to
+/// serve, and exits on its own; containerd cleans up after a shim that
+/// went.
+const EXIT_UNASKED_AFTER: Duration = Duration::from_secs(30);
+
 fn set_log_level(level: &str) {
     log::set_max_level(match level {
         "error" => log::LevelFilter::Error,
@@ -107,6 +114,35 @@ impl Tasks {
     pub fn shutdown(&self) {
         self.exit_when_empty.store(true, Ordering::SeqCst);
         self.shutdown_if_asked();
+    }
+
+    /// Plans the shim's exit in [`EXIT_UNASKED_AFTER`] if no container
+    /// is left, called off by any create in between.
+    pub(super) fn exit_if_left_empty(self: &Arc<Self>) {
+        if !lock(&self.containers).is_empty() {
+            return;
+        }
+        let creates = self.creates.load(Ordering::SeqCst);
+        let tasks = Arc::downgrade(self);
+        let planned = std::thread::Builder::new()
+            .name("exit-unasked".into())
+            .spawn(move || {
+                std::thread::sleep(EXIT_UNASKED_AFTER);
+                let Some(tasks) = tasks.upgrade() else {
+                    return;
+                };
+                if tasks.creates.load(Ordering::SeqCst) == creates
+                    && lock(&tasks.containers).is_empty()
+                {
+                    log::warn!(
+                        "no container and no Shutdown for {EXIT_UNASKED_AFTER:?}; exiting unasked"
+                    );
+                    tasks.shutdown();
+                }
+            });
+        if let Err(e) = planned {
+            log::warn!("cannot plan the shim's exit once empty: {e}");
+        }
     }
 
     /// [`Tasks::shutdown`] if containerd asked for it and no container is
