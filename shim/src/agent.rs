@@ -71,7 +71,8 @@ fn is_deadline(message: &str) -> bool {
 
 impl Agent {
     /// Builds the client on an accepted control connection and checks the
-    /// agent speaks our protocol revision.
+    /// agent speaks our protocol revision. [`Error::AgentClosed`] if the
+    /// connection closed before the agent answered.
     pub fn new(stream: UnixStream, timeout: Duration) -> Result<Agent> {
         let conn = stream
             .try_clone()
@@ -83,7 +84,10 @@ impl Agent {
             conn: Arc::new(conn),
             wait_slice: WAIT_SLICE,
         };
-        let h = a.health()?;
+        let h = a.health().map_err(|e| match e {
+            Error::Agent(m) if a.connection_lost() => Error::AgentClosed(m),
+            e => e,
+        })?;
         if h.protocol_version != PROTOCOL_VERSION {
             return Err(Error::Agent(format!(
                 "agent {} speaks protocol {}, the shim speaks {PROTOCOL_VERSION}",
@@ -371,7 +375,7 @@ pub fn host_random(len: usize) -> Result<Vec<u8>> {
 /// format (ttrpc frames over a socket pair) and answers, or does not, the
 /// way each test says.
 #[cfg(test)]
-mod hostile_agent_tests {
+pub(crate) mod hostile_agent_tests {
     use std::io::{Read, Write};
     use std::time::Instant;
 
@@ -409,7 +413,7 @@ mod hostile_agent_tests {
     }
 
     /// Reads one request frame; returns its stream id and request.
-    fn read_request(peer: &mut UnixStream) -> (u32, Request) {
+    pub(crate) fn read_request(peer: &mut UnixStream) -> (u32, Request) {
         let mut h = [0u8; MESSAGE_HEADER_LENGTH];
         peer.read_exact(&mut h).unwrap();
         let mh = MessageHeader::from(&h);
@@ -418,7 +422,7 @@ mod hostile_agent_tests {
         (mh.stream_id, Request::decode(&body).unwrap())
     }
 
-    fn health_reply(version: &str) -> Vec<u8> {
+    pub(crate) fn health_reply(version: &str) -> Vec<u8> {
         let mut h = agent::HealthResponse::new();
         h.protocol_version = PROTOCOL_VERSION;
         h.agent_version = version.into();
@@ -427,7 +431,7 @@ mod hostile_agent_tests {
         res.encode().unwrap()
     }
 
-    fn send_frame(peer: &mut UnixStream, stream_id: u32, body: &[u8]) {
+    pub(crate) fn send_frame(peer: &mut UnixStream, stream_id: u32, body: &[u8]) {
         let mh = MessageHeader::new_response(stream_id, body.len() as u32);
         let h: Vec<u8> = mh.into();
         peer.write_all(&h).unwrap();
@@ -461,6 +465,17 @@ mod hostile_agent_tests {
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
         let line = status.lines().find(|l| l.starts_with("VmSize:")).unwrap();
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn a_connection_closed_before_the_first_answer_says_so() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        drop(theirs);
+        match Agent::new(ours, TIMEOUT) {
+            Err(Error::AgentClosed(_)) => {}
+            Err(e) => panic!("not reported as closed: {e}"),
+            Ok(_) => panic!("a closed connection passed the health check"),
+        }
     }
 
     #[test]

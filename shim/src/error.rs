@@ -40,6 +40,10 @@ pub enum Error {
     #[error("guest agent: {0}")]
     Agent(String),
 
+    /// The agent's connection closed before its first answer.
+    #[error("guest agent: {0} (the connection closed)")]
+    AgentClosed(String),
+
     #[error("{0} not found")]
     NotFound(String),
 
@@ -76,9 +80,11 @@ impl Error {
             Error::AlreadyExists(_) => Code::ALREADY_EXISTS,
             Error::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             Error::Unimplemented(_) => Code::UNIMPLEMENTED,
-            Error::Agent(_) | Error::Sandbox(_) | Error::Vmm(_) | Error::VmmNotStarted => {
-                Code::UNAVAILABLE
-            }
+            Error::Agent(_)
+            | Error::AgentClosed(_)
+            | Error::Sandbox(_)
+            | Error::Vmm(_)
+            | Error::VmmNotStarted => Code::UNAVAILABLE,
             _ => Code::INTERNAL,
         }
     }

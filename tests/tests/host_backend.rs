@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use thaw_tests::binaries::require_agent;
@@ -518,14 +518,8 @@ fn a_shim_exits_even_with_clients_connecting_while_it_shuts_down() {
 /// running for good (the PVM `cri` run of 2026-12-02). A poststop hook
 /// that sleeps makes the delete slow here: the retry must not repeat it,
 /// and the shim must exit once the first delete ends.
-/// A detached `true` whose poststop hook appends a line to `hook_runs`
-/// and then sleeps `hook_secs`, run until it stopped.
-fn stopped_with_poststop_hook(
-    c: &PrivateContainerd,
-    work: &Path,
-    hook_runs: &Path,
-    hook_secs: u32,
-) -> String {
+/// A spec running `true` on a fresh rootfs under `work`, with `hooks`.
+fn spec_with_hooks(c: &PrivateContainerd, work: &Path, hooks: serde_json::Value) -> PathBuf {
     let rootfs = work.join("rootfs");
     std::fs::create_dir_all(&rootfs).unwrap();
     thaw_tests::image::populate_rootfs(&rootfs, false);
@@ -534,12 +528,31 @@ fn stopped_with_poststop_hook(
     let mut spec: serde_json::Value = serde_json::from_str(&base.stdout).unwrap();
     spec["root"] = serde_json::json!({"path": rootfs, "readonly": false});
     spec["process"]["args"] = serde_json::json!(["true"]);
-    spec["hooks"] = serde_json::json!({
-        "poststop": [{"path": "/bin/sh", "args": ["sh", "-c",
-            format!("echo ran >> {}; sleep {hook_secs}", hook_runs.display())]}],
-    });
+    spec["hooks"] = hooks;
     let spec_path = work.join("spec.json");
     std::fs::write(&spec_path, serde_json::to_vec(&spec).unwrap()).unwrap();
+    spec_path
+}
+
+/// A hook that appends a line to `runs` and then sleeps `secs`.
+fn counting_hook(runs: &Path, secs: u32) -> serde_json::Value {
+    serde_json::json!([{"path": "/bin/sh", "args": ["sh", "-c",
+        format!("echo ran >> {}; sleep {secs}", runs.display())]}])
+}
+
+/// A detached `true` whose poststop hook appends a line to `hook_runs`
+/// and then sleeps `hook_secs`, run until it stopped.
+fn stopped_with_poststop_hook(
+    c: &PrivateContainerd,
+    work: &Path,
+    hook_runs: &Path,
+    hook_secs: u32,
+) -> String {
+    let spec_path = spec_with_hooks(
+        c,
+        work,
+        serde_json::json!({"poststop": counting_hook(hook_runs, hook_secs)}),
+    );
     let id = c.new_id("slowdel");
     let mut args = c.run_args(&["-d", "--config", spec_path.to_str().unwrap()]);
     args.push(&id);
@@ -550,6 +563,46 @@ fn stopped_with_poststop_hook(
     })
     .unwrap_or_else(|| panic!("task {id} did not stop: {}", c.task_status(&id)));
     id
+}
+
+/// `ctr run` interrupted while the shim creates the task: containerd
+/// deletes the task and sends Shutdown while the create still runs. The
+/// create is undone and the shim exits after it, with nothing left.
+#[test]
+fn a_start_interrupted_during_the_create_leaves_nothing_behind() {
+    let c = setup();
+    let work = tempfile::tempdir().unwrap();
+    let hook_runs = work.path().join("create-runs");
+    let spec_path = spec_with_hooks(
+        &c,
+        work.path(),
+        serde_json::json!({"createRuntime": counting_hook(&hook_runs, 5)}),
+    );
+    let id = c.new_id("interrupted");
+    let mut args = c.run_args(&["--config", spec_path.to_str().unwrap()]);
+    args.push(&id);
+    let out = c.ctr_timeout(&args, Duration::from_secs(2));
+    assert!(
+        !out.success(),
+        "ctr was to be stopped mid-create: {}",
+        out.describe()
+    );
+    let runs = std::fs::read_to_string(&hook_runs).unwrap_or_default();
+    assert_eq!(
+        runs.lines().count(),
+        1,
+        "the create hook did not run: {runs:?}"
+    );
+    let gone = wait_for(Duration::from_secs(20), || {
+        c.shim_daemons().is_empty().then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "the shim is still running after containerd gave up on its create: {:?}",
+        c.shim_daemons()
+    );
+    let _ = c.ctr(&["containers", "delete", &id]);
+    c.assert_no_leaks();
 }
 
 /// A ttrpc Task client on the shim's socket, as containerd holds one.

@@ -386,8 +386,13 @@ impl Sandbox {
             BackendKind::Vm => Duration::from_secs(cfg.vm.boot_timeout_secs),
             BackendKind::HostUnisolated => Duration::from_secs(cfg.host.start_timeout_secs),
         };
-        let stream = match accept_agent(&control, boot_timeout, &life) {
-            Ok(s) => s,
+        let request_timeout = Duration::from_secs(cfg.agent.request_timeout_secs);
+        let agent = match accept_healthy_agent(&control, boot_timeout, &life, request_timeout) {
+            Ok(a) => a,
+            Err(AcceptError::Agent(e)) => {
+                stop_process(&*backend, pid, &life, &stopping);
+                return Err(e);
+            }
             Err(e) => {
                 let why = match e {
                     AcceptError::Died(code) => format!(
@@ -401,16 +406,10 @@ impl Sandbox {
                         log_tail(&log_path, 8)
                     ),
                     AcceptError::Io(e) => format!("accepting the agent connection: {e}"),
+                    AcceptError::Agent(e) => e.to_string(),
                 };
                 stop_process(&*backend, pid, &life, &stopping);
                 return Err(Error::Sandbox(why));
-            }
-        };
-        let agent = match Agent::new(stream, Duration::from_secs(cfg.agent.request_timeout_secs)) {
-            Ok(a) => a,
-            Err(e) => {
-                stop_process(&*backend, pid, &life, &stopping);
-                return Err(e);
             }
         };
         if let Err(e) = prepare_guest(&agent, id, backend.restored(), cfg.backend) {
@@ -725,10 +724,37 @@ fn stop_process(backend: &dyn Backend, pid: u32, life: &Life, stopping: &AtomicB
     }
 }
 
+#[derive(Debug)]
 enum AcceptError {
     Died(i32),
     Timeout,
     Io(std::io::Error),
+    Agent(Error),
+}
+
+/// Accepts the agent's control connection and checks its health, within
+/// `timeout`. A connection that closes before the agent answered is not
+/// the end: the agent dials again. That happens on a loaded host: the
+/// guest gives up a vsock connect after 2 s of its time, and if the VMM's
+/// answer comes later the guest resets the connection the host side had
+/// already accepted.
+fn accept_healthy_agent(
+    l: &UnixListener,
+    timeout: Duration,
+    life: &Life,
+    request_timeout: Duration,
+) -> std::result::Result<Agent, AcceptError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let stream = accept_agent(l, deadline.saturating_duration_since(Instant::now()), life)?;
+        match Agent::new(stream, request_timeout) {
+            Ok(a) => return Ok(a),
+            Err(Error::AgentClosed(m)) if Instant::now() < deadline => {
+                log::warn!("the agent's connection closed before it answered ({m}); waiting for it to dial again");
+            }
+            Err(e) => return Err(AcceptError::Agent(e)),
+        }
+    }
 }
 
 fn accept_agent(
@@ -861,6 +887,56 @@ fn supervise(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_agent_connection_closed_before_its_answer_is_followed_by_the_next() {
+        use crate::agent::hostile_agent_tests::{health_reply, read_request, send_frame};
+        use std::os::unix::net::UnixStream;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let agent = std::thread::spawn(move || {
+            drop(UnixStream::connect(&path).unwrap());
+            let mut second = UnixStream::connect(&path).unwrap();
+            let (stream_id, req) = read_request(&mut second);
+            assert_eq!(req.method, "Health");
+            send_frame(&mut second, stream_id, &health_reply("second"));
+            second
+        });
+        let a = accept_healthy_agent(
+            &l,
+            Duration::from_secs(30),
+            &Life::default(),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        let _second = agent.join().unwrap();
+        drop(a);
+
+        // Without a second dial, the first close ends in the deadline.
+        let start = Instant::now();
+        let path = dir.path().join("control2.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        l.set_nonblocking(true).unwrap();
+        drop(UnixStream::connect(&path).unwrap());
+        let r = accept_healthy_agent(
+            &l,
+            Duration::from_secs(1),
+            &Life::default(),
+            Duration::from_secs(1),
+        );
+        assert!(
+            matches!(
+                r,
+                Err(AcceptError::Timeout) | Err(AcceptError::Agent(Error::AgentClosed(_)))
+            ),
+            "{:?}",
+            r.err().map(|e| format!("{e:?}"))
+        );
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
 
     #[test]
     fn each_guest_gets_a_valid_hostname_and_its_own_machine_id() {

@@ -117,9 +117,28 @@ impl Tasks {
             ));
         }
         self.creates.fetch_add(1, Ordering::SeqCst);
-        if lock(&self.containers).contains_key(&id) {
-            return Err(Error::AlreadyExists(format!("container {id}")));
+        {
+            let containers = lock(&self.containers);
+            let mut creating = lock(&self.creating);
+            if containers.contains_key(&id) || creating.contains_key(&id) {
+                return Err(Error::AlreadyExists(format!("container {id}")));
+            }
+            creating.insert(id.clone(), false);
         }
+        let result = self.create_registered(req, config_path);
+        lock(&self.creating).remove(&id);
+        // A Shutdown that came meanwhile waited for this create.
+        self.shutdown_if_asked();
+        result
+    }
+
+    /// [`Tasks::create`] once `req.id` is listed as under way.
+    fn create_registered(
+        self: &Arc<Self>,
+        req: &api::CreateTaskRequest,
+        config_path: Option<&Path>,
+    ) -> Result<u32> {
+        let id = req.id.clone();
         let bundle = PathBuf::from(&req.bundle);
         let bundle_spec = spec::load(&bundle)?;
         let role = spec::pod_role(&bundle_spec.annotations, &id);
@@ -314,7 +333,17 @@ impl Tasks {
             annotations: bundle_spec.annotations.clone(),
             deleting: Mutex::new(()),
         });
-        lock(&self.containers).insert(id.clone(), c);
+        {
+            let mut containers = lock(&self.containers);
+            if lock(&self.creating).get(&id) == Some(&true) {
+                drop(containers);
+                c.init.stop_bridges();
+                return Err(Error::NotFound(format!(
+                    "container {id}: containerd deleted it while it was being created"
+                )));
+            }
+            containers.insert(id.clone(), c);
+        }
         self.events.publish(
             topics::TASK_CREATE_EVENT_TOPIC,
             ev::TaskCreate {
@@ -401,7 +430,7 @@ impl Tasks {
     /// guest side, disk slot, image reference and record go with it).
     /// Returns the process's final state, `exited_at` always set.
     pub fn delete(self: &Arc<Self>, id: &str, exec_id: &str) -> Result<ProcState> {
-        let c = match self.container(id) {
+        let c = match self.container_or_abandon(id) {
             // containerd's retry of a delete it gave up waiting for.
             Err(Error::NotFound(_)) if exec_id.is_empty() => {
                 if let Some(init) = self.deleted_init(id) {

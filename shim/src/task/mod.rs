@@ -73,6 +73,12 @@ pub struct Tasks {
     /// after the Shutdown that follows it.
     exit_when_empty: AtomicBool,
     deleted: Mutex<VecDeque<(String, DeletedInit)>>,
+    /// Creates under way, by container id; true once containerd deleted
+    /// the id meanwhile (it does when the caller of a create gave up:
+    /// `ctr` interrupted, a timeout), so the create is undone at its end.
+    /// The shim does not exit while one runs, which would leave its
+    /// half-made sandbox behind.
+    creating: Mutex<HashMap<String, bool>>,
     /// Counts creates, so an exit planned while the shim was empty is
     /// called off by a container that came after.
     creates: AtomicU64,
@@ -91,6 +97,7 @@ impl Tasks {
             shutting_down: AtomicBool::new(false),
             exit_when_empty: AtomicBool::new(false),
             deleted: Mutex::new(VecDeque::new()),
+            creating: Mutex::new(HashMap::new()),
             creates: AtomicU64::new(0),
         }
     }
@@ -105,6 +112,24 @@ impl Tasks {
             .get(id)
             .cloned()
             .ok_or_else(|| Error::NotFound(format!("container {id}")))
+    }
+
+    /// The container `id`; if it is still being created, marks that
+    /// create to be undone at its end (the delete comes from containerd
+    /// cleaning up after a create whose caller gave up).
+    fn container_or_abandon(&self, id: &str) -> Result<Arc<Container>> {
+        let containers = lock(&self.containers);
+        if let Some(c) = containers.get(id) {
+            return Ok(c.clone());
+        }
+        if let Some(abandoned) = lock(&self.creating).get_mut(id) {
+            log::warn!("delete of {id} while it is being created: the create will be undone");
+            *abandoned = true;
+            return Err(Error::NotFound(format!(
+                "container {id} (still being created)"
+            )));
+        }
+        Err(Error::NotFound(format!("container {id}")))
     }
 
     /// How the init of the deleted container `id` ended, if it was

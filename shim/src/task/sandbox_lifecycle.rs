@@ -133,6 +133,7 @@ impl Tasks {
                 };
                 if tasks.creates.load(Ordering::SeqCst) == creates
                     && lock(&tasks.containers).is_empty()
+                    && lock(&tasks.creating).is_empty()
                 {
                     log::warn!(
                         "no container and no Shutdown for {EXIT_UNASKED_AFTER:?}; exiting unasked"
@@ -148,8 +149,14 @@ impl Tasks {
     /// [`Tasks::shutdown`] if containerd asked for it and no container is
     /// left.
     pub(super) fn shutdown_if_asked(&self) {
-        if !self.exit_when_empty.load(Ordering::SeqCst) || !lock(&self.containers).is_empty() {
+        if !self.exit_when_empty.load(Ordering::SeqCst) {
             return;
+        }
+        {
+            let containers = lock(&self.containers);
+            if !containers.is_empty() || !lock(&self.creating).is_empty() {
+                return;
+            }
         }
         if self.shutting_down.swap(true, Ordering::SeqCst) {
             return;
