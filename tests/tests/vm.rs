@@ -324,6 +324,49 @@ fn vm_two_containers_get_two_vms() {
     c.assert_no_leaks();
 }
 
+/// Several pods starting at once all start, each in its own VM. Under
+/// load a guest's 2 s vsock connect timeout can expire before its VMM
+/// answers; the agent then dials again, and the start must go on.
+#[test]
+fn vm_concurrent_starts_all_run() {
+    const STARTS: usize = 6;
+    let c = setup();
+    let started = Instant::now();
+    let runs: Vec<_> = (0..STARTS)
+        .map(|i| {
+            let id = c.new_id("vmmany");
+            let mut args: Vec<String> = c
+                .run_args(&["--rm"])
+                .iter()
+                .map(|a| a.to_string())
+                .collect();
+            args.extend([
+                BUSYBOX_REF.to_string(),
+                id,
+                "echo".into(),
+                format!("start {i} ran"),
+            ]);
+            let child = c
+                .ctr_cmd(&args.iter().map(String::as_str).collect::<Vec<_>>())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            (i, child)
+        })
+        .collect();
+    for (i, child) in runs {
+        let out = cmd::wait_with_deadline(child, started, RUN_TIMEOUT);
+        assert!(
+            out.success() && out.stdout.contains(&format!("start {i} ran")),
+            "start {i} of {STARTS}: {}",
+            out.describe()
+        );
+    }
+    eprintln!("{STARTS} concurrent starts took {:?}", started.elapsed());
+    c.assert_no_leaks();
+}
+
 /// The output of a process arrives in full before its exit status, however
 /// slow the host: 2 MB on stdout and 300 kB on stderr, exact. (On a slow
 /// host an earlier shim reported the exit after a fixed grace period and
