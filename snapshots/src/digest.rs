@@ -82,6 +82,10 @@ impl FileDigest {
     }
 }
 
+/// The file whose flock serializes hashing (its name is no entry's: ids
+/// are hex).
+const LOCK_FILE: &str = ".lock";
+
 /// A directory of `<id> -> "<len> <sha256>"` entries.
 pub struct DigestCache {
     dir: PathBuf,
@@ -97,10 +101,19 @@ impl DigestCache {
     pub fn digest(&self, path: &Path) -> Result<FileDigest, Error> {
         let before = identity(path)?;
         let entry = self.dir.join(&before);
-        if let Some(d) = std::fs::read_to_string(&entry)
-            .ok()
-            .and_then(|s| FileDigest::from_line(&s))
-        {
+        let cached = || {
+            std::fs::read_to_string(&entry)
+                .ok()
+                .and_then(|s| FileDigest::from_line(&s))
+        };
+        if let Some(d) = cached() {
+            return Ok(d);
+        }
+        // Starts at the same moment would each hash the same files (the
+        // first pods on a node, all at once): one hashes, the others wait
+        // and read its entry. Without the lock, each hashes.
+        let _hashing = self.lock();
+        if let Some(d) = cached() {
             return Ok(d);
         }
         let d = FileDigest::of(path)?;
@@ -109,6 +122,15 @@ impl DigestCache {
             self.store(&entry, d);
         }
         Ok(d)
+    }
+
+    /// The cache's flock (`<dir>/.lock`), held until dropped; None if it
+    /// cannot be had.
+    fn lock(&self) -> Option<File> {
+        crate::private::create_dir_all(&self.dir).ok()?;
+        let f = crate::private::open_lock_file(&self.dir.join(LOCK_FILE)).ok()?;
+        f.lock().ok()?;
+        Some(f)
     }
 
     fn store(&self, entry: &Path, d: FileDigest) {
@@ -141,8 +163,14 @@ fn identity(path: &Path) -> Result<String, Error> {
 mod tests {
     use super::*;
 
+    /// Cache entries, the lock file left out.
     fn entries(dir: &Path) -> usize {
-        std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter(|e| e.as_ref().is_ok_and(|e| e.file_name() != LOCK_FILE))
+                    .count()
+            })
+            .unwrap_or(0)
     }
 
     #[test]
@@ -166,6 +194,30 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_misses_agree_and_leave_one_entry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("vmlinux");
+        std::fs::write(&file, vec![7u8; 4 << 20]).unwrap();
+        let dir = tmp.path().join("cache");
+        let digests: Vec<_> = (0..4)
+            .map(|_| {
+                let (dir, file) = (dir.clone(), file.clone());
+                std::thread::spawn(move || DigestCache::new(dir).digest(&file).unwrap())
+            })
+            .map(|t| t.join().unwrap())
+            .collect();
+        assert!(digests.iter().all(|d| *d == FileDigest::of(&file).unwrap()));
+        // One entry and the lock file; no temporary file left.
+        let mut names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert_eq!(names[0], LOCK_FILE);
+    }
+
+    #[test]
     fn a_corrupt_entry_is_ignored_and_replaced() {
         let tmp = tempfile::tempdir().unwrap();
         let file = tmp.path().join("root.img");
@@ -175,10 +227,9 @@ mod tests {
         let good = cache.digest(&file).unwrap();
         let entry = std::fs::read_dir(&dir)
             .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
+            .map(|e| e.unwrap().path())
+            .find(|p| p.file_name() != Some(LOCK_FILE.as_ref()))
+            .unwrap();
         for junk in [
             "",
             "5 zz",

@@ -13,6 +13,7 @@
 //! <store>/<key>.failed                         the last failed build: when and why
 //! <store>/.build-<key>-<pid>                   a build in progress (or a crashed one)
 //! <store>/.digests/<id>                        cached input file digests
+//! <store>/.digests/.lock                       flock taken while hashing one
 //! <store>/<key>.in-use                         shared flock of every VM restored from it;
 //!                                              its mtime: when the template was last used
 //! ```
