@@ -587,22 +587,36 @@ fn a_start_interrupted_during_the_create_leaves_nothing_behind() {
         "ctr was to be stopped mid-create: {}",
         out.describe()
     );
-    let runs = std::fs::read_to_string(&hook_runs).unwrap_or_default();
-    assert_eq!(
-        runs.lines().count(),
-        1,
-        "the create hook did not run: {runs:?}"
-    );
-    let gone = wait_for(Duration::from_secs(20), || {
-        c.shim_daemons().is_empty().then_some(())
-    });
-    assert!(
-        gone.is_some(),
-        "the shim is still running after containerd gave up on its create: {:?}",
-        c.shim_daemons()
+    assert_hook_ran_once(&hook_runs);
+    assert_shims_exit_within(
+        &c,
+        Duration::from_secs(20),
+        "containerd gave up on its create",
     );
     let _ = c.ctr(&["containers", "delete", &id]);
     c.assert_no_leaks();
+}
+
+/// Fails unless every shim has exited within `limit`; `when` says what
+/// should have ended it.
+fn assert_shims_exit_within(c: &PrivateContainerd, limit: Duration, when: &str) {
+    let gone = wait_for(limit, || c.shim_daemons().is_empty().then_some(()));
+    assert!(
+        gone.is_some(),
+        "the shim still runs {limit:?} after {when}: {:?}",
+        c.shim_daemons()
+    );
+}
+
+/// Fails unless the hook that counts in `runs` ran exactly once.
+fn assert_hook_ran_once(runs: &Path) {
+    let lines = std::fs::read_to_string(runs).unwrap_or_default();
+    assert_eq!(
+        lines.lines().count(),
+        1,
+        "hook runs in {}: {lines:?}",
+        runs.display()
+    );
 }
 
 /// A ttrpc Task client on the shim's socket, as containerd holds one.
@@ -658,15 +672,11 @@ fn a_slow_delete_retried_and_then_shut_down_still_ends_the_shim() {
         retried.as_ref().is_ok_and(|r| r.exit_status == 0),
         "the retried delete: {retried:?}"
     );
-    let runs = std::fs::read_to_string(&hook_runs).unwrap_or_default();
-    assert_eq!(runs.lines().count(), 1, "poststop hook runs: {runs:?}");
-    let gone = wait_for(Duration::from_secs(15), || {
-        c.shim_daemons().is_empty().then_some(())
-    });
-    assert!(
-        gone.is_some(),
-        "the shim is still running after its last container was deleted and it was asked to exit: {:?}",
-        c.shim_daemons()
+    assert_hook_ran_once(&hook_runs);
+    assert_shims_exit_within(
+        &c,
+        Duration::from_secs(15),
+        "its last container was deleted and it was asked to exit",
     );
     let _ = c.ctr(&["containers", "delete", &id]);
     c.assert_no_leaks();
@@ -737,17 +747,13 @@ fn a_deleted_task_still_answers_containerds_retry_and_its_shim_exits_unasked() {
     let again = delete().unwrap();
     assert_eq!((again.pid, again.exit_status), (first.pid, 0));
     assert_eq!(again.exited_at, first.exited_at);
-    let runs = std::fs::read_to_string(&hook_runs).unwrap_or_default();
-    assert_eq!(runs.lines().count(), 1, "poststop hook runs: {runs:?}");
+    assert_hook_ran_once(&hook_runs);
 
     // No Shutdown comes: the shim goes on its own after 30 s.
-    let gone = wait_for(Duration::from_secs(45), || {
-        c.shim_daemons().is_empty().then_some(())
-    });
-    assert!(
-        gone.is_some(),
-        "the shim is still running 45 s after its last container was deleted: {:?}",
-        c.shim_daemons()
+    assert_shims_exit_within(
+        &c,
+        Duration::from_secs(45),
+        "its last container was deleted, with no Shutdown",
     );
     // containerd noticed: the task is gone, the container can go.
     let rm = c.ctr(&["containers", "delete", &id]);
