@@ -430,7 +430,12 @@ impl Tasks {
     /// guest side, disk slot, image reference and record go with it).
     /// Returns the process's final state, `exited_at` always set.
     pub fn delete(self: &Arc<Self>, id: &str, exec_id: &str) -> Result<ProcState> {
-        let c = match self.container_or_abandon(id) {
+        let found = if exec_id.is_empty() {
+            self.container_or_abandon(id)
+        } else {
+            self.container(id)
+        };
+        let c = match found {
             // containerd's retry of a delete it gave up waiting for.
             Err(Error::NotFound(_)) if exec_id.is_empty() => {
                 if let Some(init) = self.deleted_init(id) {
