@@ -389,27 +389,25 @@ impl Sandbox {
         let request_timeout = Duration::from_secs(cfg.agent.request_timeout_secs);
         let agent = match accept_healthy_agent(&control, boot_timeout, &life, request_timeout) {
             Ok(a) => a,
-            Err(AcceptError::Agent(e)) => {
-                stop_process(&*backend, pid, &life, &stopping);
-                return Err(e);
-            }
             Err(e) => {
-                let why = match e {
-                    AcceptError::Died(code) => format!(
+                let err = match e {
+                    AcceptError::Died(code) => Error::Sandbox(format!(
                         "{} exited with status {code} before the agent connected: {}",
                         backend.describe(),
                         log_tail(&log_path, 8)
-                    ),
-                    AcceptError::Timeout => format!(
+                    )),
+                    AcceptError::Timeout => Error::Sandbox(format!(
                         "the agent did not connect within {boot_timeout:?} ({}); log: {}",
                         backend.describe(),
                         log_tail(&log_path, 8)
-                    ),
-                    AcceptError::Io(e) => format!("accepting the agent connection: {e}"),
-                    AcceptError::Agent(e) => e.to_string(),
+                    )),
+                    AcceptError::Io(e) => {
+                        Error::Sandbox(format!("accepting the agent connection: {e}"))
+                    }
+                    AcceptError::Agent(e) => e,
                 };
                 stop_process(&*backend, pid, &life, &stopping);
-                return Err(Error::Sandbox(why));
+                return Err(err);
             }
         };
         if let Err(e) = prepare_guest(&agent, id, backend.restored(), cfg.backend) {
