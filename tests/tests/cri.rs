@@ -1980,8 +1980,17 @@ fn pod_cgroup(x: &Ctx) -> Res {
     } else {
         "sleep infinity"
     };
-    let procs = x.setup.pod_processes(&uid);
-    ensure(procs.iter().any(|(_, cmd)| cmd.contains(want)), || {
+    // Right after RunPodSandbox, runc's process may still be on its way
+    // to exec the pause command (its command line reads empty then).
+    let mut procs = Vec::new();
+    let found = thaw_tests::cmd::wait_for(Duration::from_secs(10), || {
+        procs = x.setup.pod_processes(&uid);
+        procs
+            .iter()
+            .any(|(_, cmd)| cmd.contains(want))
+            .then_some(())
+    });
+    ensure(found.is_some(), || {
         format!(
             "no {want} process in the pod's cgroup {}; it holds: {procs:?}",
             x.setup.pod_cgroup(&uid)
