@@ -35,10 +35,7 @@ impl Service {
 
     /// The state of a deleted container's init: stopped, as it ended.
     fn deleted_state(&self, id: &str) -> Result<api::StateResponse> {
-        let init = self
-            .tasks
-            .deleted_init(id)
-            .ok_or_else(|| Error::NotFound(format!("container {id}")))?;
+        let init = self.tasks.deleted_init(id)?;
         Ok(api::StateResponse {
             id: id.to_string(),
             bundle: init.bundle.display().to_string(),
@@ -355,11 +352,9 @@ impl Task for Service {
         let r = (|| {
             let st = match self.tasks.process(&req.id, &req.exec_id) {
                 Ok(p) => p.wait(),
-                Err(Error::NotFound(_)) if req.exec_id.is_empty() => self
-                    .tasks
-                    .deleted_init(&req.id)
-                    .map(|init| init.state)
-                    .ok_or_else(|| Error::NotFound(format!("container {}", req.id)))?,
+                Err(Error::NotFound(_)) if req.exec_id.is_empty() => {
+                    self.tasks.deleted_init(&req.id)?.state
+                }
                 Err(e) => return Err(e),
             };
             Ok(api::WaitResponse {

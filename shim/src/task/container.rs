@@ -438,10 +438,7 @@ impl Tasks {
         let c = match found {
             // containerd's retry of a delete it gave up waiting for.
             Err(Error::NotFound(_)) if exec_id.is_empty() => {
-                if let Some(init) = self.deleted_init(id) {
-                    return Ok(init.state);
-                }
-                return Err(Error::NotFound(format!("container {id}")));
+                return self.deleted_init(id).map(|init| init.state);
             }
             r => r?,
         };
@@ -473,7 +470,7 @@ impl Tasks {
             return self
                 .deleted_init(id)
                 .map(|init| init.state)
-                .ok_or_else(|| Error::NotFound(format!("container {id} (deleted meanwhile)")));
+                .map_err(|_| Error::NotFound(format!("container {id} (deleted meanwhile)")));
         }
         let mut removed_in_guest = sb.is_none();
         if let Some(sb) = &sb {

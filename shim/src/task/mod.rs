@@ -134,11 +134,13 @@ impl Tasks {
 
     /// How the init of the deleted container `id` ended, if it was
     /// deleted here.
-    pub fn deleted_init(&self, id: &str) -> Option<DeletedInit> {
+    /// NotFound if it was not.
+    pub fn deleted_init(&self, id: &str) -> Result<DeletedInit> {
         lock(&self.deleted)
             .iter()
             .find(|(d, _)| d == id)
             .map(|(_, init)| init.clone())
+            .ok_or_else(|| Error::NotFound(format!("container {id}")))
     }
 
     fn remember_deleted(&self, id: &str, init: DeletedInit) {
